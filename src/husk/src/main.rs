@@ -1,0 +1,185 @@
+//! husk: run OCI containers inside KVM micro-VMs. This file only wires the
+//! command line to the libraries.
+
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use husk_vmm::config::{Console, VmConfig};
+use husk_vmm::exit::code;
+use husk_vmm::{ConsoleInputSource, VmExit};
+
+#[derive(Parser)]
+#[command(
+    name = "husk",
+    version,
+    about = "Run OCI containers inside KVM micro-VMs"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); HUSK_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a plain micro-VM with a kernel and an optional initrd.
+    Vm(VmArgs),
+    /// Write an uncompressed newc initramfs with husk's guest skeleton.
+    Initramfs(InitramfsArgs),
+    /// Benchmarks: husk side by side with other VMMs.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct VmArgs {
+    /// JSON config file (same fields as the flags; flags given override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Guest kernel (vmlinux ELF); default: the one tools/build-guest-kernel built.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk (uncompressed cpio recommended).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest kernel command line (replaces the default).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    mem: Option<u64>,
+    /// Number of vCPUs (1..=32).
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest console: stdout, file:PATH or none.
+    #[arg(long)]
+    console: Option<Console>,
+    /// Do not add guest command-line workarounds on kvm_pvm hosts.
+    #[arg(long)]
+    no_pvm_workarounds: bool,
+    /// Print boot timing (CLOCK_MONOTONIC ns of process start and first KVM_RUN) on stderr.
+    #[arg(long)]
+    boot_timing: bool,
+}
+
+#[derive(Args)]
+struct InitramfsArgs {
+    /// Output file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// GUEST_PATH=HOST_PATH: copy a host file into the archive (repeatable).
+    #[arg(long = "add", value_name = "GUEST=HOST", required = true)]
+    add: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let start_ns = husk_vmm::vstate::vcpu::monotonic_ns();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { code::USAGE as u8 } else { 0 });
+        }
+    };
+    init_logging(&cli.log_level);
+    let result = match cli.cmd {
+        Command::Vm(args) => cmd_vm(args, start_ns),
+        Command::Initramfs(args) => cmd_initramfs(args),
+        Command::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(msg) => {
+            eprintln!("husk: {msg}");
+            ExitCode::from(code::HUSK_ERROR as u8)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = std::env::var("HUSK_LOG").unwrap_or_else(|_| level.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
+    let mut cfg = match &args.config {
+        Some(p) => VmConfig::from_file(p).map_err(|e| e.to_string())?,
+        None => VmConfig::default(),
+    };
+    if let Some(k) = &args.kernel {
+        cfg.kernel = Some(k.clone());
+    }
+    if let Some(i) = &args.initrd {
+        cfg.initrd = Some(i.clone());
+    }
+    if let Some(c) = &args.cmdline {
+        cfg.cmdline = Some(c.clone());
+    }
+    if let Some(m) = args.mem {
+        cfg.mem_mib = m;
+    }
+    if let Some(v) = args.vcpus {
+        cfg.vcpus = v;
+    }
+    if let Some(c) = &args.console {
+        cfg.console = c.clone();
+    }
+    if args.no_pvm_workarounds {
+        cfg.pvm_workarounds = false;
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
+    let cfg = vm_config(&args)?;
+    let vm = husk_vmm::build(&cfg).map_err(|e| e.to_string())?;
+    tracing::info!("guest command line: {}", vm.cmdline());
+    let input = match cfg.console {
+        Console::Stdout => ConsoleInputSource::Fd(libc::STDIN_FILENO),
+        _ => ConsoleInputSource::None,
+    };
+    let timing = args.boot_timing.then(|| vm.first_run_probe());
+    let exit = vm.run(input);
+    if let Some(probe) = timing {
+        if let Some(first) = probe.get() {
+            eprintln!(
+                "husk-timing: process_start_ns={start_ns} first_kvm_run_ns={first} start_to_first_run_us={}",
+                first.saturating_sub(start_ns) / 1000
+            );
+        }
+    }
+    if !exit.is_clean() {
+        eprintln!("husk: {exit}");
+    }
+    Ok(match exit {
+        VmExit::VmmError(_) => code::HUSK_ERROR,
+        e => e.exit_code(),
+    })
+}
+
+fn cmd_initramfs(args: InitramfsArgs) -> Result<i32, String> {
+    let mut entries = Vec::new();
+    for spec in &args.add {
+        let (guest, host) = spec
+            .split_once('=')
+            .filter(|(g, h)| g.starts_with('/') && !h.is_empty())
+            .ok_or_else(|| format!("invalid --add {spec:?}: expected /GUEST/PATH=HOST_PATH"))?;
+        entries.push(husk_image::initramfs::Entry {
+            guest: guest.to_string(),
+            host: PathBuf::from(host),
+        });
+    }
+    husk_image::initramfs::write_file(&args.output, &entries).map_err(|e| e.to_string())?;
+    Ok(0)
+}

@@ -1,0 +1,334 @@
+//! Boot order: KVM, memory, VM, kernel and boot data, devices, vCPUs; then
+//! the event loop runs until the guest stops.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{boot, layout, mptable, regs};
+use crate::config::{self, Console, VmConfig};
+use crate::devices::legacy::{SerialDevice, I8042};
+use crate::event_loop::{self, ConsoleInput, ExitWatcher, RawTerminal, SignalWatcher};
+use crate::exit::VmExit;
+use crate::vstate::bus::Bus;
+use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo};
+use crate::vstate::{kvm, memory, vm};
+
+/// Errors building a VM. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// No kernel given and none built.
+    #[error("no guest kernel: pass --kernel PATH, or build the default one with tools/build-guest-kernel (expected at {0})")]
+    NoKernel(String),
+    /// KVM is unusable.
+    #[error(transparent)]
+    Kvm(#[from] kvm::KvmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// Kernel, initrd or boot data failed to load.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Page tables or GDT could not be written.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// MP table failure.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// Console file could not be created.
+    #[error("cannot open console file {0}: {1}")]
+    ConsoleFile(String, #[source] std::io::Error),
+    /// Host resources (eventfds, epoll) could not be created.
+    #[error("{0}: {1}")]
+    Host(&'static str, #[source] std::io::Error),
+    /// A device could not be placed on a bus.
+    #[error(transparent)]
+    Bus(#[from] crate::vstate::bus::BusError),
+}
+
+/// The default guest kernel: `$HUSK_ROOT/kernel/vmlinux` (root defaults to
+/// /var/lib/husk), as installed by tools/build-guest-kernel.
+pub fn default_kernel_path() -> PathBuf {
+    let root = std::env::var_os("HUSK_ROOT").unwrap_or_else(|| "/var/lib/husk".into());
+    PathBuf::from(root).join("kernel").join("vmlinux")
+}
+
+/// Where the guest console input comes from.
+pub enum ConsoleInputSource {
+    /// No input.
+    None,
+    /// Read from this fd (not closed by husk), putting a tty in raw mode.
+    Fd(RawFd),
+}
+
+/// Reads the time of a VM's first KVM_RUN.
+pub struct FirstRunProbe(Arc<ExitLatch>);
+
+impl FirstRunProbe {
+    /// CLOCK_MONOTONIC ns of the first KVM_RUN, if it happened.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.first_run_ns.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+}
+
+/// A built VM, vCPUs created and paused.
+pub struct Vm {
+    _vm_fd: VmFd,
+    // Dropped after the vCPU threads are joined (field order).
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuHandle>,
+    latch: Arc<ExitLatch>,
+    serial: Arc<Mutex<SerialDevice>>,
+    fifo_drained: EventFd,
+    io: Arc<VcpuIo>,
+    cmdline: String,
+}
+
+/// A device to map on the MMIO bus: (device, base, length).
+pub type MmioDevice = (crate::vstate::bus::SharedDevice, u64, u64);
+
+/// Builds a VM from `cfg`.
+pub fn build(cfg: &VmConfig) -> Result<Vm, BuildError> {
+    build_with_mmio(cfg, Vec::new())
+}
+
+/// Builds a VM from `cfg` with extra devices on the MMIO bus.
+pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<Vm, BuildError> {
+    cfg.validate()?;
+    let kernel = match &cfg.kernel {
+        Some(k) => k.clone(),
+        None => {
+            let k = default_kernel_path();
+            if !k.exists() {
+                return Err(BuildError::NoKernel(k.display().to_string()));
+            }
+            k
+        }
+    };
+    let pvm = kvm::is_pvm_host();
+    let cmdline = config::guest_cmdline(cfg, pvm);
+    // Validate before any expensive work.
+    if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+        return Err(boot::BootError::Cmdline(format!(
+            "{} bytes, the limit is {}",
+            cmdline.len(),
+            layout::CMDLINE_MAX_SIZE - 1
+        ))
+        .into());
+    }
+    let console: Box<dyn Write + Send> = match &cfg.console {
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::None => Box::new(std::io::sink()),
+        Console::File(p) => Box::new(
+            File::create(p).map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
+        ),
+    };
+
+    let kvm = kvm::open()?;
+    let mem = memory::create(cfg.mem_mib)?;
+    let vm_fd = vm::create(&kvm, &mem)?;
+
+    let loaded = boot::load_kernel(&mem, &kernel)?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(boot::load_initrd(&mem, p, loaded.end)?),
+        None => None,
+    };
+    boot::write_cmdline(&mem, &cmdline)?;
+    let params = boot::build_boot_params(cfg.mem_mib << 20, cmdline.len(), initrd);
+    boot::write_boot_params(&mem, &params)?;
+    mptable::setup(&mem, cfg.vcpus)?;
+    regs::write_boot_tables(&mem)?;
+
+    let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
+    let fifo_drained =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("eventfd", e))?;
+    let serial_irq = vm::irqfd(&vm_fd, layout::irq::COM1)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        fifo_drained
+            .try_clone()
+            .map_err(|e| BuildError::Host("eventfd", e))?,
+        console,
+    )));
+    let mut pio = Bus::new();
+    pio.insert(
+        serial.clone(),
+        u64::from(layout::ports::COM1),
+        u64::from(layout::ports::COM1_LEN),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(latch.clone()))),
+        u64::from(layout::ports::I8042_DATA),
+        u64::from(layout::ports::I8042_LEN),
+    )?;
+    let mut mmio = Bus::new();
+    for (dev, base, len) in mmio_devices {
+        mmio.insert(dev, base, len)?;
+    }
+    let io = Arc::new(VcpuIo::new(pio, mmio));
+
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| vm::VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+    let msr_list = kvm
+        .get_msr_index_list()
+        .map_err(|e| vm::VmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(
+            &vm_fd,
+            index,
+            cfg.vcpus,
+            &base_cpuid,
+            msr_list.as_slice(),
+            (index == 0).then_some(loaded.entry),
+            io.clone(),
+            mem.clone(),
+            latch.clone(),
+        )?;
+        vcpus.push(vcpu);
+    }
+    if pvm && cfg.pvm_workarounds {
+        eprintln!(
+            "husk: /dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, noxsave, clearcpuid, mitigations=off); --no-pvm-workarounds turns this off"
+        );
+    }
+    // Start threads only once nothing else can fail, so an error leaves no
+    // thread behind.
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        match v.start() {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                for h in handles {
+                    h.send(VcpuCommand::Exit);
+                    h.join();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(Vm {
+        _vm_fd: vm_fd,
+        _mem: mem,
+        vcpus: handles,
+        latch,
+        serial,
+        fifo_drained,
+        io,
+        cmdline,
+    })
+}
+
+impl Vm {
+    /// The guest command line in use.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// A handle that reports the first KVM_RUN time after `run` consumed the VM.
+    pub fn first_run_probe(&self) -> FirstRunProbe {
+        FirstRunProbe(self.latch.clone())
+    }
+
+    /// A handle that can stop the VM from another thread.
+    pub fn stop_handle(&self) -> Arc<ExitLatch> {
+        self.latch.clone()
+    }
+
+    /// Runs the guest until it stops; returns why.
+    pub fn run(self, input: ConsoleInputSource) -> VmExit {
+        let result = self.run_inner(input);
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Exit);
+        }
+        let Vm {
+            vcpus,
+            serial,
+            io,
+            latch,
+            ..
+        } = self;
+        for v in vcpus {
+            v.join();
+        }
+        serial.lock().unwrap_or_else(|e| e.into_inner()).flush();
+        let unhandled = io.unhandled_count();
+        if unhandled > 0 {
+            tracing::info!("{unhandled} guest accesses to unclaimed ports/MMIO were ignored");
+        }
+        drop(latch);
+        result
+    }
+
+    fn run_inner(&self, input: ConsoleInputSource) -> VmExit {
+        let mut em = match EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new() {
+            Ok(em) => em,
+            Err(e) => return VmExit::VmmError(format!("cannot create the event loop: {e:?}")),
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(
+            self.latch.clone(),
+            done.clone(),
+        ))));
+        match event_loop::stop_signalfd() {
+            Ok(fd) => {
+                em.add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
+                    fd,
+                    self.latch.clone(),
+                ))));
+            }
+            Err(e) => tracing::warn!("cannot watch termination signals: {e}"),
+        }
+        let _raw = match input {
+            ConsoleInputSource::Fd(fd) => {
+                match self.fifo_drained.try_clone() {
+                    Ok(drained) => {
+                        em.add_subscriber(Arc::new(Mutex::new(ConsoleInput::new(
+                            fd,
+                            self.serial.clone(),
+                            drained,
+                        ))));
+                    }
+                    Err(e) => tracing::warn!("no console input: {e}"),
+                }
+                RawTerminal::enter(fd)
+            }
+            ConsoleInputSource::None => None,
+        };
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Resume);
+        }
+        while !done.load(Ordering::SeqCst) {
+            if let Err(e) = em.run() {
+                self.latch
+                    .stop(VmExit::VmmError(format!("event loop failed: {e:?}")));
+                break;
+            }
+        }
+        self.latch
+            .reason()
+            .unwrap_or_else(|| VmExit::VmmError("VM stopped without a reason".into()))
+    }
+}

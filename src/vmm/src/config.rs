@@ -1,0 +1,259 @@
+//! VM configuration: the same serde types serve `husk vm --config FILE`
+//! and the command-line flags. Unknown fields are rejected.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::x86_64::layout;
+
+/// Default guest memory.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Default vCPU count.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// The generic guest command line used when none is given: serial console,
+/// reboot through the i8042 (the VM ends on reboot), no reboot delay after
+/// a panic, no probing for hardware a micro-VM does not have.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule";
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Console {
+    /// husk's stdout; husk's stdin feeds the guest's serial input.
+    #[default]
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl FromStr for Console {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdout" => Ok(Console::Stdout),
+            "none" => Ok(Console::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Console::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "invalid console {s:?}: expected stdout, none or file:PATH"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for Console {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Console> for String {
+    fn from(c: Console) -> String {
+        c.to_string()
+    }
+}
+
+impl fmt::Display for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Console::Stdout => write!(f, "stdout"),
+            Console::None => write!(f, "none"),
+            Console::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+fn default_mem() -> u64 {
+    DEFAULT_MEM_MIB
+}
+fn default_vcpus() -> u8 {
+    DEFAULT_VCPUS
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Everything needed to boot one micro-VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Guest kernel (vmlinux ELF). None: the kernel built by tools/build-guest-kernel.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Guest command line; None: `DEFAULT_CMDLINE`.
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[serde(default = "default_mem")]
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Serial console destination.
+    #[serde(default)]
+    pub console: Console,
+    /// Add the guest command-line workarounds on kvm_pvm hosts.
+    #[serde(default = "default_true")]
+    pub pvm_workarounds: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            mem_mib: DEFAULT_MEM_MIB,
+            vcpus: DEFAULT_VCPUS,
+            console: Console::Stdout,
+            pvm_workarounds: true,
+        }
+    }
+}
+
+/// Errors reading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config {0}: {1}")]
+    Read(String, #[source] std::io::Error),
+    /// The config file is not valid JSON for `VmConfig`.
+    #[error("invalid config {0}: {1}")]
+    Parse(String, String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl VmConfig {
+    /// Reads a JSON config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
+        Self::from_json(&text).map_err(|e| match e {
+            ConfigError::Parse(_, m) => ConfigError::Parse(shown, m),
+            other => other,
+        })
+    }
+
+    /// Parses and validates JSON.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let cfg: VmConfig = serde_json::from_str(text)
+            .map_err(|e| ConfigError::Parse("<json>".into(), e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > layout::MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "vcpus must be between 1 and {}, got {}",
+                layout::MAX_VCPUS,
+                self.vcpus
+            )));
+        }
+        if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "memory must be between {} and {} MiB, got {} MiB",
+                layout::MIN_MEM_MIB,
+                layout::MAX_MEM_MIB,
+                self.mem_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The extra guest command line for kvm_pvm hosts: the `husk_pvm` switch
+/// that turns on the guest kernel's platform patches, plus features the
+/// emulator cannot run (see resources/guest/README.md).
+pub const PVM_CMDLINE: &str = "husk_pvm noxsave mitigations=off clearcpuid=cx16,popcnt,bmi1,bmi2,movbe,avx,avx2,avx512f,fsgsbase,rdrand,rdseed,erms,fsrm,sse4_1,sse4_2,invpcid,smap,smep,umip,pku,xsaveopt,xsavec,xsaves,clflushopt,clwb,adx,aes,pclmulqdq,f16c,fma,abm,rdpid,rdtscp,la57,vaes,vpclmulqdq,gfni,sha_ni,ssse3,sse3,md_clear";
+
+/// The full guest command line for `cfg`.
+pub fn guest_cmdline(cfg: &VmConfig, pvm_host: bool) -> String {
+    let mut line = cfg
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if pvm_host && cfg.pvm_workarounds {
+        line.push(' ');
+        line.push_str(PVM_CMDLINE);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c = VmConfig::from_json(
+            r#"{"kernel":"/k","initrd":"/i","cmdline":"console=ttyS0","mem_mib":256,
+                "vcpus":2,"console":"file:/tmp/c.log","pvm_workarounds":false}"#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel.as_deref(), Some(Path::new("/k")));
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.console, Console::File("/tmp/c.log".into()));
+        assert!(!c.pvm_workarounds);
+    }
+
+    #[test]
+    fn defaults_fill_missing_fields() {
+        let c = VmConfig::from_json("{}").unwrap();
+        assert_eq!(c, VmConfig::default());
+    }
+
+    #[test]
+    fn bad_configs_are_rejected_with_a_reason() {
+        let unknown = VmConfig::from_json(r#"{"kernal":"/k"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("unknown field `kernal`"), "{unknown}");
+        assert!(VmConfig::from_json(r#"{"vcpus":0}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"vcpus":33}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"vcpus":300}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"mem_mib":1}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"console":"tty"}"#).is_err());
+        assert!(VmConfig::from_json(r#"{"console":"file:"}"#).is_err());
+        assert!(VmConfig::from_json("[1,2]").is_err());
+        assert!(VmConfig::from_json("{").is_err());
+    }
+
+    #[test]
+    fn console_round_trips() {
+        for s in ["stdout", "none", "file:/x/y"] {
+            assert_eq!(s.parse::<Console>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn pvm_cmdline_is_added_only_on_pvm_hosts() {
+        let c = VmConfig::default();
+        assert_eq!(guest_cmdline(&c, false), DEFAULT_CMDLINE);
+        let line = guest_cmdline(&c, true);
+        assert!(line.starts_with(DEFAULT_CMDLINE));
+        assert!(line.contains(" husk_pvm "));
+        let off = VmConfig {
+            pvm_workarounds: false,
+            cmdline: Some("root=/dev/vda".into()),
+            ..Default::default()
+        };
+        assert_eq!(guest_cmdline(&off, true), "root=/dev/vda");
+        assert!(guest_cmdline(&c, true).len() < layout::CMDLINE_MAX_SIZE);
+    }
+}

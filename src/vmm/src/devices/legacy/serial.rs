@@ -1,0 +1,156 @@
+//! 8250 UART on COM1: guest output goes to the console sink, host input is
+//! queued into the receive FIFO with back-pressure.
+
+use std::io::Write;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::bus::BusDevice;
+
+/// Raises the UART's interrupt line through a KVM irqfd.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the input side when the guest has drained the receive FIFO, so the
+/// host stops reading its stdin while the FIFO is full instead of dropping
+/// bytes or spinning.
+pub struct SerialInputEvents {
+    /// Written when the receive FIFO becomes empty.
+    pub fifo_drained: EventFd,
+}
+
+impl SerialEvents for SerialInputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.fifo_drained.write(1);
+    }
+}
+
+type Uart = Serial<EventFdTrigger, SerialInputEvents, Box<dyn Write + Send>>;
+
+/// COM1 as a bus device.
+pub struct SerialDevice {
+    uart: Uart,
+}
+
+impl SerialDevice {
+    /// A UART that interrupts through `irq` and writes guest output to `out`.
+    pub fn new(irq: EventFd, fifo_drained: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            uart: Serial::with_events(EventFdTrigger(irq), SerialInputEvents { fifo_drained }, out),
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn fifo_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue(&mut self, input: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(input) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::warn!("serial input: {e}");
+                0
+            }
+        }
+    }
+
+    /// Flushes the console sink.
+    pub fn flush(&mut self) {
+        let _ = self.uart.writer_mut().flush();
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (data.len(), u8::try_from(offset)) {
+            (1, Ok(off)) => data[0] = self.uart.read(off),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (1, Ok(off)) = (data.len(), u8::try_from(offset)) {
+            // A console sink that fails (closed pipe, full disk) loses the
+            // byte; the guest must not notice.
+            if let Err(e) = self.uart.write(off, data[0]) {
+                tracing::debug!("serial output: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn dev() -> (SerialDevice, Sink, EventFd, EventFd) {
+        let sink = Sink::default();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let d = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(sink.clone()),
+        );
+        (d, sink, irq, drained)
+    }
+
+    #[test]
+    fn output_reaches_the_sink() {
+        let (mut d, sink, _, _) = dev();
+        for b in b"hi\n" {
+            d.write(0, &[*b]);
+        }
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        // Wide accesses are ignored, not fatal.
+        d.write(0, &[1, 2]);
+        let mut w = [0u8; 2];
+        d.read(0, &mut w);
+        assert_eq!(w, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn input_is_bounded_by_the_fifo_and_signals_when_drained() {
+        let (mut d, _, irq, drained) = dev();
+        d.write(1, &[0x01]); // IER: received-data interrupt on
+        let big = vec![b'x'; 100];
+        let n = d.enqueue(&big);
+        assert!(n > 0 && n < 100);
+        assert_eq!(d.enqueue(&big), 0);
+        assert!(irq.read().is_ok());
+        let mut b = [0u8; 1];
+        for _ in 0..n {
+            d.read(0, &mut b);
+            assert_eq!(b[0], b'x');
+        }
+        assert_eq!(drained.read().unwrap(), 1);
+        assert_eq!(d.fifo_capacity(), n);
+    }
+}

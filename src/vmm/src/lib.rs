@@ -1,0 +1,14 @@
+//! husk's micro-VM monitor: one KVM guest with its memory, vCPUs and devices.
+//! No command line here; the `husk` binary wires this to its CLI.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod vstate;
+
+pub use builder::{build, build_with_mmio, default_kernel_path, ConsoleInputSource, Vm};
+pub use config::VmConfig;
+pub use exit::VmExit;

@@ -1,0 +1,7 @@
+//! KVM state: capabilities, guest memory, the VM, vCPUs and the I/O bus.
+
+pub mod bus;
+pub mod kvm;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,68 @@
+//! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout;
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create the VM: {0}")]
+    Create(#[source] kvm_ioctls::Error),
+    /// A KVM VM ioctl failed.
+    #[error("{0} failed: {1}")]
+    Ioctl(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// Creates the VM with its memory, TSS, irqchip and PIT.
+pub fn create(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(VmError::Create)?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| VmError::Ioctl("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| {
+                VmError::Ioctl("guest memory lookup", kvm_ioctls::Error::new(libc::EFAULT))
+            })?;
+        let kvm_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the caller
+        // keeps alive for as long as the VM (it is dropped after the vCPUs).
+        unsafe { vm.set_user_memory_region(kvm_region) }
+            .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    vm.create_irq_chip()
+        .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
+    Ok(vm)
+}
+
+/// An eventfd wired to guest interrupt line `gsi`.
+pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+        VmError::Ioctl(
+            "eventfd",
+            kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+        )
+    })?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(|e| VmError::Ioctl("KVM_IRQFD", e))?;
+    Ok(evt)
+}
