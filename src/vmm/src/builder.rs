@@ -215,7 +215,9 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         );
     }
     // Start threads only once nothing else can fail, so an error leaves no
-    // thread behind.
+    // thread behind. They inherit a mask without the stop signals, which
+    // the event loop reads from a signalfd instead.
+    event_loop::block_stop_signals().map_err(|e| BuildError::Host("sigprocmask", e))?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         match v.start() {

@@ -42,9 +42,7 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Blocks `STOP_SIGNALS` in the calling thread (and threads it spawns
-/// afterwards) and returns a signalfd that reports them.
-pub fn stop_signalfd() -> std::io::Result<OwnedFd> {
+fn stop_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -53,11 +51,25 @@ pub fn stop_signalfd() -> std::io::Result<OwnedFd> {
         // SAFETY: as above; sig is a valid signal number.
         unsafe { libc::sigaddset(&mut set, sig) };
     }
+    set
+}
+
+/// Blocks `STOP_SIGNALS` in the calling thread and in the threads it
+/// spawns afterwards (vCPUs), so they are only seen through the signalfd.
+pub fn block_stop_signals() -> std::io::Result<()> {
+    let set = stop_sigset();
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }
+    Ok(())
+}
+
+/// Blocks `STOP_SIGNALS` and returns a signalfd that reports them.
+pub fn stop_signalfd() -> std::io::Result<OwnedFd> {
+    block_stop_signals()?;
+    let set = stop_sigset();
     // SAFETY: -1 asks for a new fd; `set` is initialised.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
     if fd < 0 {

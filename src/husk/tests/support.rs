@@ -1,0 +1,93 @@
+//! Helpers for tests that run the husk binary.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The husk binary under test.
+pub fn husk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_husk"))
+}
+
+/// Seconds one real-guest boot may take. Guests are slow on kvm_pvm hosts
+/// (guest kernel code is emulated); set HUSK_TEST_BOOT_TIMEOUT to change.
+pub fn boot_timeout() -> Duration {
+    let s = std::env::var("HUSK_TEST_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(s)
+}
+
+/// Runs `cmd` with `stdin` bytes, killing it after `timeout`.
+pub fn run_with_timeout(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().expect("spawn husk");
+    if let Some(data) = stdin {
+        use std::io::Write;
+        let mut s = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = s.write_all(&data);
+        });
+    }
+    let out = drain(&mut child);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let (stdout, stderr) = out.join().unwrap();
+            return Output {
+                status,
+                stdout,
+                stderr,
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (stdout, stderr) = out.join().unwrap();
+            panic!(
+                "husk did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn drain(child: &mut Child) -> std::thread::JoinHandle<(Vec<u8>, Vec<u8>)> {
+    let mut o = child.stdout.take().unwrap();
+    let mut e = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let t = std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = e.read_to_end(&mut b);
+            b
+        });
+        let mut b = Vec::new();
+        let _ = o.read_to_end(&mut b);
+        (b, t.join().unwrap())
+    })
+}
+
+/// Asserts a user error: exit code 1 and exactly one line on stderr
+/// containing `needle`.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("husk: /dev/kvm is kvm_pvm"))
+        .collect();
+    assert_eq!(lines.len(), 1, "want one line, got: {err:?}");
+    assert!(lines[0].starts_with("husk: "), "{err}");
+    assert!(lines[0].contains(needle), "want {needle:?} in {err:?}");
+}
