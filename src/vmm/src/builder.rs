@@ -201,6 +201,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
             index,
             cfg.vcpus,
             &base_cpuid,
+            pvm && cfg.pvm_workarounds,
             msr_list.as_slice(),
             (index == 0).then_some(loaded.entry),
             io.clone(),

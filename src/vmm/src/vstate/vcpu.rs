@@ -241,6 +241,7 @@ impl Vcpu {
         index: u8,
         count: u8,
         base_cpuid: &CpuId,
+        no_hypercalls: bool,
         supported_msrs: &[u32],
         boot_entry: Option<GuestAddress>,
         io: Arc<VcpuIo>,
@@ -252,7 +253,7 @@ impl Vcpu {
             .create_vcpu(u64::from(index))
             .map_err(err("KVM_CREATE_VCPU"))?;
         let mut cpuid = base_cpuid.clone();
-        cpuid::normalize(&mut cpuid, index, count);
+        cpuid::normalize(&mut cpuid, index, count, no_hypercalls);
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
         fd.set_msrs(&msrs::boot_msrs(supported_msrs))
             .map_err(err("KVM_SET_MSRS"))?;

@@ -10,6 +10,7 @@ const LEAF_PERFMON: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 const LEAF_EXT_ADDR: u32 = 0x8000_0008;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -17,6 +18,9 @@ const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+/// KVM paravirtual features whose guest side issues hypercalls (`vmcall`):
+/// PV_UNHALT (spinlock kick), PV_SEND_IPI, PV_SCHED_YIELD.
+const KVM_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
 /// Topology level types for leaf 0xb.
 const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
@@ -31,8 +35,11 @@ fn bits_for(n: u32) -> u32 {
 }
 
 /// Rewrites `cpuid` for vCPU `index` of `count`: one socket, `count` cores,
-/// one thread per core, APIC id = vCPU index.
-pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
+/// one thread per core, APIC id = vCPU index. With `no_hypercalls`, the KVM
+/// paravirtual features that work by hypercall are hidden: on kvm_pvm hosts
+/// a `vmcall` from the (emulated) guest kernel never returns, and with two
+/// or more vCPUs Linux would use them for IPIs and spinlock kicks.
+pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, no_hypercalls: bool) {
     let apic_id = u32::from(index);
     let count = u32::from(count);
     let core_bits = bits_for(count);
@@ -98,6 +105,9 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
                 e.ecx = KVM_SIGNATURE[1];
                 e.edx = KVM_SIGNATURE[2];
             }
+            LEAF_KVM_FEATURES if no_hypercalls => {
+                e.eax &= !KVM_HYPERCALL_FEATURES;
+            }
             LEAF_EXT_ADDR => {
                 // ECX[7:0]: cores - 1; ECX[15:12]: APIC id bits for cores.
                 e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
@@ -142,6 +152,7 @@ mod tests {
             entry(LEAF_PERFMON, 0),
             entry(LEAF_KVM_SIGNATURE, 0),
             entry(LEAF_EXT_ADDR, 0),
+            entry(LEAF_KVM_FEATURES, 0),
         ])
         .unwrap()
     }
@@ -157,7 +168,7 @@ mod tests {
     fn apic_ids_and_counts_per_vcpu() {
         for idx in 0..4u8 {
             let mut c = sample();
-            normalize(&mut c, idx, 4);
+            normalize(&mut c, idx, 4, false);
             let l1 = find(&c, LEAF_FEATURES, 0);
             assert_eq!(l1.ebx >> 24, u32::from(idx));
             assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -178,11 +189,11 @@ mod tests {
     #[test]
     fn single_vcpu_has_no_htt_and_cache_sharing() {
         let mut c = sample();
-        normalize(&mut c, 0, 1);
+        normalize(&mut c, 0, 1, false);
         assert_eq!(find(&c, LEAF_FEATURES, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&c, LEAF_CACHE, 0).eax >> 14, 0);
         let mut c = sample();
-        normalize(&mut c, 0, 3);
+        normalize(&mut c, 0, 3, false);
         let l3 = find(&c, LEAF_CACHE, 3);
         assert_eq!(l3.eax >> 26, 2);
         assert_eq!((l3.eax >> 14) & 0xfff, 2);
@@ -192,7 +203,7 @@ mod tests {
     #[test]
     fn kvm_signature_and_no_pmu() {
         let mut c = sample();
-        normalize(&mut c, 0, 1);
+        normalize(&mut c, 0, 1, false);
         let sig = find(&c, LEAF_KVM_SIGNATURE, 0);
         let mut bytes = Vec::new();
         for r in [sig.ebx, sig.ecx, sig.edx] {
@@ -200,6 +211,18 @@ mod tests {
         }
         assert_eq!(&bytes[..9], b"KVMKVMKVM");
         assert_eq!(find(&c, LEAF_PERFMON, 0).eax, 0);
+    }
+
+    #[test]
+    fn hypercall_features_hidden_only_when_asked() {
+        let mut c = sample();
+        normalize(&mut c, 0, 2, false);
+        assert_eq!(find(&c, LEAF_KVM_FEATURES, 0).eax, 0xffff_ffff);
+        let mut c = sample();
+        normalize(&mut c, 0, 2, true);
+        let eax = find(&c, LEAF_KVM_FEATURES, 0).eax;
+        assert_eq!(eax & KVM_HYPERCALL_FEATURES, 0);
+        assert_eq!(eax | KVM_HYPERCALL_FEATURES, 0xffff_ffff);
     }
 
     #[test]

@@ -71,13 +71,12 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic, IOAPIC_VERSION, 1]);
     entries.extend_from_slice(&(layout::IOAPIC_START as u32).to_le_bytes());
     count += 1;
+    // Every ISA IRQ is a plain interrupt on the same IOAPIC pin. The 8259
+    // reaches the CPU through LINT0 (below), not through IOAPIC pin 0:
+    // declaring pin 0 as ExtINT makes Linux's timer check look for an
+    // 8259 routing through the IOAPIC that the in-kernel irqchip lacks.
     for irq in 0..=layout::irq::LAST as u8 {
-        let kind = if irq == 0 {
-            MP_IRQ_SRC_EXTINT
-        } else {
-            MP_IRQ_SRC_INT
-        };
-        entries.extend_from_slice(&[ENTRY_INTSRC, kind, 0, 0, 0, irq, ioapic, irq]);
+        entries.extend_from_slice(&[ENTRY_INTSRC, MP_IRQ_SRC_INT, 0, 0, 0, irq, ioapic, irq]);
         count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LINTSRC, MP_IRQ_SRC_EXTINT, 0, 0, 0, 0, 0, 0]);
@@ -163,6 +162,26 @@ mod tests {
         }
         let count = u16::from_le_bytes([t[MPF_SIZE + 34], t[MPF_SIZE + 35]]);
         assert_eq!(count, 4 + 1 + 1 + 24 + 2);
+    }
+
+    #[test]
+    fn isa_irqs_are_plain_interrupts_and_lint0_is_extint() {
+        let t = build(1).unwrap();
+        let entries = &t[MPF_SIZE + MPC_HEADER_SIZE + 20 + 8 + 8..];
+        for (irq, e) in entries.chunks(8).take(24).enumerate() {
+            assert_eq!(e[0], ENTRY_INTSRC);
+            assert_eq!(e[1], MP_IRQ_SRC_INT, "irq {irq}");
+            assert_eq!((e[5], e[7]), (irq as u8, irq as u8));
+        }
+        let lint: Vec<&[u8]> = entries.chunks(8).skip(24).collect();
+        assert_eq!(
+            (lint[0][0], lint[0][1], lint[0][7]),
+            (ENTRY_LINTSRC, MP_IRQ_SRC_EXTINT, 0)
+        );
+        assert_eq!(
+            (lint[1][1], lint[1][6], lint[1][7]),
+            (MP_IRQ_SRC_NMI, 0xff, 1)
+        );
     }
 
     #[test]
