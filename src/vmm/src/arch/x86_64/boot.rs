@@ -92,6 +92,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: shown.clone(),
         source,
     })?;
+    hint_kernel_range(mem, &mut file);
     let res = Elf::load(
         mem,
         None,
@@ -126,6 +127,19 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     })
 }
 
+/// Hints huge pages for where the kernel will land: from its entry point
+/// (the lowest loaded address of a vmlinux) for the file's length, which
+/// covers text, data and bss of any real kernel.
+fn hint_kernel_range(mem: &GuestMemoryMmap, file: &mut File) {
+    use std::io::Read;
+    let mut ehdr = [0u8; 32];
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file.read_exact(&mut ehdr).is_ok() && ehdr[..4] == *b"\x7fELF" {
+        let entry = u64::from_le_bytes(ehdr[24..32].try_into().unwrap_or_default());
+        crate::vstate::memory::hint_hugepages(mem, entry, len);
+    }
+}
+
 /// Copies the initrd to the top of low memory; returns (address, size).
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
@@ -149,6 +163,7 @@ pub fn load_initrd(
             path: shown.clone(),
             size,
         })?;
+    crate::vstate::memory::hint_hugepages(mem, addr.raw_value(), size);
     mem.read_exact_volatile_from(addr, &mut file, size as usize)
         .map_err(|e| BootError::ReadInitrd {
             path: shown,
