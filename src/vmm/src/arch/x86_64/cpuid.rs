@@ -40,6 +40,7 @@ fn bits_for(n: u32) -> u32 {
 /// a `vmcall` from the (emulated) guest kernel never returns, and with two
 /// or more vCPUs Linux would use them for IPIs and spinlock kicks.
 pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, no_hypercalls: bool) {
+    add_topology_subleaves(cpuid);
     let apic_id = u32::from(index);
     let count = u32::from(count);
     let core_bits = bits_for(count);
@@ -113,6 +114,36 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8, no_hypercalls: bool) {
                 e.ecx = (e.ecx & !0xf0ff) | (core_bits << 12) | (count - 1);
             }
             _ => {}
+        }
+    }
+}
+
+/// KVM may report only sub-leaf 0 (SMT) of the extended topology leaf;
+/// without the core level (sub-leaf 1) and the terminating sub-leaf 2,
+/// Linux puts every vCPU in a package of its own. Adds what is missing.
+fn add_topology_subleaves(cpuid: &mut CpuId) {
+    for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        if !cpuid.as_slice().iter().any(|e| e.function == leaf) {
+            continue;
+        }
+        for sub in 0..3 {
+            let present = cpuid
+                .as_slice()
+                .iter()
+                .any(|e| e.function == leaf && e.index == sub);
+            if !present {
+                let entry = kvm_cpuid_entry2 {
+                    function: leaf,
+                    index: sub,
+                    flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                    ..Default::default()
+                };
+                // Only fails past KVM_MAX_CPUID_ENTRIES; the guest then
+                // sees a flat topology, which is still correct enough to run.
+                if cpuid.push(entry).is_err() {
+                    tracing::warn!("CPUID table full: topology leaf {leaf:#x}.{sub} missing");
+                }
+            }
         }
     }
 }
@@ -223,6 +254,19 @@ mod tests {
         let eax = find(&c, LEAF_KVM_FEATURES, 0).eax;
         assert_eq!(eax & KVM_HYPERCALL_FEATURES, 0);
         assert_eq!(eax | KVM_HYPERCALL_FEATURES, 0xffff_ffff);
+    }
+
+    #[test]
+    fn missing_topology_subleaves_are_added() {
+        // What kvm_pvm reports: only sub-leaf 0 of leaf 0xb.
+        let mut c =
+            CpuId::from_entries(&[entry(LEAF_FEATURES, 0), entry(LEAF_TOPOLOGY, 0)]).unwrap();
+        normalize(&mut c, 1, 2, false);
+        let t1 = find(&c, LEAF_TOPOLOGY, 1);
+        assert_eq!((t1.eax, t1.ebx, t1.ecx >> 8, t1.edx), (1, 2, LEVEL_CORE, 1));
+        assert!(is_indexed(&t1));
+        assert_eq!(find(&c, LEAF_TOPOLOGY, 2).ecx, 2);
+        assert!(!c.as_slice().iter().any(|e| e.function == LEAF_TOPOLOGY_V2));
     }
 
     #[test]
