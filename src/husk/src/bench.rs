@@ -230,7 +230,7 @@ fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
         a.runs
     );
     println!(
-        "{:<34} {:>12} {:>14} {:>10}",
+        "{:<38} {:>12} {:>14} {:>10}",
         "metric", "husk", "qemu microvm", "husk/qemu"
     );
     type Metric = fn(&Sample) -> f64;
@@ -239,20 +239,20 @@ fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
         ("guest uptime at marker (s)", |s| {
             s.guest_uptime.unwrap_or(f64::NAN)
         }),
-        ("VMM CPU time, whole run (s)", |s| s.cpu_s),
-        ("peak RSS - guest RAM (MiB)", |s| s.overhead_mib()),
+        ("VMM CPU time to marker (s)", |s| s.cpu_s),
+        ("peak RSS - guest RAM at marker (MiB)", |s| s.overhead_mib()),
     ];
     for (name, f) in rows {
         let hm = median(h.iter().map(f).collect());
         let qm = median(q.iter().map(f).collect());
-        println!("{name:<34} {hm:>12.3} {qm:>14.3} {:>10.3}", hm / qm);
+        println!("{name:<38} {hm:>12.3} {qm:>14.3} {:>10.3}", hm / qm);
     }
     let first: Vec<f64> = h
         .iter()
         .filter_map(|s| s.start_to_first_run_us.map(|u| u as f64 / 1000.0))
         .collect();
     println!(
-        "{:<34} {:>12.3} {:>14} {:>10}",
+        "{:<38} {:>12.3} {:>14} {:>10}",
         "husk start to first KVM_RUN (ms)",
         median(first),
         "-",
@@ -260,7 +260,11 @@ fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
     );
 }
 
-/// Runs one VMM to completion, timing the marker on its stdout.
+/// Runs one VMM until its guest prints the marker. Every figure is taken
+/// at that moment, the same way for both VMMs: QEMU's microvm machine has
+/// no i8042, so on kvm_pvm hosts its guest cannot reset and QEMU would
+/// never exit by itself. Afterwards the VMM gets a grace period to exit
+/// and is then killed.
 fn measure(
     mut cmd: Command,
     marker: &str,
@@ -279,7 +283,7 @@ fn measure(
     let stdout = child.stdout.take();
     let marker_owned = marker.to_string();
     let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
+        let mut tail = Vec::new();
         if let Some(out) = stdout {
             let mut sent = false;
             for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -287,10 +291,13 @@ fn measure(
                     let _ = tx.send((Instant::now(), line.clone()));
                     sent = true;
                 }
-                lines.push(line);
+                tail.push(line);
+                if tail.len() > 5 {
+                    tail.remove(0);
+                }
             }
         }
-        lines
+        tail
     });
     let mut stderr = child.stderr.take();
     let err_reader = std::thread::spawn(move || {
@@ -301,114 +308,172 @@ fn measure(
         s
     });
 
-    let mut sample = Sample::default();
     let deadline = t0 + timeout;
-    let mut seen = None;
     let mut guest_rss = 0;
-    loop {
-        if let Ok((t, line)) = rx.recv_timeout(Duration::from_millis(20)) {
-            seen = Some((t, line));
+    let seen = loop {
+        if let Ok(hit) = rx.recv_timeout(Duration::from_millis(20)) {
+            break Some(hit);
         }
         if let Some(g) = guest_ram_rss_kib(pid, mem_mib) {
             guest_rss = guest_rss.max(g);
         }
-        if seen.is_some() || Instant::now() > deadline {
-            break;
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            break None;
         }
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
+    };
+    let at_marker = seen.as_ref().map(|_| ProcStats::read(pid, mem_mib));
+    // Grace period for a clean exit, then stop it.
+    let grace = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let Some((t_marker, line)) = seen else {
-        let _ = child.kill();
-        let _ = child.wait();
-        let out = reader.join().unwrap_or_default();
-        let err = err_reader.join().unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    let tail = reader.join().unwrap_or_default();
+    let err = err_reader.join().unwrap_or_default();
+    let (Some((t_marker, line)), Some(Some(stats))) = (seen, at_marker) else {
         return Err(format!(
-            "{:?}: no marker {marker:?} within {}s; last output: {:?} / {}",
+            "{:?}: no marker {marker:?} within {}s; last console lines: {tail:?}; stderr: {}",
             cmd.get_program(),
             timeout.as_secs(),
-            out.iter().rev().take(3).collect::<Vec<_>>(),
             err.lines().last().unwrap_or("")
         ));
     };
-    sample.wall_to_marker = (t_marker - t0).as_secs_f64();
-    sample.guest_uptime = line
-        .split("uptime=")
-        .nth(1)
-        .and_then(|u| u.split_whitespace().next())
-        .and_then(|u| u.parse().ok());
-    // Let the guest finish its reboot; keep sampling guest RAM until then.
-    let (status, rusage) = loop {
-        if let Some(g) = guest_ram_rss_kib(pid, mem_mib) {
-            guest_rss = guest_rss.max(g);
-        }
-        if let Some(r) = wait4_nohang(pid) {
-            break r;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break wait4_blocking(pid);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = status;
-    let _ = reader.join();
-    let err = err_reader.join().unwrap_or_default();
-    sample.cpu_s = tv(rusage.ru_utime) + tv(rusage.ru_stime);
-    sample.peak_rss_kib = rusage.ru_maxrss as u64;
-    sample.guest_rss_kib = guest_rss;
-    sample.start_to_first_run_us = err
-        .split("start_to_first_run_us=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|s| s.parse().ok());
-    // `child` was reaped by wait4 above; forget it so Drop does nothing odd.
-    std::mem::forget(child);
-    Ok(sample)
+    Ok(Sample {
+        wall_to_marker: (t_marker - t0).as_secs_f64(),
+        cpu_s: stats.cpu_s,
+        peak_rss_kib: stats.peak_rss_kib,
+        guest_rss_kib: stats.guest_rss_kib.max(guest_rss),
+        guest_uptime: line
+            .split("uptime=")
+            .nth(1)
+            .and_then(|u| u.split_whitespace().next())
+            .and_then(|u| u.parse().ok()),
+        start_to_first_run_us: err
+            .split("start_to_first_run_us=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok()),
+    })
 }
 
-fn tv(t: libc::timeval) -> f64 {
-    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+/// A process's CPU time, peak RSS and guest RAM RSS, from /proc.
+struct ProcStats {
+    cpu_s: f64,
+    peak_rss_kib: u64,
+    guest_rss_kib: u64,
 }
 
-fn wait4_nohang(pid: u32) -> Option<(i32, libc::rusage)> {
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by wait4.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals; pid is our own child.
-    let r = unsafe { libc::wait4(pid as i32, &mut status, libc::WNOHANG, &mut ru) };
-    (r == pid as i32).then_some((status, ru))
+impl ProcStats {
+    fn read(pid: u32, mem_mib: u64) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which may contain spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: sysconf has no side effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let utime: f64 = f.get(11)?.parse().ok()?;
+        let stime: f64 = f.get(12)?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let peak = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .map(kib)?;
+        Some(Self {
+            cpu_s: (utime + stime) / hz,
+            peak_rss_kib: peak,
+            guest_rss_kib: guest_ram_rss_kib(pid, mem_mib).unwrap_or(0),
+        })
+    }
 }
 
-fn wait4_blocking(pid: u32) -> (i32, libc::rusage) {
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by wait4.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals; pid is our own child.
-    unsafe { libc::wait4(pid as i32, &mut status, 0, &mut ru) };
-    (status, ru)
-}
-
-/// Resident KiB of the process's guest RAM: anonymous mappings about the
-/// size of the guest memory (QEMU adds a little alignment).
+/// Resident KiB of the process's guest RAM: runs of adjacent anonymous
+/// mappings whose total size is about the guest memory size (madvise may
+/// split husk's mapping; QEMU adds a little alignment).
 fn guest_ram_rss_kib(pid: u32, mem_mib: u64) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(guest_ram_rss_from_smaps(&smaps, mem_mib))
+}
+
+fn guest_ram_rss_from_smaps(smaps: &str, mem_mib: u64) -> u64 {
     let want = mem_mib * 1024;
     let mut total = 0;
-    let mut size = 0;
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size = kib(v);
-        } else if let Some(v) = line.strip_prefix("Rss:") {
+    // Current run: (end address, size KiB, rss KiB).
+    let mut run: Option<(u64, u64, u64)> = None;
+    let mut current_anon = false;
+    let mut flush = |run: &mut Option<(u64, u64, u64)>| {
+        if let Some((_, size, rss)) = run.take() {
             if size >= want && size <= want + 4096 {
-                total += kib(v);
+                total += rss;
+            }
+        }
+    };
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let first = parts.next().unwrap_or("");
+        if let Some((a, b)) = first
+            .split_once('-')
+            .filter(|(a, _)| a.chars().all(|c| c.is_ascii_hexdigit()))
+        {
+            let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            else {
+                continue;
+            };
+            // Anonymous: no path (6th column) and inode 0.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            current_anon = fields.len() == 5 && fields[4] == "0";
+            match run {
+                Some((prev_end, _, _)) if current_anon && prev_end == start => {
+                    if let Some(r) = run.as_mut() {
+                        r.0 = end;
+                    }
+                }
+                _ => {
+                    flush(&mut run);
+                    if current_anon {
+                        run = Some((end, 0, 0));
+                    }
+                }
+            }
+        } else if current_anon {
+            if let Some(r) = run.as_mut() {
+                if let Some(v) = line.strip_prefix("Size:") {
+                    r.1 += kib(v);
+                } else if let Some(v) = line.strip_prefix("Rss:") {
+                    r.2 += kib(v);
+                }
             }
         }
     }
-    Some(total)
+    flush(&mut run);
+    total
 }
 
 fn kib(v: &str) -> u64 {
     v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_is_found_across_split_mappings() {
+        let smaps = "\
+7f0000000000-7f0001000000 rw-p 00000000 00:00 0
+Size:              16384 kB
+Rss:                1000 kB
+7f0001000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             114688 kB
+Rss:                 500 kB
+7f0008000000-7f0008001000 r--p 00000000 fe:01 1234    /usr/bin/husk
+Size:                  4 kB
+Rss:                   4 kB
+7f0009000000-7f0009100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                1024 kB
+";
+        assert_eq!(guest_ram_rss_from_smaps(smaps, 128), 1500);
+        assert_eq!(guest_ram_rss_from_smaps(smaps, 64), 0);
+    }
 }
