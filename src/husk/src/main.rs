@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use husk_vmm::config::{Console, VmConfig};
+use husk_vmm::config::{Console, DiskConfig, NetConfig, VmConfig};
 use husk_vmm::exit::code;
 use husk_vmm::{ConsoleInputSource, VmExit};
 
@@ -58,6 +58,12 @@ struct VmArgs {
     /// Guest console: stdout, file:PATH or none.
     #[arg(long)]
     console: Option<Console>,
+    /// virtio-blk disk: path=IMG[,ro][,id=NAME][,direct] (repeatable; /dev/vda first).
+    #[arg(long = "disk", value_name = "SPEC")]
+    disks: Vec<DiskConfig>,
+    /// virtio-net NIC on a tap: tap=NAME[,mac=MAC] (repeatable; eth0 first).
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<NetConfig>,
     /// Do not add guest command-line workarounds on kvm_pvm hosts.
     #[arg(long)]
     no_pvm_workarounds: bool,
@@ -133,6 +139,12 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     }
     if let Some(c) = &args.console {
         cfg.console = c.clone();
+    }
+    if !args.disks.is_empty() {
+        cfg.disks = args.disks.clone();
+    }
+    if !args.nets.is_empty() {
+        cfg.net = args.nets.clone();
     }
     if args.no_pvm_workarounds {
         cfg.pvm_workarounds = false;

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, layout, mptable, regs};
 use crate::config::{self, Console, VmConfig};
 use crate::devices::legacy::{SerialDevice, I8042};
+use crate::devices::virtio::attach::{self as virtio, AttachError, Subscriber};
 use crate::event_loop::{self, ConsoleInput, ExitWatcher, RawTerminal, SignalWatcher};
 use crate::exit::VmExit;
 use crate::vstate::bus::Bus;
@@ -62,6 +63,9 @@ pub enum BuildError {
     /// A device could not be placed on a bus.
     #[error(transparent)]
     Bus(#[from] crate::vstate::bus::BusError),
+    /// A virtio device could not be set up.
+    #[error(transparent)]
+    Virtio(#[from] AttachError),
 }
 
 /// The default guest kernel: `$HUSK_ROOT/kernel/vmlinux` (root defaults to
@@ -103,6 +107,8 @@ pub struct Vm {
     fifo_drained: EventFd,
     io: Arc<VcpuIo>,
     cmdline: String,
+    // Device event handlers for the event loop (virtio devices).
+    devices: Vec<Subscriber>,
 }
 
 /// A device to map on the MMIO bus: (device, base, length).
@@ -127,7 +133,8 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         }
     };
     let pvm = kvm::is_pvm_host();
-    let cmdline = config::guest_cmdline(cfg, pvm);
+    let mut cmdline = config::guest_cmdline(cfg, pvm);
+    cmdline.push_str(&virtio::cmdline_entries(cfg.disks.len() + cfg.net.len()));
     // Validate before any expensive work.
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(boot::BootError::Cmdline(format!(
@@ -137,6 +144,10 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         ))
         .into());
     }
+    // Disks and taps first: a user's mistake there is reported before the
+    // console file or any KVM work, and nothing is left behind.
+    let virtio_devices = virtio::open_devices(cfg)?;
+
     let console: Box<dyn Write + Send> = match &cfg.console {
         Console::Stdout => Box::new(std::io::stdout()),
         Console::None => Box::new(std::io::sink()),
@@ -186,6 +197,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     for (dev, base, len) in mmio_devices {
         mmio.insert(dev, base, len)?;
     }
+    let devices = virtio::attach_all(virtio_devices, &vm_fd, &mem, &mut mmio)?;
     let io = Arc::new(VcpuIo::new(pio, mmio));
 
     let base_cpuid = kvm
@@ -241,6 +253,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         fifo_drained,
         io,
         cmdline,
+        devices,
     })
 }
 
@@ -320,6 +333,9 @@ impl Vm {
             }
             ConsoleInputSource::None => None,
         };
+        for dev in &self.devices {
+            em.add_subscriber(dev.clone());
+        }
         for v in &self.vcpus {
             v.send(VcpuCommand::Resume);
         }

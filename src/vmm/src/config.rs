@@ -8,6 +8,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout;
+use crate::devices::virtio::block::ID_BYTES;
+use crate::devices::virtio::net::MacAddr;
 
 /// Default guest memory.
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -106,6 +108,104 @@ pub struct VmConfig {
     /// Add the guest command-line workarounds on kvm_pvm hosts.
     #[serde(default = "default_true")]
     pub pvm_workarounds: bool,
+    /// virtio-blk disks, /dev/vda first.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs on taps, eth0 first.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+}
+
+/// One virtio-blk disk: `path=IMG[,ro][,id=NAME][,direct]` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file (or block device).
+    pub path: PathBuf,
+    /// The guest sees a read-only disk; writes fail.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number the guest reads (/sys/block/vdX/serial), at most 20 bytes.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+}
+
+fn on_off(key: &str, v: Option<&str>) -> Result<bool, String> {
+    match v {
+        None | Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(format!(
+            "invalid value {other:?} for {key}: expected on or off"
+        )),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            id: None,
+            direct: false,
+        };
+        for part in s.split(',') {
+            let (key, value) = match part.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (part, None),
+            };
+            match (key, value) {
+                ("path", Some(p)) if !p.is_empty() => disk.path = PathBuf::from(p),
+                ("ro" | "readonly", v) => disk.read_only = on_off(key, v)?,
+                ("direct", v) => disk.direct = on_off(key, v)?,
+                ("id", Some(id)) => disk.id = Some(id.to_string()),
+                _ => {
+                    return Err(format!(
+                    "invalid disk {s:?}: expected path=IMG[,ro][,id=NAME][,direct], got {part:?}"
+                ))
+                }
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(format!("invalid disk {s:?}: path=IMG is required"));
+        }
+        Ok(disk)
+    }
+}
+
+/// One virtio-net NIC: `tap=NAME[,mac=MAC]` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Host tap interface; created for the VM's lifetime if it does not exist.
+    pub tap: String,
+    /// Guest MAC address; a random locally administered one if absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", t)) if !t.is_empty() => tap = Some(t.to_string()),
+                Some(("mac", m)) => mac = Some(m.parse()?),
+                _ => {
+                    return Err(format!(
+                        "invalid net {s:?}: expected tap=NAME[,mac=MAC], got {part:?}"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("invalid net {s:?}: tap=NAME is required"))?;
+        Ok(NetConfig { tap, mac })
+    }
 }
 
 impl Default for VmConfig {
@@ -118,6 +218,8 @@ impl Default for VmConfig {
             vcpus: DEFAULT_VCPUS,
             console: Console::Stdout,
             pvm_workarounds: true,
+            disks: Vec::new(),
+            net: Vec::new(),
         }
     }
 }
@@ -172,6 +274,36 @@ impl VmConfig {
                 layout::MAX_MEM_MIB,
                 self.mem_mib
             )));
+        }
+        let devices = self.disks.len() + self.net.len();
+        if devices > layout::VIRTIO_MMIO_SLOTS {
+            return Err(ConfigError::Invalid(format!(
+                "at most {} virtio devices (disks + NICs), got {devices}",
+                layout::VIRTIO_MMIO_SLOTS
+            )));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for d in &self.disks {
+            let Some(id) = &d.id else { continue };
+            if id.len() > ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+                return Err(ConfigError::Invalid(format!(
+                    "invalid disk id {id:?}: 1 to {ID_BYTES} printable ASCII characters, no commas"
+                )));
+            }
+            if !ids.insert(id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "disk id {id:?} is used twice"
+                )));
+            }
+        }
+        let mut taps = std::collections::HashSet::new();
+        for n in &self.net {
+            if !taps.insert(n.tap.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "tap {:?} is used twice",
+                    n.tap
+                )));
+            }
         }
         Ok(())
     }
@@ -232,6 +364,73 @@ mod tests {
         assert!(VmConfig::from_json(r#"{"console":"file:"}"#).is_err());
         assert!(VmConfig::from_json("[1,2]").is_err());
         assert!(VmConfig::from_json("{").is_err());
+    }
+
+    #[test]
+    fn disks_and_nics_parse_from_json() {
+        let c = VmConfig::from_json(
+            r#"{"disks":[{"path":"/a.img","read_only":true,"id":"root"},{"path":"/b.img","direct":true}],
+                "net":[{"tap":"tap0","mac":"02:00:00:00:00:01"},{"tap":"tap1"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[0].read_only && !c.disks[0].direct);
+        assert_eq!(c.disks[0].id.as_deref(), Some("root"));
+        assert!(c.disks[1].direct && !c.disks[1].read_only);
+        assert_eq!(c.net[0].mac, Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        assert_eq!(c.net[1].mac, None);
+        for bad in [
+            r#"{"disks":[{"path":"/a","readonly":true}]}"#,
+            r#"{"disks":[{"read_only":true}]}"#,
+            r#"{"net":[{"tap":"t","mac":"01:00:00:00:00:01"}]}"#,
+            r#"{"net":[{"tap":"t","bridge":"br0"}]}"#,
+            r#"{"disks":[{"path":"/a","id":"x"},{"path":"/b","id":"x"}]}"#,
+            r#"{"disks":[{"path":"/a","id":"123456789012345678901"}]}"#,
+            r#"{"net":[{"tap":"t"},{"tap":"t"}]}"#,
+        ] {
+            assert!(VmConfig::from_json(bad).is_err(), "{bad}");
+        }
+        let many: Vec<String> = (0..20).map(|i| format!(r#"{{"path":"/d{i}"}}"#)).collect();
+        let json = format!(r#"{{"disks":[{}]}}"#, many.join(","));
+        assert!(VmConfig::from_json(&json).is_err());
+    }
+
+    #[test]
+    fn disk_and_net_flags_parse() {
+        let d: DiskConfig = "path=/x.img,ro,id=data,direct".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/x.img".into(),
+                read_only: true,
+                id: Some("data".into()),
+                direct: true
+            }
+        );
+        let d: DiskConfig = "path=/x.img,direct=on,ro=off".parse().unwrap();
+        assert!(d.direct && !d.read_only);
+        for bad in [
+            "",
+            "ro",
+            "path=",
+            "path=/x,rw",
+            "path=/x,direct=yes",
+            "/x.img",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:09".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac.unwrap().to_string(), "02:00:00:00:00:09");
+        for bad in [
+            "",
+            "tap=",
+            "mac=02:00:00:00:00:09",
+            "tap=t,mac=zz",
+            "tap=t,x=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

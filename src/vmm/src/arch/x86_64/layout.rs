@@ -54,6 +54,19 @@ pub const MMIO_GAP_SIZE: u64 = FIRST_ADDR_PAST_32BITS - MMIO_GAP_START;
 pub const VIRTIO_MMIO_START: u64 = MMIO_GAP_START;
 /// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// How many virtio-mmio devices fit: one interrupt line each.
+pub const VIRTIO_MMIO_SLOTS: usize = (irq::LAST - irq::VIRTIO_FIRST + 1) as usize;
+
+/// Base address and GSI of virtio-mmio device `index`, if there is room.
+pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
+    if index >= VIRTIO_MMIO_SLOTS {
+        return None;
+    }
+    Some((
+        VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE,
+        irq::VIRTIO_FIRST + index as u32,
+    ))
+}
 /// IOAPIC base address (in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC base address.
@@ -115,6 +128,7 @@ const _: () = {
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= MPTABLE_START);
     assert!(KVM_IDENTITY_MAP_ADDRESS + 0x1000 <= KVM_TSS_ADDRESS);
     assert!(KVM_TSS_ADDRESS >= MMIO_GAP_START);
+    assert!(VIRTIO_MMIO_START + VIRTIO_MMIO_SLOTS as u64 * VIRTIO_MMIO_SIZE <= IOAPIC_START);
 };
 
 #[cfg(test)]
@@ -129,5 +143,16 @@ mod tests {
         assert_eq!(r[0], (0, MMIO_GAP_START));
         assert_eq!(r[1].0, 1 << 32);
         assert_eq!(r[0].1 + r[1].1, 16 << 30);
+    }
+
+    #[test]
+    fn virtio_slots_have_distinct_windows_and_lines() {
+        assert_eq!(virtio_mmio_slot(0), Some((0xd000_0000, 5)));
+        assert_eq!(virtio_mmio_slot(1), Some((0xd000_1000, 6)));
+        assert_eq!(
+            virtio_mmio_slot(VIRTIO_MMIO_SLOTS - 1).unwrap().1,
+            irq::LAST
+        );
+        assert_eq!(virtio_mmio_slot(VIRTIO_MMIO_SLOTS), None);
     }
 }

@@ -1,0 +1,70 @@
+//! Shared by the targets: guest memory filled from the fuzz input, queues
+//! whose rings live in that memory, and device activation.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use husk_vmm::devices::virtio::{
+    ActivateContext, DeviceFailure, IrqfdInterrupt, VirtioDevice, VirtioInterrupt,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory size: small, so indirect tables and buffers often hit its end.
+pub const MEM_SIZE: usize = 0x1_0000;
+
+/// Guest memory whose first bytes are `data`.
+pub fn memory(data: &[u8]) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let n = data.len().min(MEM_SIZE);
+    mem.write_slice(&data[..n], GuestAddress(0)).unwrap();
+    mem
+}
+
+/// Where a queue of `size` at `base` keeps its rings: the descriptor
+/// table at `base`, then the available ring, then the used ring.
+pub fn rings(base: u64, size: u16) -> (u64, u64, u64) {
+    let avail = base + 16 * u64::from(size);
+    let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+    (base, avail, used)
+}
+
+/// A ready queue of `size` with its rings at `base` (see `rings`).
+pub fn queue(base: u64, size: u16, event_idx: bool) -> Queue {
+    let (desc, avail, used) = rings(base, size);
+    let mut q = Queue::new(size).unwrap();
+    q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q
+}
+
+/// Unless `raw` (then the input's own, usually impossible, index stays),
+/// sets the available index of the queue of `size` at `base` to
+/// `n % (size + 1)`, so that most runs reach the descriptor chains.
+pub fn avail_idx(mem: &GuestMemoryMmap, base: u64, size: u16, n: u8, raw: bool) {
+    if !raw {
+        let idx = u16::from(n) % (size + 1);
+        let (_, avail, _) = rings(base, size);
+        mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+    }
+}
+
+/// Hands `queues` to `dev` as the transport would at DRIVER_OK.
+pub fn activate(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, queues: Vec<Queue>) {
+    let irq: Arc<dyn VirtioInterrupt> = Arc::new(IrqfdInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let failure = DeviceFailure::new(Arc::new(AtomicBool::new(false)), irq.clone());
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        queues,
+        interrupt: irq,
+        acked_features: dev.avail_features(),
+        failure,
+    })
+    .unwrap();
+}

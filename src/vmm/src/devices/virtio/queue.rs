@@ -1,0 +1,156 @@
+//! Queue helpers shared by the devices: popping chains with the errors
+//! kept (virtio-queue's own pop swallows them), flattening a chain into
+//! checked segments, and used-ring notification.
+
+use std::ops::Deref;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use super::interrupt::{InterruptKind, VirtioInterrupt};
+use super::GuestMem;
+
+/// A queue-level failure: the driver broke the ring itself, so the device
+/// goes to DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The available ring could not be read or its index is impossible.
+    #[error("available ring: {0}")]
+    Avail(#[source] virtio_queue::Error),
+    /// A used element could not be written.
+    #[error("used ring: {0}")]
+    Used(#[source] virtio_queue::Error),
+    /// The interrupt could not be raised.
+    #[error("interrupt: {0}")]
+    Interrupt(#[source] std::io::Error),
+}
+
+/// One buffer of a descriptor chain, already checked to lie in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (VIRTQ_DESC_F_WRITE).
+    pub writable: bool,
+}
+
+/// Why a descriptor chain was refused. Each fails only its own request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// No descriptor could be read.
+    #[error("empty descriptor chain")]
+    Empty,
+    /// More descriptors than the device accepts.
+    #[error("descriptor chain longer than {0} descriptors")]
+    TooLong(usize),
+    /// The chain stopped while its last descriptor still said NEXT: a
+    /// loop, a next index past the table, or an unreadable descriptor.
+    #[error("descriptor chain is cut short (loop, bad next index or unreadable descriptor)")]
+    Truncated,
+    /// A buffer lies (partly) outside guest memory.
+    #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfMemory {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+}
+
+/// Pops the next available chain. `Ok(None)`: the ring is empty.
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMem,
+) -> Result<Option<DescriptorChain<&'m GuestMem>>, QueueError> {
+    Ok(queue.iter(mem).map_err(QueueError::Avail)?.next())
+}
+
+/// A descriptor chain flattened into segments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// The chain's buffers in order; complete only when `error` is None.
+    pub segments: Vec<Segment>,
+    /// The first problem found, if any.
+    pub error: Option<ChainError>,
+    /// The chain's final buffer, when it lies in guest memory and the chain
+    /// was not cut short: where a device may still report a status.
+    pub last: Option<Segment>,
+}
+
+/// Flattens `chain` into at most `max` segments, each checked to lie in
+/// `mem`. The walk goes on past a problem (it is bounded by the queue or
+/// indirect table size) so that the final buffer is still known.
+pub fn collect_chain<M>(chain: DescriptorChain<M>, mem: &GuestMem, max: usize) -> Chain
+where
+    M: Deref<Target = GuestMem>,
+{
+    let mut out = Chain::default();
+    let mut last_has_next = false;
+    let mut count = 0usize;
+    let mut last_ok = false;
+    for desc in chain {
+        count += 1;
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        };
+        last_has_next = desc.has_next();
+        last_ok = mem.check_range(desc.addr(), desc.len() as usize);
+        out.last = Some(seg);
+        if out.error.is_some() {
+            continue;
+        }
+        if count > max {
+            out.error = Some(ChainError::TooLong(max));
+        } else if !last_ok {
+            out.error = Some(ChainError::OutOfMemory {
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        } else {
+            out.segments.push(seg);
+        }
+    }
+    if count == 0 {
+        out.error = Some(ChainError::Empty);
+    } else if last_has_next {
+        out.error = Some(ChainError::Truncated);
+        out.last = None;
+    } else if !last_ok {
+        out.last = None;
+    }
+    out
+}
+
+/// Puts `head` on the used ring with `len` bytes written.
+pub fn add_used(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32) -> Result<(), QueueError> {
+    queue.add_used(mem, head, len).map_err(QueueError::Used)
+}
+
+/// Raises the used-buffer interrupt if the driver asked to hear about the
+/// buffers added since the last call.
+pub fn notify_used(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    irq: &dyn VirtioInterrupt,
+) -> Result<(), QueueError> {
+    if queue.needs_notification(mem).map_err(QueueError::Used)? {
+        irq.trigger(InterruptKind::UsedBuffer)
+            .map_err(QueueError::Interrupt)?;
+    }
+    Ok(())
+}
+
+/// Re-enables driver notifications; true if chains arrived meanwhile (the
+/// caller must then keep going, or it would miss them).
+pub fn enable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<bool, QueueError> {
+    queue.enable_notification(mem).map_err(QueueError::Avail)
+}
+
+/// Turns driver notifications off while the device drains the ring.
+pub fn disable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<(), QueueError> {
+    queue.disable_notification(mem).map_err(QueueError::Avail)
+}
