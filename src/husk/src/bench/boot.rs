@@ -7,23 +7,14 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use husk_vmm::config::{self, VmConfig};
 
-#[derive(Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    what: BenchWhat,
-}
+use super::{median, write_busybox_initrd};
 
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// Boot to an init marker: husk vs qemu-system-x86_64 -M microvm.
-    Boot(BootArgs),
-}
-
+/// `husk bench boot` arguments.
 #[derive(Args)]
-struct BootArgs {
+pub struct BootArgs {
     /// Guest kernel (default: the one tools/build-guest-kernel built).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -74,12 +65,6 @@ impl Sample {
     }
 }
 
-pub fn run(args: BenchArgs) -> Result<i32, String> {
-    match args.what {
-        BenchWhat::Boot(b) => boot(b),
-    }
-}
-
 const BENCH_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 read up idle < /proc/uptime
@@ -87,17 +72,9 @@ echo "HUSK-BENCH-MARKER uptime=$up"
 /bin/busybox reboot -f
 "#;
 
-fn boot(a: BootArgs) -> Result<i32, String> {
-    let kernel = a
-        .kernel
-        .clone()
-        .unwrap_or_else(husk_vmm::default_kernel_path);
-    if !kernel.exists() {
-        return Err(format!(
-            "no guest kernel at {}: build it with tools/build-guest-kernel or pass --kernel",
-            kernel.display()
-        ));
-    }
+/// Runs the boot benchmark.
+pub fn boot(a: BootArgs) -> Result<i32, String> {
+    let kernel = super::kernel_or_error(&a.kernel)?;
     let tmp = std::env::temp_dir().join(format!("husk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let result = boot_in(&a, &kernel, &tmp);
@@ -114,27 +91,7 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
                     "--marker needs --initrd (the default initrd prints HUSK-BENCH-MARKER)".into(),
                 );
             }
-            let init = tmp.join("init");
-            std::fs::write(&init, BENCH_INIT).map_err(|e| e.to_string())?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| e.to_string())?;
-            let out = tmp.join("initrd.cpio");
-            husk_image::initramfs::write_file(
-                &out,
-                &[
-                    husk_image::initramfs::Entry {
-                        guest: "/init".into(),
-                        host: init,
-                    },
-                    husk_image::initramfs::Entry {
-                        guest: "/bin/busybox".into(),
-                        host: a.busybox.clone(),
-                    },
-                ],
-            )
-            .map_err(|e| e.to_string())?;
-            out
+            write_busybox_initrd(tmp, BENCH_INIT, &a.busybox)?
         }
     };
     // Both VMMs get exactly the command line husk would use on this host.
@@ -159,26 +116,14 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
         husk_samples.push(measure(c, &a.marker, a.mem, timeout)?);
         eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
         let mut q = Command::new(&a.qemu);
-        q.args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(&cmdline);
+        q.args(super::QEMU_MICROVM)
+            .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-append")
+            .arg(&cmdline);
         qemu_samples.push(measure(q, &a.marker, a.mem, timeout)?);
     }
     print_table(a, kernel, &husk_samples, &qemu_samples);
@@ -211,14 +156,6 @@ fn samples_json(s: &[Sample]) -> serde_json::Value {
             })
             .collect(),
     )
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
 }
 
 fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {

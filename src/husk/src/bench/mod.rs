@@ -1,0 +1,98 @@
+//! `husk bench`: husk side by side with QEMU's microvm machine on the same
+//! guest kernel, printed as ratios. Benchmarks are programs, not tests.
+
+mod boot;
+mod io;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+
+/// `husk bench` arguments.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchWhat,
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Boot to an init marker: husk vs qemu-system-x86_64 -M microvm.
+    Boot(boot::BootArgs),
+    /// virtio-blk read and virtio-net TCP throughput: husk vs QEMU microvm.
+    Io(io::IoArgs),
+}
+
+/// Runs a benchmark.
+pub fn run(args: BenchArgs) -> Result<i32, String> {
+    match args.what {
+        BenchWhat::Boot(b) => boot::boot(b),
+        BenchWhat::Io(i) => io::io(i),
+    }
+}
+
+/// The median (upper median for even counts); NaN when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Writes `dir/initrd.cpio`: `init_script` as /init and a static busybox.
+fn write_busybox_initrd(dir: &Path, init_script: &str, busybox: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let init = dir.join("init");
+    std::fs::write(&init, init_script).map_err(|e| format!("{}: {e}", init.display()))?;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    let out = dir.join("initrd.cpio");
+    husk_image::initramfs::write_file(
+        &out,
+        &[
+            husk_image::initramfs::Entry {
+                guest: "/init".into(),
+                host: init,
+            },
+            husk_image::initramfs::Entry {
+                guest: "/bin/busybox".into(),
+                host: busybox.to_path_buf(),
+            },
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The default guest kernel, or a one-line error saying how to build it.
+fn kernel_or_error(k: &Option<PathBuf>) -> Result<PathBuf, String> {
+    let kernel = k.clone().unwrap_or_else(husk_vmm::default_kernel_path);
+    if kernel.exists() {
+        Ok(kernel)
+    } else {
+        Err(format!(
+            "no guest kernel at {}: build it with tools/build-guest-kernel or pass --kernel",
+            kernel.display()
+        ))
+    }
+}
+
+/// QEMU microvm flags common to every benchmark: no firmware tables the
+/// guest kernel cannot use, virtio-mmio devices announced on its command
+/// line, modern (1.x) virtio-mmio.
+const QEMU_MICROVM: &[&str] = &[
+    "-M",
+    "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+    "-global",
+    "virtio-mmio.force-legacy=false",
+    "-enable-kvm",
+    "-cpu",
+    "host",
+    "-nodefaults",
+    "-no-user-config",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-no-reboot",
+];
