@@ -1,0 +1,552 @@
+//! The agent's request handlers and container bookkeeping.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::Duration;
+
+use husk_proto::{
+    CreateContainer, ErrorBody, ErrorCode, Exec, ExitStatus, ProcessInfo, ProcessRef, Request,
+    ResizeTty, Response, Signal, Timestamps,
+};
+
+use crate::container::caps::kernel_last_cap;
+use crate::container::cgroup::{Cgroup, CgroupSystem};
+use crate::container::child::{spawn, SpawnConfig, SpawnKind};
+use crate::container::plan::{
+    exit_code_from_wait, plan_container, plan_process, PlanError, ProcessPlan,
+};
+use crate::log;
+use crate::reaper::ProcessTable;
+use crate::state::{Container, Proc, StdioEnds};
+use crate::sys;
+
+/// How the agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where per-container mount points are created (on a tmpfs).
+    pub staging_dir: PathBuf,
+    /// Reboot the guest once a container's init exited and its status was
+    /// delivered (PID 1 mode).
+    pub reboot_on_exit: bool,
+    /// How long `Wait` (and the reboot) waits for output streams to drain.
+    pub drain_timeout: Duration,
+    /// Manage cgroups (off when none is mounted).
+    pub cgroups: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            staging_dir: PathBuf::from("/run/husk"),
+            reboot_on_exit: false,
+            drain_timeout: Duration::from_secs(5),
+            cgroups: true,
+        }
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code,
+        message: message.into(),
+    }
+}
+
+fn plan_err(e: PlanError) -> ErrorBody {
+    match e {
+        PlanError::Invalid(_) => err(ErrorCode::InvalidRequest, e.to_string()),
+        PlanError::Unsupported(_) => err(ErrorCode::Unsupported, e.to_string()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent: containers and the handlers of every request.
+pub struct Agent {
+    cfg: AgentConfig,
+    table: Arc<ProcessTable>,
+    cgroups: Option<CgroupSystem>,
+    cap_last_cap: u32,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    creating: Mutex<HashSet<String>>,
+    started_ns: u64,
+    ready_ns: AtomicU64,
+    on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Agent {
+    /// An agent that started at `started_ns` (CLOCK_BOOTTIME); `on_shutdown`
+    /// runs after `Shutdown` killed everything (PID 1: reboot).
+    pub fn new(
+        cfg: AgentConfig,
+        table: Arc<ProcessTable>,
+        started_ns: u64,
+        on_shutdown: Box<dyn Fn() + Send + Sync>,
+    ) -> Arc<Self> {
+        let cgroups = if cfg.cgroups {
+            CgroupSystem::detect()
+        } else {
+            None
+        };
+        Arc::new(Agent {
+            cfg,
+            table,
+            cgroups,
+            cap_last_cap: kernel_last_cap(),
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+            started_ns,
+            ready_ns: AtomicU64::new(started_ns),
+            on_shutdown,
+        })
+    }
+
+    /// Records the moment the agent listens.
+    pub fn set_ready(&self) {
+        self.ready_ns.store(sys::boottime_ns(), Ordering::Relaxed);
+    }
+
+    fn base_timestamps(&self) -> Timestamps {
+        Timestamps {
+            agent_started_ns: self.started_ns,
+            agent_ready_ns: self.ready_ns.load(Ordering::Relaxed),
+            ..Timestamps::default()
+        }
+    }
+
+    /// Handles every request except `Wait` and `Shutdown`, which the
+    /// connection handles itself (see `server.rs`).
+    pub fn handle(self: &Arc<Self>, req: Request) -> Result<Response, ErrorBody> {
+        match req {
+            Request::CreateContainer(c) => self.create(c).map(Response::Created),
+            Request::Start(r) => self.start(&r.container_id).map(Response::Started),
+            Request::Exec(e) => self.exec(e).map(Response::ExecStarted),
+            Request::Signal(s) => self.signal(&s).map(|()| Response::Signaled),
+            Request::ResizeTty(r) => self.resize(&r).map(|()| Response::TtyResized),
+            Request::Stats(r) => self.stats(&r.container_id).map(Response::Stats),
+            Request::Wait(r) => self.wait(&r).map(|(_, s)| Response::Exited(s)),
+            Request::Shutdown => Ok(Response::ShuttingDown),
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, ErrorBody> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| err(ErrorCode::NotFound, format!("no container {id:?}")))
+    }
+
+    /// The process a request names.
+    pub fn find_process(
+        &self,
+        container_id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<Arc<Proc>, ErrorBody> {
+        let c = self.container(container_id)?;
+        c.process(exec_id).ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!(
+                    "no exec {:?} in container {container_id:?}",
+                    exec_id.unwrap_or_default()
+                ),
+            )
+        })
+    }
+
+    fn create(self: &Arc<Self>, req: CreateContainer) -> Result<ProcessInfo, ErrorBody> {
+        let id = req.container_id.clone();
+        check_id(&id)?;
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(err(
+                    ErrorCode::AlreadyExists,
+                    format!("container {id:?} exists"),
+                ));
+            }
+        }
+        let result = self.create_reserved(req);
+        lock(&self.creating).remove(&id);
+        result
+    }
+
+    fn create_reserved(self: &Arc<Self>, req: CreateContainer) -> Result<ProcessInfo, ErrorBody> {
+        let id = &req.container_id;
+        let plan = plan_container(&req.spec, self.cap_last_cap).map_err(plan_err)?;
+        if !plan.shared_namespaces.is_empty() {
+            log!(
+                "container {id}: namespaces with a host path ({}) are shared with the guest",
+                plan.shared_namespaces.join(", ")
+            );
+        }
+        let cgroup = self.make_cgroup(id, &req)?;
+        let staging = self.cfg.staging_dir.join(id);
+        let result = (|| {
+            fs::create_dir_all(&staging).map_err(|e| {
+                err(
+                    ErrorCode::Internal,
+                    format!("create {}: {e}", staging.display()),
+                )
+            })?;
+            let kind = SpawnKind::Init {
+                plan: &plan,
+                staging: &staging,
+                rootfs: &req.rootfs,
+                scratch: &req.scratch,
+            };
+            self.spawn_proc(kind, &plan.process, req.stdin, cgroup.as_ref())
+        })();
+        let (proc, spawned) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                let _ = fs::remove_dir(&staging);
+                return Err(e);
+            }
+        };
+        let oom_baseline = cgroup.as_ref().map_or(0, Cgroup::oom_kills);
+        let container = Arc::new(Container {
+            id: id.clone(),
+            init: Arc::clone(&proc),
+            clone_flags: plan.clone_flags,
+            cgroup,
+            oom_baseline,
+            execs: Mutex::new(HashMap::new()),
+            pending_start: Mutex::new(Some(spawned)),
+        });
+        lock(&self.containers).insert(id.clone(), Arc::clone(&container));
+        self.watch(container, Arc::clone(&proc), true);
+        Ok(ProcessInfo {
+            pid: proc.pid,
+            timestamps: proc.timestamps(),
+        })
+    }
+
+    fn make_cgroup(&self, id: &str, req: &CreateContainer) -> Result<Option<Cgroup>, ErrorBody> {
+        let Some(system) = &self.cgroups else {
+            return Ok(None);
+        };
+        let cg = system
+            .create(id)
+            .map_err(|e| err(ErrorCode::SetupFailed, e.to_string()))?;
+        let resources = req
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref());
+        if let Some(res) = resources {
+            if let Err(e) = cg.apply(res) {
+                cg.remove();
+                return Err(err(ErrorCode::SetupFailed, e.to_string()));
+            }
+        }
+        Ok(Some(cg))
+    }
+
+    /// Pipes (or a pty), fork, setup; returns the process, ready to exec.
+    fn spawn_proc(
+        &self,
+        kind: SpawnKind,
+        process: &ProcessPlan,
+        want_stdin: bool,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<(Arc<Proc>, crate::container::child::Spawned), ErrorBody> {
+        let internal =
+            |what: &str, e: std::io::Error| err(ErrorCode::Internal, format!("{what}: {e}"));
+        let terminal = process.terminal;
+        let mut ends = StdioEnds::default();
+        let mut child_fds: Vec<OwnedFd> = Vec::new();
+        if terminal {
+            // The pty replaces all three; the child ignores these.
+            let null =
+                sys::open_ro(Path::new("/dev/null")).map_err(|e| internal("open /dev/null", e))?;
+            child_fds.push(null);
+        } else {
+            if want_stdin {
+                let (r, w) = sys::pipe().map_err(|e| internal("pipe", e))?;
+                ends.stdin = Some(w);
+                child_fds.push(r);
+            } else {
+                let null = sys::open_ro(Path::new("/dev/null"))
+                    .map_err(|e| internal("open /dev/null", e))?;
+                child_fds.push(null);
+            }
+            let (r, w) = sys::pipe().map_err(|e| internal("pipe", e))?;
+            ends.stdout = Some(r);
+            child_fds.push(w);
+            let (r, w) = sys::pipe().map_err(|e| internal("pipe", e))?;
+            ends.stderr = Some(r);
+            child_fds.push(w);
+        }
+        let fd = |i: usize| {
+            child_fds
+                .get(i)
+                .or(child_fds.first())
+                .map_or(-1, |f| f.as_raw_fd())
+        };
+        let cfg = SpawnConfig {
+            kind,
+            process,
+            stdio: [fd(0), fd(1), fd(2)],
+            cgroup,
+        };
+        let mut spawned =
+            spawn(&self.table, &cfg).map_err(|e| err(ErrorCode::SetupFailed, e.to_string()))?;
+        drop(child_fds);
+        let created_ns = sys::boottime_ns();
+        let mut pty_control = None;
+        if let Some(master) = spawned.pty_master.take() {
+            pty_control = master.try_clone().ok();
+            ends.pty = Some(master);
+        }
+        let timestamps = Timestamps {
+            created_ns: Some(created_ns),
+            ..self.base_timestamps()
+        };
+        let proc = Proc::new(
+            spawned.pid,
+            terminal,
+            want_stdin && !terminal,
+            ends,
+            pty_control,
+            timestamps,
+        );
+        Ok((Arc::new(proc), spawned))
+    }
+
+    /// A thread that records the process's exit (and, for a container's
+    /// init, cleans up and possibly ends the VM).
+    fn watch(self: &Arc<Self>, container: Arc<Container>, proc: Arc<Proc>, is_init: bool) {
+        let agent = Arc::clone(self);
+        let spawned = thread::Builder::new().name("watch".into()).spawn(move || {
+            let status = agent.table.wait(proc.pid);
+            let exited_ns = sys::boottime_ns();
+            let (exit_code, signal) = exit_code_from_wait(status);
+            let oom_killed = container
+                .cgroup
+                .as_ref()
+                .is_some_and(|cg| cg.oom_kills() > container.oom_baseline);
+            let status = ExitStatus {
+                exit_code,
+                signal,
+                oom_killed,
+                timestamps: Timestamps::default(),
+            };
+            if !is_init {
+                proc.set_exit(status, exited_ns);
+                return;
+            }
+            // Clean up before reporting, so that whoever waited finds
+            // nothing left behind. Without a pid namespace the kernel does
+            // not kill the rest.
+            for p in container.exec_procs() {
+                if p.exit_status().is_none() {
+                    let _ = sys::kill(p.pid, libc::SIGKILL);
+                }
+            }
+            if let Some(cg) = &container.cgroup {
+                cg.remove();
+            }
+            let _ = fs::remove_dir(agent.cfg.staging_dir.join(&container.id));
+            proc.set_exit(status, exited_ns);
+            if agent.cfg.reboot_on_exit {
+                proc.wait_delivered();
+                proc.relays.wait_idle(agent.cfg.drain_timeout);
+                log!(
+                    "container {} exited with {exit_code}; rebooting",
+                    container.id
+                );
+                agent.power_off();
+            }
+        });
+        if let Err(e) = spawned {
+            log!("cannot start a watcher thread: {e}");
+        }
+    }
+
+    fn start(&self, id: &str) -> Result<ProcessInfo, ErrorBody> {
+        let c = self.container(id)?;
+        let spawned = c.take_pending().ok_or_else(|| {
+            err(
+                ErrorCode::InvalidState,
+                format!("container {id:?} was already started"),
+            )
+        })?;
+        spawned
+            .start(true)
+            .map_err(|e| err(ErrorCode::SetupFailed, e.to_string()))?;
+        c.init.set_exec_time(sys::boottime_ns());
+        Ok(ProcessInfo {
+            pid: c.init.pid,
+            timestamps: c.init.timestamps(),
+        })
+    }
+
+    fn exec(self: &Arc<Self>, req: Exec) -> Result<ProcessInfo, ErrorBody> {
+        let c = self.container(&req.container_id)?;
+        check_id(&req.exec_id)?;
+        if c.has_exec(&req.exec_id) {
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("exec {:?} exists", req.exec_id),
+            ));
+        }
+        if c.init.exit_status().is_some() || lock(&c.pending_start).is_some() {
+            return Err(err(
+                ErrorCode::InvalidState,
+                format!("container {:?} is not running", c.id),
+            ));
+        }
+        let plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
+        let mut namespaces = Vec::new();
+        for (name, flag) in [
+            ("ipc", libc::CLONE_NEWIPC),
+            ("uts", libc::CLONE_NEWUTS),
+            ("net", libc::CLONE_NEWNET),
+            ("pid", libc::CLONE_NEWPID),
+            ("cgroup", libc::CLONE_NEWCGROUP),
+            ("mnt", libc::CLONE_NEWNS),
+        ] {
+            if c.clone_flags & flag != 0 {
+                let path = PathBuf::from(format!("/proc/{}/ns/{name}", c.init.pid));
+                let fd = sys::open_ro(&path).map_err(|e| {
+                    err(
+                        ErrorCode::InvalidState,
+                        format!("container {:?}: {}: {e}", c.id, path.display()),
+                    )
+                })?;
+                namespaces.push((fd, flag));
+            }
+        }
+        let kind = SpawnKind::Exec { namespaces };
+        let (proc, spawned) = self.spawn_proc(kind, &plan, req.stdin, c.cgroup.as_ref())?;
+        if !c.insert_exec(&req.exec_id, Arc::clone(&proc)) {
+            let _ = sys::kill(proc.pid, libc::SIGKILL);
+            self.table.wait(proc.pid);
+            return Err(err(
+                ErrorCode::AlreadyExists,
+                format!("exec {:?} exists", req.exec_id),
+            ));
+        }
+        self.watch(Arc::clone(&c), Arc::clone(&proc), false);
+        spawned
+            .start(false)
+            .map_err(|e| err(ErrorCode::SetupFailed, e.to_string()))?;
+        proc.set_exec_time(sys::boottime_ns());
+        Ok(ProcessInfo {
+            pid: proc.pid,
+            timestamps: proc.timestamps(),
+        })
+    }
+
+    fn signal(&self, s: &Signal) -> Result<(), ErrorBody> {
+        if !(1..=64).contains(&s.signal) {
+            return Err(err(
+                ErrorCode::InvalidRequest,
+                format!("bad signal number {}", s.signal),
+            ));
+        }
+        let proc = self.find_process(&s.container_id, s.exec_id.as_deref())?;
+        if proc.exit_status().is_some() {
+            return Err(err(ErrorCode::InvalidState, "the process has exited"));
+        }
+        sys::kill(proc.pid, s.signal)
+            .map_err(|e| err(ErrorCode::InvalidState, format!("kill: {e}")))
+    }
+
+    /// Blocks until the process exited and its attached output drained.
+    pub fn wait(&self, r: &ProcessRef) -> Result<(Arc<Proc>, ExitStatus), ErrorBody> {
+        let proc = self.find_process(&r.container_id, r.exec_id.as_deref())?;
+        let status = proc.wait_exit();
+        proc.relays.wait_idle(self.cfg.drain_timeout);
+        proc.close_unattached();
+        Ok((proc, status))
+    }
+
+    fn resize(&self, r: &ResizeTty) -> Result<(), ErrorBody> {
+        let proc = self.find_process(&r.container_id, r.exec_id.as_deref())?;
+        let master = proc
+            .pty_control
+            .as_ref()
+            .ok_or_else(|| err(ErrorCode::InvalidState, "the process has no terminal"))?;
+        sys::set_winsize(master.as_raw_fd(), r.rows, r.cols)
+            .map_err(|e| err(ErrorCode::Internal, format!("resize: {e}")))
+    }
+
+    fn stats(&self, id: &str) -> Result<husk_proto::Stats, ErrorBody> {
+        let c = self.container(id)?;
+        if c.init.exit_status().is_some() {
+            return Err(err(
+                ErrorCode::InvalidState,
+                format!("container {id:?} has exited"),
+            ));
+        }
+        c.cgroup
+            .as_ref()
+            .map(Cgroup::stats)
+            .ok_or_else(|| err(ErrorCode::Unsupported, "no cgroup hierarchy in the guest"))
+    }
+
+    /// Kills every container process (after `Shutdown` was answered), then
+    /// runs the shutdown hook.
+    pub fn shutdown(&self) {
+        let containers: Vec<_> = lock(&self.containers).values().cloned().collect();
+        for c in &containers {
+            for p in c.exec_procs().iter().chain(Some(&c.init)) {
+                if p.exit_status().is_none() {
+                    let _ = sys::kill(p.pid, libc::SIGKILL);
+                }
+            }
+        }
+        for c in &containers {
+            // A never-started init dies with its channel.
+            drop(c.take_pending());
+            c.init.wait_exit();
+        }
+        (self.on_shutdown)();
+    }
+
+    fn power_off(&self) {
+        sys::sync();
+        let e = sys::reboot();
+        log!("reboot failed: {e}");
+    }
+
+    /// The shutdown hook for PID 1: sync and reboot.
+    pub fn reboot_hook() -> Box<dyn Fn() + Send + Sync> {
+        Box::new(|| {
+            sys::sync();
+            let e = sys::reboot();
+            log!("reboot failed: {e}");
+        })
+    }
+}
+
+/// Ids become path components and cgroup names.
+fn check_id(id: &str) -> Result<(), ErrorBody> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            ErrorCode::InvalidRequest,
+            format!("bad id {id:?}: use 1-128 of [A-Za-z0-9_.-], not starting with '.'"),
+        ))
+    }
+}

@@ -1,0 +1,464 @@
+//! One cgroup per container, on cgroup v2 (the guest) or v1 (hybrid hosts,
+//! where the host-side tests run): creation, `linux.resources`, joining,
+//! OOM counts, stats, removal. The agent's own cgroup is the parent, so
+//! nothing is created outside it.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use husk_proto::Stats;
+use oci_spec::runtime::LinuxResources;
+
+/// v1 controllers the agent manages (cpuset is left alone: a new v1 cpuset
+/// group has no cpus and could not be joined).
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids"];
+
+/// v2 controllers enabled for containers.
+const V2_CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
+
+/// A failed cgroup operation.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {what} {}: {source}", path.display())]
+pub struct CgroupError {
+    /// What was being done.
+    pub what: String,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// The cgroup hierarchy the agent runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupSystem {
+    /// cgroup v2: the directory of the agent's own cgroup.
+    V2(PathBuf),
+    /// cgroup v1: (controller, directory of the agent's own cgroup in that
+    /// controller's hierarchy), for the controllers the agent manages.
+    V1(Vec<(String, PathBuf)>),
+}
+
+impl CgroupSystem {
+    /// Detects the hierarchy from `/proc/self/mountinfo` and
+    /// `/proc/self/cgroup`; `None` when no usable cgroup fs is mounted.
+    pub fn detect() -> Option<Self> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let cgroup = fs::read_to_string("/proc/self/cgroup").ok()?;
+        Self::from_proc(&mountinfo, &cgroup)
+    }
+
+    /// [`CgroupSystem::detect`] on given file contents. v1 wins when any
+    /// managed v1 controller is mounted (hybrid hosts keep their
+    /// controllers there).
+    pub fn from_proc(mountinfo: &str, proc_cgroup: &str) -> Option<Self> {
+        let mut v1 = Vec::new();
+        let mut v2 = None;
+        for line in mountinfo.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let pre: Vec<&str> = pre.split_whitespace().collect();
+            let post: Vec<&str> = post.split_whitespace().collect();
+            if pre.len() < 5 || post.len() < 3 {
+                continue;
+            }
+            let (mount_root, mount_point) = (pre[3], pre[4]);
+            match post[0] {
+                "cgroup2" => {
+                    let own = own_path(proc_cgroup, None)?;
+                    v2 = Some(join_cgroup(mount_point, mount_root, &own));
+                }
+                "cgroup" => {
+                    for c in post[2].split(',') {
+                        if V1_CONTROLLERS.contains(&c) {
+                            let Some(own) = own_path(proc_cgroup, Some(c)) else {
+                                continue;
+                            };
+                            v1.push((c.to_owned(), join_cgroup(mount_point, mount_root, &own)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !v1.is_empty() {
+            Some(CgroupSystem::V1(v1))
+        } else {
+            v2.map(CgroupSystem::V2)
+        }
+    }
+
+    /// Creates `<own>/husk/<name>` (every managed hierarchy on v1),
+    /// enabling the v2 controllers on the way.
+    pub fn create(&self, name: &str) -> Result<Cgroup, CgroupError> {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(CgroupError {
+                what: "name".into(),
+                path: PathBuf::from(name),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        }
+        match self {
+            CgroupSystem::V2(own) => {
+                let parent = own.join("husk");
+                mkdir_all(&parent)?;
+                enable_v2_controllers(own);
+                enable_v2_controllers(&parent);
+                let dir = parent.join(name);
+                mkdir_all(&dir)?;
+                Ok(Cgroup {
+                    v2: true,
+                    dirs: vec![(String::new(), dir)],
+                })
+            }
+            CgroupSystem::V1(own) => {
+                let mut cgroup = Cgroup {
+                    v2: false,
+                    dirs: Vec::new(),
+                };
+                for (controller, own_dir) in own {
+                    let dir = own_dir.join("husk").join(name);
+                    if let Err(e) = mkdir_all(&dir) {
+                        cgroup.remove();
+                        return Err(e);
+                    }
+                    cgroup.dirs.push((controller.clone(), dir));
+                }
+                Ok(cgroup)
+            }
+        }
+    }
+}
+
+/// The process's cgroup path for `controller` (v1) or the v2 entry (`None`).
+fn own_path(proc_cgroup: &str, controller: Option<&str>) -> Option<String> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let matches = match controller {
+            None => controllers.is_empty(),
+            Some(c) => controllers.split(',').any(|x| x == c),
+        };
+        matches.then(|| path.to_owned())
+    })
+}
+
+/// mount point + (own path relative to the mount's root).
+fn join_cgroup(mount_point: &str, mount_root: &str, own: &str) -> PathBuf {
+    let rel = own.strip_prefix(mount_root).unwrap_or(own);
+    let mut p = PathBuf::from(mount_point);
+    for c in rel.split('/').filter(|c| !c.is_empty()) {
+        p.push(c);
+    }
+    p
+}
+
+fn mkdir_all(p: &Path) -> Result<(), CgroupError> {
+    fs::create_dir_all(p).map_err(|source| CgroupError {
+        what: "create".into(),
+        path: p.to_owned(),
+        source,
+    })
+}
+
+/// Best effort: a controller that cannot be enabled (e.g. a parent with
+/// processes in it) only means its limits will fail to apply, loudly.
+fn enable_v2_controllers(dir: &Path) {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    for c in V2_CONTROLLERS {
+        if available.split_whitespace().any(|a| a == *c) {
+            let _ = fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"));
+        }
+    }
+}
+
+/// One value to write into a cgroup file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupWrite {
+    /// File name, e.g. `memory.max`; its prefix names the controller.
+    pub file: String,
+    /// Value.
+    pub value: String,
+    /// Skipped when the kernel lacks the file (e.g. swap accounting).
+    pub optional: bool,
+}
+
+fn write(file: &str, value: impl ToString) -> CgroupWrite {
+    CgroupWrite {
+        file: file.to_owned(),
+        value: value.to_string(),
+        optional: false,
+    }
+}
+
+fn optional(file: &str, value: impl ToString) -> CgroupWrite {
+    CgroupWrite {
+        optional: true,
+        ..write(file, value)
+    }
+}
+
+/// runc's conversion of cgroup v1 cpu shares (2..262144) to a v2 weight
+/// (1..10000).
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+/// The files and values that implement `linux.resources` (memory, cpu,
+/// pids, and `unified` on v2), in the order to write them.
+pub fn resource_writes(v2: bool, res: &LinuxResources) -> Result<Vec<CgroupWrite>, String> {
+    let mut out = Vec::new();
+    if let Some(m) = res.memory() {
+        let limit = m.limit().filter(|&l| l != 0);
+        if v2 {
+            if let Some(l) = limit {
+                out.push(write("memory.max", max_or(l)));
+            }
+            match (m.swap(), limit) {
+                (Some(-1), _) => out.push(optional("memory.swap.max", "max")),
+                (Some(swap), Some(l)) if l > 0 && swap > 0 => {
+                    if swap < l {
+                        return Err(format!("memory.swap ({swap}) is below memory.limit ({l})"));
+                    }
+                    out.push(optional("memory.swap.max", swap - l));
+                }
+                _ => {}
+            }
+            if let Some(r) = m.reservation().filter(|&r| r != 0) {
+                out.push(write("memory.low", max_or(r)));
+            }
+        } else {
+            if let Some(l) = limit {
+                out.push(write("memory.limit_in_bytes", l));
+            }
+            if let Some(swap) = m.swap().filter(|&s| s != 0) {
+                if let (Some(l), true) = (limit, swap > 0) {
+                    if swap < l {
+                        return Err(format!("memory.swap ({swap}) is below memory.limit ({l})"));
+                    }
+                }
+                out.push(optional("memory.memsw.limit_in_bytes", swap));
+            }
+            if let Some(r) = m.reservation().filter(|&r| r != 0) {
+                out.push(write("memory.soft_limit_in_bytes", r));
+            }
+            if let Some(s) = m.swappiness() {
+                if s > 100 {
+                    return Err(format!("memory.swappiness {s} is above 100"));
+                }
+                out.push(optional("memory.swappiness", s));
+            }
+            if m.disable_oom_killer() == Some(true) {
+                out.push(write("memory.oom_control", 1));
+            }
+        }
+    }
+    if let Some(c) = res.cpu() {
+        if v2 {
+            if let Some(s) = c.shares().filter(|&s| s != 0) {
+                out.push(write("cpu.weight", shares_to_weight(s)));
+            }
+            if c.quota().is_some() || c.period().is_some() {
+                let period = c.period().filter(|&p| p != 0).unwrap_or(100_000);
+                let quota = match c.quota() {
+                    Some(q) if q > 0 => q.to_string(),
+                    _ => "max".to_owned(),
+                };
+                out.push(write("cpu.max", format!("{quota} {period}")));
+            }
+        } else {
+            if let Some(s) = c.shares().filter(|&s| s != 0) {
+                out.push(write("cpu.shares", s));
+            }
+            if let Some(p) = c.period().filter(|&p| p != 0) {
+                out.push(write("cpu.cfs_period_us", p));
+            }
+            if let Some(q) = c.quota().filter(|&q| q != 0) {
+                out.push(write("cpu.cfs_quota_us", if q < 0 { -1 } else { q }));
+            }
+        }
+    }
+    if let Some(p) = res.pids() {
+        let value = if p.limit() > 0 {
+            p.limit().to_string()
+        } else {
+            "max".to_owned()
+        };
+        out.push(write("pids.max", value));
+    }
+    if let Some(unified) = res.unified() {
+        if !v2 {
+            return Err("linux.resources.unified needs cgroup v2".into());
+        }
+        let mut keys: Vec<_> = unified.iter().collect();
+        keys.sort();
+        for (k, v) in keys {
+            if k.contains('/') || !k.contains('.') || k.starts_with("cgroup.") {
+                return Err(format!("bad unified cgroup key {k:?}"));
+            }
+            out.push(write(k, v));
+        }
+    }
+    Ok(out)
+}
+
+fn max_or(v: i64) -> String {
+    if v < 0 {
+        "max".to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Reads `key N` from a flat keyed file such as `memory.events`.
+pub fn flat_keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// A container's cgroup.
+#[derive(Debug)]
+pub struct Cgroup {
+    v2: bool,
+    /// (controller, directory); one entry with an empty name on v2.
+    dirs: Vec<(String, PathBuf)>,
+}
+
+impl Cgroup {
+    /// The cgroup's directories (one per hierarchy on v1).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut d: Vec<PathBuf> = self.dirs.iter().map(|(_, p)| p.clone()).collect();
+        d.dedup();
+        d
+    }
+
+    fn dir_for(&self, file: &str) -> Option<&Path> {
+        if self.v2 {
+            return self.dirs.first().map(|(_, p)| p.as_path());
+        }
+        let controller = file.split('.').next()?;
+        self.dirs
+            .iter()
+            .find(|(c, _)| c == controller)
+            .map(|(_, p)| p.as_path())
+    }
+
+    /// Applies `linux.resources`.
+    pub fn apply(&self, res: &LinuxResources) -> Result<(), CgroupError> {
+        let writes = resource_writes(self.v2, res).map_err(|msg| CgroupError {
+            what: "resources".into(),
+            path: PathBuf::new(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, msg),
+        })?;
+        for w in writes {
+            let Some(dir) = self.dir_for(&w.file) else {
+                if w.optional {
+                    continue;
+                }
+                return Err(CgroupError {
+                    what: format!("controller for {}", w.file),
+                    path: PathBuf::new(),
+                    source: io::Error::from(io::ErrorKind::NotFound),
+                });
+            };
+            let path = dir.join(&w.file);
+            if w.optional && !path.exists() {
+                continue;
+            }
+            fs::write(&path, &w.value).map_err(|source| CgroupError {
+                what: format!("write {:?} to", w.value),
+                path,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Moves `pid` into the cgroup (every hierarchy).
+    pub fn join(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        for dir in self.dirs() {
+            let path = dir.join("cgroup.procs");
+            fs::write(&path, pid.to_string()).map_err(|source| CgroupError {
+                what: format!("add pid {pid} to"),
+                path,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, file: &str) -> Option<String> {
+        fs::read_to_string(self.dir_for(file)?.join(file)).ok()
+    }
+
+    fn read_u64(&self, file: &str) -> Option<u64> {
+        self.read(file)?.trim().parse().ok()
+    }
+
+    /// OOM kills recorded so far.
+    pub fn oom_kills(&self) -> u64 {
+        let (file, key) = if self.v2 {
+            ("memory.events", "oom_kill")
+        } else {
+            ("memory.oom_control", "oom_kill")
+        };
+        self.read(file)
+            .and_then(|t| flat_keyed(&t, key))
+            .unwrap_or(0)
+    }
+
+    /// Current usage.
+    pub fn stats(&self) -> Stats {
+        if self.v2 {
+            Stats {
+                memory_usage_bytes: self.read_u64("memory.current").unwrap_or(0),
+                memory_max_usage_bytes: self.read_u64("memory.peak"),
+                memory_limit_bytes: self.read_u64("memory.max"),
+                cpu_usage_ns: self
+                    .read("cpu.stat")
+                    .and_then(|t| flat_keyed(&t, "usage_usec"))
+                    .unwrap_or(0)
+                    * 1000,
+                pids_current: self.read_u64("pids.current"),
+                oom_kills: self.oom_kills(),
+            }
+        } else {
+            Stats {
+                memory_usage_bytes: self.read_u64("memory.usage_in_bytes").unwrap_or(0),
+                memory_max_usage_bytes: self.read_u64("memory.max_usage_in_bytes"),
+                // v1 reports "unlimited" as a huge page-aligned number.
+                memory_limit_bytes: self
+                    .read_u64("memory.limit_in_bytes")
+                    .filter(|&l| l < 1 << 62),
+                cpu_usage_ns: self.read_u64("cpuacct.usage").unwrap_or(0),
+                pids_current: self.read_u64("pids.current"),
+                oom_kills: self.oom_kills(),
+            }
+        }
+    }
+
+    /// Removes the cgroup, waiting up to ~1 s for dying processes to leave;
+    /// then the shared `husk` parent if it is empty.
+    pub fn remove(&self) {
+        for dir in self.dirs() {
+            for _ in 0..100 {
+                match fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => break,
+                }
+            }
+            if let Some(parent) = dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Containers from OCI runtime specs: planning (pure), capabilities,
+//! cgroups, mounts and the forked setup child.
+
+pub mod caps;
+pub mod cgroup;
+pub mod child;
+pub mod mounts;
+pub mod plan;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,264 @@
+//! PID 1 duties before serving: leave the initramfs root, mount the basic
+//! filesystems and cgroups, bring up `lo`; and the kernel command-line
+//! options the agent reads.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::sys;
+
+/// A failed init step.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}: {source}", path.display())]
+pub struct InitError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+fn ctx(r: io::Result<()>, what: &'static str, path: &Path) -> Result<(), InitError> {
+    r.map_err(|source| InitError {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// (source, target, fstype, flags, data) of the agent's own mounts.
+const BASE_MOUNTS: &[(&str, &str, &str, u64, &str)] = &[
+    ("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    ),
+    (
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    ),
+    (
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    ),
+    (
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    ),
+];
+
+const NOSUID_NODEV_NOEXEC: u64 = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+
+/// Everything PID 1 sets up before it listens.
+pub fn init_system() -> Result<(), InitError> {
+    leave_initramfs()?;
+    for &(source, target, fstype, flags, data) in BASE_MOUNTS {
+        let target = Path::new(target);
+        ctx(fs::create_dir_all(target), "create", target)?;
+        let r = sys::mount(
+            Some(Path::new(source)),
+            target,
+            Some(fstype),
+            flags,
+            Some(data),
+        );
+        match r {
+            // The kernel mounted devtmpfs already (CONFIG_DEVTMPFS_MOUNT).
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            r => ctx(r, "mount", target)?,
+        }
+    }
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let cgroups = fs::read_to_string("/proc/cgroups").unwrap_or_default();
+    mount_cgroups(&filesystems, &cgroups)?;
+    ctx(sys::interface_up("lo"), "bring up", Path::new("lo"))?;
+    Ok(())
+}
+
+/// The initramfs root (rootfs) cannot be pivot_root'ed away from, which
+/// containers need. Like switch_root: move a fresh tmpfs over `/` and chroot
+/// into it. The agent binary keeps running from the old root's pages.
+fn leave_initramfs() -> Result<(), InitError> {
+    let new_root = Path::new("/.root");
+    ctx(fs::create_dir_all(new_root), "create", new_root)?;
+    ctx(
+        sys::mount(
+            Some(Path::new("tmpfs")),
+            new_root,
+            Some("tmpfs"),
+            0,
+            Some("mode=0755"),
+        ),
+        "mount",
+        new_root,
+    )?;
+    ctx(std::env::set_current_dir(new_root), "chdir", new_root)?;
+    let dot = Path::new(".");
+    ctx(
+        sys::mount(Some(dot), Path::new("/"), None, libc::MS_MOVE, None),
+        "move",
+        new_root,
+    )?;
+    ctx(sys::chroot(dot), "chroot", new_root)?;
+    ctx(std::env::set_current_dir("/"), "chdir", Path::new("/"))
+}
+
+/// What to mount at /sys/fs/cgroup.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CgroupMount {
+    /// cgroup2.
+    V2,
+    /// One v1 hierarchy per entry (comma-joined controllers).
+    V1(Vec<String>),
+    /// The kernel has no cgroups.
+    None,
+}
+
+/// Chooses the cgroup layout from `/proc/filesystems` and `/proc/cgroups`:
+/// v2 when the kernel has it, else v1 with `cpu,cpuacct` together.
+pub fn choose_cgroups(filesystems: &str, proc_cgroups: &str) -> CgroupMount {
+    let has = |name: &str| {
+        filesystems
+            .lines()
+            .any(|l| l.split_whitespace().last() == Some(name))
+    };
+    if has("cgroup2") {
+        return CgroupMount::V2;
+    }
+    if !has("cgroup") {
+        return CgroupMount::None;
+    }
+    let mut controllers: Vec<String> = proc_cgroups
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[3] == "1").then(|| f[0].to_owned())
+        })
+        .collect();
+    if controllers.iter().any(|c| c == "cpu") && controllers.iter().any(|c| c == "cpuacct") {
+        controllers.retain(|c| c != "cpu" && c != "cpuacct");
+        controllers.push("cpu,cpuacct".to_owned());
+    }
+    CgroupMount::V1(controllers)
+}
+
+fn mount_cgroups(filesystems: &str, proc_cgroups: &str) -> Result<(), InitError> {
+    let root = Path::new("/sys/fs/cgroup");
+    match choose_cgroups(filesystems, proc_cgroups) {
+        CgroupMount::None => Ok(()),
+        CgroupMount::V2 => ctx(
+            sys::mount(
+                Some(Path::new("cgroup2")),
+                root,
+                Some("cgroup2"),
+                NOSUID_NODEV_NOEXEC,
+                None,
+            ),
+            "mount",
+            root,
+        ),
+        CgroupMount::V1(hierarchies) => {
+            ctx(
+                sys::mount(
+                    Some(Path::new("tmpfs")),
+                    root,
+                    Some("tmpfs"),
+                    NOSUID_NODEV_NOEXEC,
+                    Some("mode=0755"),
+                ),
+                "mount",
+                root,
+            )?;
+            for h in hierarchies {
+                let dir = root.join(&h);
+                ctx(fs::create_dir_all(&dir), "create", &dir)?;
+                let src = Path::new("cgroup");
+                ctx(
+                    sys::mount(
+                        Some(src),
+                        &dir,
+                        Some("cgroup"),
+                        NOSUID_NODEV_NOEXEC,
+                        Some(&h),
+                    ),
+                    "mount",
+                    &dir,
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Options read from the kernel command line (`husk.NAME=VALUE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdlineOptions {
+    /// `husk.drain_timeout_ms`: how long output may take to drain after
+    /// the process exited.
+    pub drain_timeout: Duration,
+}
+
+impl Default for CmdlineOptions {
+    fn default() -> Self {
+        CmdlineOptions {
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Parses `/proc/cmdline`; unknown or malformed `husk.` options are
+/// ignored (the VMM builds the command line).
+pub fn parse_cmdline(cmdline: &str) -> CmdlineOptions {
+    let mut opts = CmdlineOptions::default();
+    for word in cmdline.split_whitespace() {
+        if let Some(v) = word.strip_prefix("husk.drain_timeout_ms=") {
+            if let Ok(ms) = v.parse() {
+                opts.drain_timeout = Duration::from_millis(ms);
+            }
+        }
+    }
+    opts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_choice() {
+        let fs_v2 = "nodev\tsysfs\nnodev\tcgroup\nnodev\tcgroup2\n\text4\n";
+        assert_eq!(choose_cgroups(fs_v2, ""), CgroupMount::V2);
+        let fs_v1 = "nodev\tsysfs\nnodev\tcgroup\n";
+        let proc_cgroups = "#subsys_name\thierarchy\tnum_cgroups\tenabled\n\
+            cpu\t0\t1\t1\ncpuacct\t0\t1\t1\nmemory\t0\t1\t1\npids\t0\t1\t0\n";
+        assert_eq!(
+            choose_cgroups(fs_v1, proc_cgroups),
+            CgroupMount::V1(vec!["memory".into(), "cpu,cpuacct".into()])
+        );
+        assert_eq!(choose_cgroups("nodev\tsysfs\n", ""), CgroupMount::None);
+    }
+
+    #[test]
+    fn cmdline_options() {
+        let o = parse_cmdline("console=ttyS0 husk.drain_timeout_ms=250 reboot=k\n");
+        assert_eq!(o.drain_timeout, Duration::from_millis(250));
+        let o = parse_cmdline("husk.drain_timeout_ms=bogus");
+        assert_eq!(o, CmdlineOptions::default());
+    }
+}

@@ -1,0 +1,257 @@
+//! Runtime state of containers and their processes.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use husk_proto::{ExitStatus, StreamKind, Timestamps};
+
+use crate::container::cgroup::Cgroup;
+use crate::container::child::Spawned;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts running output relays so that `Wait` (and the reboot after the
+/// container exits) can let them drain first.
+#[derive(Default)]
+pub struct RelayGroup {
+    active: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl RelayGroup {
+    /// A relay started.
+    pub fn begin(&self) {
+        *lock(&self.active) += 1;
+    }
+
+    /// A relay finished.
+    pub fn end(&self) {
+        let mut n = lock(&self.active);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until no relay runs, at most `timeout`; returns whether idle.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut n = lock(&self.active);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            n = self
+                .idle
+                .wait_timeout(n, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// The agent's ends of a process's stdio, until the host attaches them.
+#[derive(Default)]
+pub struct StdioEnds {
+    /// Write end of the stdin pipe.
+    pub stdin: Option<OwnedFd>,
+    /// Read end of the stdout pipe.
+    pub stdout: Option<OwnedFd>,
+    /// Read end of the stderr pipe.
+    pub stderr: Option<OwnedFd>,
+    /// The pty master, until attached.
+    pub pty: Option<OwnedFd>,
+}
+
+/// Why a stream cannot be attached.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// The process has no such stream (no stdin requested, or a terminal).
+    NoSuchStream,
+    /// Someone attached it already.
+    AlreadyAttached,
+}
+
+#[derive(Default)]
+struct ProcState {
+    timestamps: Timestamps,
+    exit: Option<ExitStatus>,
+    delivered: bool,
+}
+
+/// A process the agent started: a container's init or an exec.
+pub struct Proc {
+    /// Pid in the agent's namespace.
+    pub pid: libc::pid_t,
+    /// Whether it has a terminal.
+    pub terminal: bool,
+    /// Whether the host asked for a stdin stream.
+    pub stdin: bool,
+    /// A copy of the pty master for resizing.
+    pub pty_control: Option<OwnedFd>,
+    /// Output relays.
+    pub relays: RelayGroup,
+    stdio: Mutex<StdioEnds>,
+    attached: Mutex<Vec<StreamKind>>,
+    state: Mutex<ProcState>,
+    changed: Condvar,
+}
+
+impl Proc {
+    /// A process whose setup finished at `timestamps.created_ns`.
+    pub fn new(
+        pid: libc::pid_t,
+        terminal: bool,
+        stdin: bool,
+        stdio: StdioEnds,
+        pty_control: Option<OwnedFd>,
+        timestamps: Timestamps,
+    ) -> Self {
+        Proc {
+            pid,
+            terminal,
+            stdin,
+            pty_control,
+            relays: RelayGroup::default(),
+            stdio: Mutex::new(stdio),
+            attached: Mutex::new(Vec::new()),
+            state: Mutex::new(ProcState {
+                timestamps,
+                ..ProcState::default()
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Takes the agent's end of `kind` for a relay.
+    pub fn take_stream(&self, kind: StreamKind) -> Result<OwnedFd, AttachError> {
+        let mut attached = lock(&self.attached);
+        if attached.contains(&kind) {
+            return Err(AttachError::AlreadyAttached);
+        }
+        let mut ends = lock(&self.stdio);
+        let slot = match kind {
+            StreamKind::Stdin => &mut ends.stdin,
+            StreamKind::Stdout => &mut ends.stdout,
+            StreamKind::Stderr => &mut ends.stderr,
+            StreamKind::Pty => &mut ends.pty,
+        };
+        let fd = slot.take().ok_or(AttachError::NoSuchStream)?;
+        attached.push(kind);
+        Ok(fd)
+    }
+
+    /// Drops every end the host has not attached (the process then sees
+    /// EOF on stdin / EPIPE on output instead of blocking forever).
+    pub fn close_unattached(&self) {
+        *lock(&self.stdio) = StdioEnds::default();
+    }
+
+    /// Current timestamps.
+    pub fn timestamps(&self) -> Timestamps {
+        lock(&self.state).timestamps
+    }
+
+    /// Records that the process exec'd.
+    pub fn set_exec_time(&self, ns: u64) {
+        lock(&self.state).timestamps.exec_ns = Some(ns);
+    }
+
+    /// Records the exit and wakes waiters.
+    pub fn set_exit(&self, mut status: ExitStatus, exited_ns: u64) {
+        let mut st = lock(&self.state);
+        st.timestamps.exited_ns = Some(exited_ns);
+        status.timestamps = st.timestamps;
+        st.exit = Some(status);
+        self.changed.notify_all();
+    }
+
+    /// The exit status, if it exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        lock(&self.state).exit
+    }
+
+    /// Blocks until the process exited.
+    pub fn wait_exit(&self) -> ExitStatus {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(status) = st.exit {
+                return status;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Marks the exit status as delivered to the host.
+    pub fn set_delivered(&self) {
+        lock(&self.state).delivered = true;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until the exit status was delivered.
+    pub fn wait_delivered(&self) {
+        let mut st = lock(&self.state);
+        while !st.delivered {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A container.
+pub struct Container {
+    /// Its id.
+    pub id: String,
+    /// Its init process.
+    pub init: Arc<Proc>,
+    /// The namespaces it created (`CLONE_NEW*`), joined by execs.
+    pub clone_flags: libc::c_int,
+    /// Its cgroup, if the guest has cgroups.
+    pub cgroup: Option<Cgroup>,
+    /// OOM kills in the cgroup before the container ran.
+    pub oom_baseline: u64,
+    /// Exec'd processes by exec id.
+    pub execs: Mutex<HashMap<String, Arc<Proc>>>,
+    /// The init, set up and waiting for `Start`.
+    pub pending_start: Mutex<Option<Spawned>>,
+}
+
+impl Container {
+    /// The process `exec_id` names (the init for `None`).
+    pub fn process(&self, exec_id: Option<&str>) -> Option<Arc<Proc>> {
+        match exec_id {
+            None => Some(Arc::clone(&self.init)),
+            Some(id) => lock(&self.execs).get(id).cloned(),
+        }
+    }
+
+    /// Every exec'd process.
+    pub fn exec_procs(&self) -> Vec<Arc<Proc>> {
+        lock(&self.execs).values().cloned().collect()
+    }
+
+    /// Registers an exec id; false if taken.
+    pub fn insert_exec(&self, exec_id: &str, proc: Arc<Proc>) -> bool {
+        let mut execs = lock(&self.execs);
+        if execs.contains_key(exec_id) {
+            return false;
+        }
+        execs.insert(exec_id.to_owned(), proc);
+        true
+    }
+
+    /// Whether `exec_id` is in use.
+    pub fn has_exec(&self, exec_id: &str) -> bool {
+        lock(&self.execs).contains_key(exec_id)
+    }
+
+    /// Takes the not-yet-started init.
+    pub fn take_pending(&self) -> Option<Spawned> {
+        lock(&self.pending_start).take()
+    }
+}

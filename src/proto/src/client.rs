@@ -1,0 +1,216 @@
+//! The handshake and a blocking host-side client over any `Read + Write`
+//! stream.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use crate::frame::{read_frame, write_frame, FrameError};
+use crate::messages::{
+    ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Outcome, ProcessInfo,
+    ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal, Stats,
+};
+
+/// Protocol-level errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// Reading or writing a frame failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The peer speaks another protocol version.
+    #[error(
+        "protocol version mismatch: {peer} {peer_version} speaks version {theirs}, \
+         {ours_name} speaks version {ours}"
+    )]
+    VersionMismatch {
+        /// Our protocol version.
+        ours: u32,
+        /// The peer's protocol version.
+        theirs: u32,
+        /// Our program name.
+        ours_name: String,
+        /// The peer's program name.
+        peer: String,
+        /// The peer's program version.
+        peer_version: String,
+    },
+    /// The agent answered with an error.
+    #[error("agent error: {0}")]
+    Remote(ErrorBody),
+    /// The agent answered with a response of the wrong kind.
+    #[error("unexpected response to {request}: {response:?}")]
+    UnexpectedResponse {
+        /// Request kind.
+        request: &'static str,
+        /// What came back.
+        response: Box<Response>,
+    },
+}
+
+/// Sends our `Hello`, reads the peer's and checks the versions match. Both
+/// sides call this (each sends first, so neither waits on the other).
+pub fn handshake<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    ours: &Hello,
+) -> Result<Hello, ProtoError> {
+    write_frame(stream, ours)?;
+    let theirs: Hello = read_frame(stream)?;
+    check_version(ours, &theirs)?;
+    Ok(theirs)
+}
+
+/// Fails with [`ProtoError::VersionMismatch`] unless both speak one version.
+pub fn check_version(ours: &Hello, theirs: &Hello) -> Result<(), ProtoError> {
+    if ours.version == theirs.version {
+        return Ok(());
+    }
+    Err(ProtoError::VersionMismatch {
+        ours: ours.version,
+        theirs: theirs.version,
+        ours_name: ours.name.clone(),
+        peer: theirs.name.clone(),
+        peer_version: theirs.name_version.clone(),
+    })
+}
+
+/// A blocking control-connection client. Requests may be pipelined with
+/// [`Client::send`]; [`Client::receive`] returns the response to one id and
+/// keeps responses to other ids for later.
+#[derive(Debug)]
+pub struct Client<S> {
+    stream: S,
+    peer: Hello,
+    next_id: u64,
+    pending: HashMap<u64, Outcome>,
+}
+
+impl<S: Read + Write> Client<S> {
+    /// Performs the handshake on a fresh control connection.
+    pub fn connect(mut stream: S, ours: &Hello) -> Result<Self, ProtoError> {
+        let peer = handshake(&mut stream, ours)?;
+        Ok(Client {
+            stream,
+            peer,
+            next_id: 1,
+            pending: HashMap::new(),
+        })
+    }
+
+    /// The agent's `Hello`.
+    pub fn peer(&self) -> &Hello {
+        &self.peer
+    }
+
+    /// Sends a request; returns its id.
+    pub fn send(&mut self, request: Request) -> Result<u64, ProtoError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(&mut self.stream, &RequestFrame { id, request })?;
+        Ok(id)
+    }
+
+    /// Waits for the response to request `id`.
+    pub fn receive(&mut self, id: u64) -> Result<Response, ProtoError> {
+        let outcome = match self.pending.remove(&id) {
+            Some(outcome) => outcome,
+            None => loop {
+                let frame: ResponseFrame = read_frame(&mut self.stream)?;
+                if frame.id == id {
+                    break frame.result;
+                }
+                self.pending.insert(frame.id, frame.result);
+            },
+        };
+        match outcome {
+            Outcome::Ok(response) => Ok(response),
+            Outcome::Error(e) => Err(ProtoError::Remote(e)),
+        }
+    }
+
+    /// Sends a request and waits for its response.
+    pub fn call(&mut self, request: Request) -> Result<Response, ProtoError> {
+        let id = self.send(request)?;
+        self.receive(id)
+    }
+
+    /// `CreateContainer`.
+    pub fn create_container(&mut self, req: CreateContainer) -> Result<ProcessInfo, ProtoError> {
+        match self.call(Request::CreateContainer(req))? {
+            Response::Created(info) => Ok(info),
+            other => Err(unexpected("create_container", other)),
+        }
+    }
+
+    /// `Start`.
+    pub fn start(&mut self, container_id: &str) -> Result<ProcessInfo, ProtoError> {
+        let req = Request::Start(ContainerRef {
+            container_id: container_id.to_owned(),
+        });
+        match self.call(req)? {
+            Response::Started(info) => Ok(info),
+            other => Err(unexpected("start", other)),
+        }
+    }
+
+    /// `Exec`.
+    pub fn exec(&mut self, req: Exec) -> Result<ProcessInfo, ProtoError> {
+        match self.call(Request::Exec(req))? {
+            Response::ExecStarted(info) => Ok(info),
+            other => Err(unexpected("exec", other)),
+        }
+    }
+
+    /// `Signal`.
+    pub fn signal(&mut self, req: Signal) -> Result<(), ProtoError> {
+        match self.call(Request::Signal(req))? {
+            Response::Signaled => Ok(()),
+            other => Err(unexpected("signal", other)),
+        }
+    }
+
+    /// `Wait` (blocks until the process exits).
+    pub fn wait(&mut self, req: ProcessRef) -> Result<ExitStatus, ProtoError> {
+        match self.call(Request::Wait(req))? {
+            Response::Exited(status) => Ok(status),
+            other => Err(unexpected("wait", other)),
+        }
+    }
+
+    /// `ResizeTty`.
+    pub fn resize_tty(&mut self, req: ResizeTty) -> Result<(), ProtoError> {
+        match self.call(Request::ResizeTty(req))? {
+            Response::TtyResized => Ok(()),
+            other => Err(unexpected("resize_tty", other)),
+        }
+    }
+
+    /// `Stats`.
+    pub fn stats(&mut self, container_id: &str) -> Result<Stats, ProtoError> {
+        let req = Request::Stats(ContainerRef {
+            container_id: container_id.to_owned(),
+        });
+        match self.call(req)? {
+            Response::Stats(stats) => Ok(stats),
+            other => Err(unexpected("stats", other)),
+        }
+    }
+
+    /// `Shutdown`.
+    pub fn shutdown(&mut self) -> Result<(), ProtoError> {
+        match self.call(Request::Shutdown)? {
+            Response::ShuttingDown => Ok(()),
+            other => Err(unexpected("shutdown", other)),
+        }
+    }
+
+    /// Gives the stream back.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+fn unexpected(request: &'static str, response: Response) -> ProtoError {
+    ProtoError::UnexpectedResponse {
+        request,
+        response: Box::new(response),
+    }
+}
