@@ -20,7 +20,8 @@ use std::time::Duration;
 use support::{boot_timeout, husk, run_with_timeout};
 
 /// The guest command line: root on vda; husk adds the kvm_pvm workarounds.
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule root=/dev/vda ro rootfstype=ext4 init=/init";
+const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 root=/dev/vda ro rootfstype=ext4 init=/init";
 
 fn kernel() -> PathBuf {
     let k = std::env::var_os("HUSK_TEST_KERNEL")

@@ -224,7 +224,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     }
     if pvm && cfg.pvm_workarounds {
         eprintln!(
-            "husk: /dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, noxsave, clearcpuid, mitigations=off); --no-pvm-workarounds turns this off"
+            "husk: /dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
         );
     }
     // Start threads only once nothing else can fail, so an error leaves no

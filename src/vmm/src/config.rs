@@ -17,9 +17,8 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 pub const DEFAULT_VCPUS: u8 = 1;
 /// The generic guest command line used when none is given: serial console,
 /// reboot through the i8042 (the VM ends on reboot), no reboot delay after
-/// a panic, no probing for hardware a micro-VM does not have.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.dumbkbd nomodule";
+/// a panic, one UART only (no probing for COM2-4).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1";
 
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -312,7 +311,7 @@ impl VmConfig {
 /// The extra guest command line for kvm_pvm hosts: the `husk_pvm` switch
 /// that turns on the guest kernel's platform patches, plus features the
 /// emulator cannot run (see resources/guest/README.md).
-pub const PVM_CMDLINE: &str = "husk_pvm noxsave mitigations=off clearcpuid=cx16,popcnt,bmi1,bmi2,movbe,avx,avx2,avx512f,fsgsbase,rdrand,rdseed,erms,fsrm,sse4_1,sse4_2,invpcid,smap,smep,umip,pku,xsaveopt,xsavec,xsaves,clflushopt,clwb,adx,aes,pclmulqdq,f16c,fma,abm,rdpid,rdtscp,la57,vaes,vpclmulqdq,gfni,sha_ni,ssse3,sse3,md_clear";
+pub const PVM_CMDLINE: &str = "husk_pvm mitigations=off clearcpuid=xsave,popcnt,smap,erms,fsrm,fsgsbase,invpcid,cx16 noreplace-smp rodata=off percpu_alloc=page";
 
 /// The full guest command line for `cfg`.
 pub fn guest_cmdline(cfg: &VmConfig, pvm_host: bool) -> String {
