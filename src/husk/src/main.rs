@@ -2,12 +2,13 @@
 //! command line to the libraries.
 
 mod bench;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use husk_vmm::config::{Console, DiskConfig, NetConfig, VmConfig};
+use husk_vmm::config::{Console, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use husk_vmm::exit::code;
 use husk_vmm::{ConsoleInputSource, VmExit};
 
@@ -31,6 +32,8 @@ enum Command {
     Vm(VmArgs),
     /// Write an uncompressed newc initramfs with husk's guest skeleton.
     Initramfs(InitramfsArgs),
+    /// Run a command in a container inside a fresh micro-VM.
+    Run(run::RunArgs),
     /// Benchmarks: husk side by side with other VMMs.
     Bench(bench::BenchArgs),
 }
@@ -64,6 +67,10 @@ struct VmArgs {
     /// virtio-net NIC on a tap: tap=NAME[,mac=MAC] (repeatable; eth0 first).
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<NetConfig>,
+    /// virtio-vsock device: cid=N,uds=PATH (host clients connect to PATH and
+    /// write "CONNECT <port>\n"; guest connections to host port P reach PATH_P).
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<VsockConfig>,
     /// Do not add guest command-line workarounds on kvm_pvm hosts.
     #[arg(long)]
     no_pvm_workarounds: bool,
@@ -88,7 +95,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { code::USAGE as u8 } else { 0 });
+            if !e.use_stderr() {
+                return ExitCode::from(0);
+            }
+            // Like `docker run`, `husk run` keeps 1..=124 for the container.
+            let is_run = std::env::args().nth(1).as_deref() == Some("run");
+            return ExitCode::from(if is_run {
+                run::RUN_FAILURE
+            } else {
+                code::USAGE
+            } as u8);
         }
     };
     init_logging(&cli.log_level);
@@ -96,6 +112,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => cmd_vm(args, start_ns),
         Command::Initramfs(args) => cmd_initramfs(args),
         Command::Bench(args) => bench::run(args),
+        Command::Run(args) => return ExitCode::from(run::cmd_run(args, start_ns) as u8),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
@@ -145,6 +162,9 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     }
     if !args.nets.is_empty() {
         cfg.net = args.nets.clone();
+    }
+    if let Some(v) = &args.vsock {
+        cfg.vsock = Some(v.clone());
     }
     if args.no_pvm_workarounds {
         cfg.pvm_workarounds = false;

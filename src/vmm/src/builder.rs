@@ -134,7 +134,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     };
     let pvm = kvm::is_pvm_host();
     let mut cmdline = config::guest_cmdline(cfg, pvm);
-    cmdline.push_str(&virtio::cmdline_entries(cfg.disks.len() + cfg.net.len()));
+    cmdline.push_str(&virtio::cmdline_entries(cfg.virtio_device_count()));
     // Validate before any expensive work.
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(boot::BootError::Cmdline(format!(
@@ -144,8 +144,9 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         ))
         .into());
     }
-    // Disks and taps first: a user's mistake there is reported before the
-    // console file or any KVM work, and nothing is left behind.
+    // Disks, taps and the vsock socket first: a user's mistake there is
+    // reported before the console file or any KVM work, and nothing is
+    // left behind.
     let virtio_devices = virtio::open_devices(cfg)?;
 
     let console: Box<dyn Write + Send> = match &cfg.console {
@@ -275,7 +276,14 @@ impl Vm {
 
     /// Runs the guest until it stops; returns why.
     pub fn run(self, input: ConsoleInputSource) -> VmExit {
-        let result = self.run_inner(input);
+        self.run_with(input, true)
+    }
+
+    /// Runs the guest until it stops. With `stop_on_signals`, SIGINT,
+    /// SIGTERM and SIGHUP stop the VM; without, the caller handles them
+    /// (`husk run` forwards them to the container).
+    pub fn run_with(self, input: ConsoleInputSource, stop_on_signals: bool) -> VmExit {
+        let result = self.run_inner(input, stop_on_signals);
         for v in &self.vcpus {
             v.send(VcpuCommand::Exit);
         }
@@ -298,7 +306,7 @@ impl Vm {
         result
     }
 
-    fn run_inner(&self, input: ConsoleInputSource) -> VmExit {
+    fn run_inner(&self, input: ConsoleInputSource, stop_on_signals: bool) -> VmExit {
         let mut em = match EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new() {
             Ok(em) => em,
             Err(e) => return VmExit::VmmError(format!("cannot create the event loop: {e:?}")),
@@ -308,14 +316,16 @@ impl Vm {
             self.latch.clone(),
             done.clone(),
         ))));
-        match event_loop::stop_signalfd() {
-            Ok(fd) => {
-                em.add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
-                    fd,
-                    self.latch.clone(),
-                ))));
+        if stop_on_signals {
+            match event_loop::stop_signalfd() {
+                Ok(fd) => {
+                    em.add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
+                        fd,
+                        self.latch.clone(),
+                    ))));
+                }
+                Err(e) => tracing::warn!("cannot watch termination signals: {e}"),
             }
-            Err(e) => tracing::warn!("cannot watch termination signals: {e}"),
         }
         let _raw = match input {
             ConsoleInputSource::Fd(fd) => {

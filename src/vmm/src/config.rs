@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::x86_64::layout;
 use crate::devices::virtio::block::ID_BYTES;
 use crate::devices::virtio::net::MacAddr;
+use crate::devices::virtio::vsock::{MAX_UDS_PATH, MIN_GUEST_CID};
 
 /// Default guest memory.
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -113,6 +114,9 @@ pub struct VmConfig {
     /// virtio-net NICs on taps, eth0 first.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// A virtio-vsock device whose host side is a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// One virtio-blk disk: `path=IMG[,ro][,id=NAME][,direct]` on the command line.
@@ -207,6 +211,72 @@ impl FromStr for NetConfig {
     }
 }
 
+/// The virtio-vsock device: `cid=N,uds=PATH` on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more; 0-2 and 2^32-1 are reserved).
+    pub guest_cid: u32,
+    /// Unix socket husk listens on for host clients (`CONNECT <port>`);
+    /// guest connections to host port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut cid = None;
+        let mut uds = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => {
+                    cid = Some(c.parse::<u32>().map_err(|_| {
+                        format!("invalid vsock cid {c:?}: expected a number from {MIN_GUEST_CID}")
+                    })?)
+                }
+                Some(("uds", p)) if !p.is_empty() => uds = Some(PathBuf::from(p)),
+                _ => {
+                    return Err(format!(
+                        "invalid vsock {s:?}: expected cid=N,uds=PATH, got {part:?}"
+                    ))
+                }
+            }
+        }
+        let (Some(guest_cid), Some(uds_path)) = (cid, uds) else {
+            return Err(format!(
+                "invalid vsock {s:?}: cid=N and uds=PATH are both required"
+            ));
+        };
+        let v = VsockConfig {
+            guest_cid,
+            uds_path,
+        };
+        v.validate()?;
+        Ok(v)
+    }
+}
+
+impl VsockConfig {
+    /// Checks the CID and the socket path.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.guest_cid < MIN_GUEST_CID || self.guest_cid == u32::MAX {
+            return Err(format!(
+                "invalid vsock cid {}: 0, 1 and 2 (the host) and {} are reserved",
+                self.guest_cid,
+                u32::MAX
+            ));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len == 0 || len > MAX_UDS_PATH {
+            return Err(format!(
+                "invalid vsock socket path {:?}: 1 to {MAX_UDS_PATH} bytes (room is left for _<port>)",
+                self.uds_path
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
@@ -219,6 +289,7 @@ impl Default for VmConfig {
             pvm_workarounds: true,
             disks: Vec::new(),
             net: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -257,6 +328,11 @@ impl VmConfig {
         Ok(cfg)
     }
 
+    /// virtio devices the VM gets: disks, NICs, then vsock.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + self.net.len() + usize::from(self.vsock.is_some())
+    }
+
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > layout::MAX_VCPUS {
@@ -274,10 +350,13 @@ impl VmConfig {
                 self.mem_mib
             )));
         }
-        let devices = self.disks.len() + self.net.len();
+        if let Some(v) = &self.vsock {
+            v.validate().map_err(ConfigError::Invalid)?;
+        }
+        let devices = self.virtio_device_count();
         if devices > layout::VIRTIO_MMIO_SLOTS {
             return Err(ConfigError::Invalid(format!(
-                "at most {} virtio devices (disks + NICs), got {devices}",
+                "at most {} virtio devices (disks + NICs + vsock), got {devices}",
                 layout::VIRTIO_MMIO_SLOTS
             )));
         }
@@ -430,6 +509,58 @@ mod tests {
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn vsock_parses_from_json_and_flags_and_is_validated() {
+        let c =
+            VmConfig::from_json(r#"{"vsock":{"guest_cid":3,"uds_path":"/run/v.sock"}}"#).unwrap();
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/run/v.sock".into()
+            })
+        );
+        assert_eq!(VmConfig::from_json("{}").unwrap().vsock, None);
+        let long = "x".repeat(MAX_UDS_PATH + 1);
+        for bad in [
+            r#"{"vsock":{"guest_cid":2,"uds_path":"/v"}}"#.to_string(),
+            r#"{"vsock":{"guest_cid":4294967295,"uds_path":"/v"}}"#.to_string(),
+            r#"{"vsock":{"guest_cid":-1,"uds_path":"/v"}}"#.to_string(),
+            r#"{"vsock":{"guest_cid":3}}"#.to_string(),
+            r#"{"vsock":{"guest_cid":3,"uds_path":""}}"#.to_string(),
+            r#"{"vsock":{"guest_cid":3,"uds_path":"/v","port":1}}"#.to_string(),
+            format!(r#"{{"vsock":{{"guest_cid":3,"uds_path":"{long}"}}}}"#),
+        ] {
+            assert!(VmConfig::from_json(&bad).is_err(), "{bad}");
+        }
+        let v: VsockConfig = "cid=42,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!(v.guest_cid, 42);
+        assert_eq!(v.uds_path, Path::new("/tmp/v.sock"));
+        let v: VsockConfig = "uds=/tmp/v.sock,cid=3".parse().unwrap();
+        assert_eq!(v.guest_cid, 3);
+        for bad in [
+            "",
+            "cid=3",
+            "uds=/v",
+            "cid=2,uds=/v",
+            "cid=0,uds=/v",
+            "cid=x,uds=/v",
+            "cid=3,uds=",
+            "cid=3,uds=/v,extra=1",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad}");
+        }
+        // The vsock device takes a virtio slot.
+        let disks: Vec<String> = (0..layout::VIRTIO_MMIO_SLOTS)
+            .map(|i| format!(r#"{{"path":"/d{i}"}}"#))
+            .collect();
+        let json = format!(
+            r#"{{"disks":[{}],"vsock":{{"guest_cid":3,"uds_path":"/v"}}}}"#,
+            disks.join(",")
+        );
+        assert!(VmConfig::from_json(&json).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use super::block::{Block, BlockError, Disk};
 use super::mmio::{regs, MmioTransport};
 use super::net::{MacAddr, Net, NetError, Tap};
+use super::vsock::{Vsock, VsockError};
 use super::{GuestMem, IrqfdInterrupt, VirtioDevice};
 use crate::arch::x86_64::layout;
 use crate::config::VmConfig;
@@ -25,6 +26,9 @@ pub enum AttachError {
     /// A NIC could not be set up.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// More devices than interrupt lines.
     #[error("no virtio-mmio slot left for device {0}")]
     NoSlot(usize),
@@ -45,13 +49,16 @@ pub enum PendingDevice {
     Block(Block),
     /// A NIC.
     Net(Net),
+    /// The vsock device.
+    Vsock(Vsock),
 }
 
-/// Opens every disk and tap in `cfg`, in order: disks first (vda, vdb,
-/// ...), then NICs (eth0, ...). Nothing is left behind on error: files
-/// close and taps husk created vanish when dropped.
+/// Opens every disk, tap and vsock socket in `cfg`, in order: disks first
+/// (vda, vdb, ...), then NICs (eth0, ...), then vsock. Nothing is left
+/// behind on error: files close, taps husk created vanish and the vsock
+/// socket file is removed when dropped.
 pub fn open_devices(cfg: &VmConfig) -> Result<Vec<PendingDevice>, AttachError> {
-    let mut out = Vec::with_capacity(cfg.disks.len() + cfg.net.len());
+    let mut out = Vec::with_capacity(cfg.virtio_device_count());
     for d in &cfg.disks {
         let disk = Disk::open(&d.path, d.read_only, d.direct)?;
         out.push(PendingDevice::Block(Block::new(
@@ -63,6 +70,9 @@ pub fn open_devices(cfg: &VmConfig) -> Result<Vec<PendingDevice>, AttachError> {
         let tap = Tap::open(&n.tap)?;
         let mac = n.mac.unwrap_or_else(MacAddr::random);
         out.push(PendingDevice::Net(Net::new(tap, mac)?));
+    }
+    if let Some(v) = &cfg.vsock {
+        out.push(PendingDevice::Vsock(Vsock::new(v.guest_cid, &v.uds_path)?));
     }
     Ok(out)
 }
@@ -91,6 +101,7 @@ pub fn attach_all(
         let sub = match dev {
             PendingDevice::Block(b) => attach(index, b, vm_fd, mem, mmio)?,
             PendingDevice::Net(n) => attach(index, n, vm_fd, mem, mmio)?,
+            PendingDevice::Vsock(v) => attach(index, v, vm_fd, mem, mmio)?,
         };
         subs.push(sub);
     }

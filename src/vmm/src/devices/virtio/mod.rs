@@ -2,10 +2,11 @@
 //!
 //! The transport (`mmio`) owns the register file, the status state machine
 //! and queue configuration; it talks to a device only through the
-//! [`VirtioDevice`] trait. Devices (`block`, `net`) own their queues once
-//! activated and run on the event-loop thread; a vCPU thread never does
-//! device work: queue notifications reach the event loop through KVM
-//! ioeventfds, activation and reset through the device's `state_evt`.
+//! [`VirtioDevice`] trait. Devices (`block`, `net`, `vsock`) own their
+//! queues once activated and run on the event-loop thread; a vCPU thread
+//! never does device work: queue notifications reach the event loop
+//! through KVM ioeventfds, activation and reset through the device's
+//! `state_evt`.
 
 pub mod attach;
 pub mod block;
@@ -14,6 +15,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod vsock;
 
 pub use device::{ActivateContext, ActivateError, DeviceFailure, VirtioDevice};
 pub use interrupt::{InterruptKind, IrqfdInterrupt, VirtioInterrupt};
@@ -55,6 +57,8 @@ pub mod device_type {
     pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = 19;
 }
 
 /// Largest queue any husk device offers.

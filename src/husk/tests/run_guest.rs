@@ -1,0 +1,333 @@
+//! `husk run` and the guest agent end to end: real guest kernel, the static
+//! agent as PID 1, virtio-blk root, vsock. Boots are expensive on kvm_pvm
+//! hosts, so one sandbox serves every process-level check (as execs in one
+//! container) and only two checks need `husk run` itself.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_proto::{Exec, ProcessRef, Signal, StreamHello, StreamKind, PROTOCOL_VERSION};
+use husk_runtime::sandbox::{Sandbox, SandboxConfig};
+use support::{boot_timeout, husk, run_with_timeout};
+
+/// A busybox root filesystem: /bin/busybox plus an applet link per command.
+fn busybox_tree(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("/bin/busybox (busybox-static)");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    root
+}
+
+struct Scratch(PathBuf);
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+fn scratch(tag: &str) -> Scratch {
+    let d = std::env::temp_dir().join(format!("husk-run-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    Scratch(d)
+}
+
+/// `husk run` with a private HUSK_ROOT (image cache, run dirs) and the
+/// installed kernel and agent.
+fn husk_run(dir: &Path, rootfs: &Path) -> Command {
+    let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
+    let mut c = husk();
+    c.env("HUSK_BOOT_TIMEOUT", boot_timeout().as_secs().to_string())
+        .env("HUSK_ROOT", dir.join("root"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(husk_vmm::default_kernel_path())
+        .arg("--agent")
+        .arg(agent)
+        .arg("--rootfs")
+        .arg(rootfs);
+    c
+}
+
+#[test]
+fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
+    let dir = scratch("cli");
+    let rootfs = busybox_tree(&dir.0);
+    let mut c = husk_run(&dir.0, &rootfs);
+    c.args(["-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
+        .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; exit 3"]);
+    let out = run_with_timeout(c, None, boot_timeout() * 2);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        stdout,
+        "to-stdout\nenv=bar cwd=/tmp id=1000:1001 host=husk\n"
+    );
+    assert!(stderr.contains("to-stderr\n"), "{stderr}");
+    assert!(!stdout.contains("to-stderr"));
+}
+
+#[test]
+fn sigterm_to_husk_reaches_the_container() {
+    let dir = scratch("sig");
+    let rootfs = busybox_tree(&dir.0);
+    let mut c = husk_run(&dir.0, &rootfs);
+    c.args([
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 1; done",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + boot_timeout() * 2;
+    let mut b = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("ready\n") {
+        assert!(Instant::now() < deadline, "container never got ready");
+        let n = out.read(&mut b).unwrap();
+        assert!(n > 0, "husk exited early: {:?}", child.wait());
+        seen.extend_from_slice(&b[..n]);
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    out.read_to_end(&mut seen).unwrap();
+    let status = child.wait().unwrap();
+    assert!(
+        String::from_utf8_lossy(&seen).contains("got-term"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(status.code(), Some(42));
+}
+
+/// One process's outcome inside the shared sandbox.
+struct Outcome {
+    code: i32,
+    oom: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+struct Shared {
+    sandbox: Sandbox,
+    control: husk_proto::Client<std::os::unix::net::UnixStream>,
+    deadline: Instant,
+    next: u32,
+}
+
+impl Shared {
+    fn stream(&self, exec_id: &str, stream: StreamKind) -> std::os::unix::net::UnixStream {
+        self.sandbox
+            .stream(
+                StreamHello {
+                    version: PROTOCOL_VERSION,
+                    container_id: "c".into(),
+                    exec_id: Some(exec_id.into()),
+                    stream,
+                },
+                self.deadline,
+                boot_timeout().as_secs(),
+            )
+            .unwrap()
+    }
+
+    /// Runs `args` in the container; `stdin` is written then closed;
+    /// `kill_after` sends SIGKILL once the process printed something.
+    fn exec(&mut self, args: &[&str], stdin: Option<&[u8]>, tty: bool, kill: bool) -> Outcome {
+        self.next += 1;
+        let id = format!("e{}", self.next);
+        let mut process = husk_proto::oci_spec::runtime::Process::default();
+        process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+        process.set_terminal(Some(tty));
+        self.control
+            .exec(Exec {
+                container_id: "c".into(),
+                exec_id: id.clone(),
+                process: Box::new(process),
+                stdin: stdin.is_some(),
+            })
+            .unwrap();
+        let (mut out, err) = if tty {
+            (self.stream(&id, StreamKind::Pty), None)
+        } else {
+            (
+                self.stream(&id, StreamKind::Stdout),
+                Some(self.stream(&id, StreamKind::Stderr)),
+            )
+        };
+        let writer = stdin.map(|data| {
+            let mut s = self.stream(&id, StreamKind::Stdin);
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                s.write_all(&data).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+            })
+        });
+        let err_reader = err.map(|mut e| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = e.read_to_end(&mut v);
+                v
+            })
+        });
+        let mut stdout = Vec::new();
+        if kill {
+            let mut b = [0u8; 64];
+            let n = out.read(&mut b).unwrap();
+            stdout.extend_from_slice(&b[..n]);
+            self.control
+                .signal(Signal {
+                    container_id: "c".into(),
+                    exec_id: Some(id.clone()),
+                    signal: libc::SIGKILL,
+                })
+                .unwrap();
+        }
+        let _ = out.read_to_end(&mut stdout);
+        if let Some(w) = writer {
+            w.join().unwrap();
+        }
+        let stderr = err_reader.map(|t| t.join().unwrap()).unwrap_or_default();
+        let st = self
+            .control
+            .wait(ProcessRef {
+                container_id: "c".into(),
+                exec_id: Some(id),
+            })
+            .unwrap();
+        Outcome {
+            code: st.exit_code,
+            oom: st.oom_killed,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+#[test]
+fn one_sandbox_serves_every_process_check() {
+    let dir = scratch("shared");
+    let rootfs = busybox_tree(&dir.0);
+    let image = husk_image::ext4::image_for_dir(&rootfs, &dir.0.join("images")).unwrap();
+    let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
+    let initramfs = husk_runtime::paths::agent_initramfs(&agent).unwrap();
+    let run_dir = husk_runtime::paths::new_run_dir("test").unwrap();
+    let sandbox = Sandbox::boot(&SandboxConfig {
+        kernel: None,
+        initramfs,
+        rootfs_image: image,
+        mem_mib: 256,
+        vcpus: 1,
+        run_dir,
+    })
+    .unwrap();
+    let deadline = Instant::now() + boot_timeout();
+    let mut control = sandbox.control(deadline, boot_timeout().as_secs()).unwrap();
+    // The container's init only keeps it alive; each check is an exec.
+    let mut spec = husk_runtime::spec::build(&husk_runtime::spec::RunSpec {
+        args: vec!["sleep".into(), "100000".into()],
+        memory: Some(48 << 20),
+        hostname: "shared".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    spec.set_hostname(Some("shared".into()));
+    control
+        .create_container(husk_proto::CreateContainer {
+            container_id: "c".into(),
+            spec: Box::new(spec),
+            rootfs: husk_proto::Rootfs {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                read_only: true,
+            },
+            scratch: husk_proto::Scratch::Tmpfs { size_bytes: None },
+            stdin: false,
+        })
+        .unwrap();
+    control.start("c").unwrap();
+    let mut s = Shared {
+        sandbox,
+        control,
+        deadline,
+        next: 0,
+    };
+
+    let o = s.exec(
+        &["sh", "-c", "echo out; echo err >&2; exit 0"],
+        None,
+        false,
+        false,
+    );
+    assert_eq!(
+        (o.code, o.stdout.as_slice(), o.stderr.as_slice()),
+        (0, &b"out\n"[..], &b"err\n"[..])
+    );
+
+    let o = s.exec(&["no-such-command"], None, false, false);
+    assert_eq!(o.code, 127);
+    assert!(!o.stderr.is_empty(), "the exec error goes to stderr");
+
+    let o = s.exec(&["/etc/passwd"], None, false, false);
+    assert_eq!(o.code, 126);
+
+    let o = s.exec(
+        &["sh", "-c", "echo up; while true; do sleep 1; done"],
+        None,
+        false,
+        true,
+    );
+    assert_eq!(o.code, 137);
+    assert!(!o.oom);
+
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let o = s.exec(&["cat"], Some(&data), false, false);
+    assert_eq!(o.code, 0);
+    assert!(
+        o.stdout == data,
+        "1 MiB through cat: got {} bytes",
+        o.stdout.len()
+    );
+
+    let o = s.exec(&["tty"], None, true, false);
+    assert_eq!(o.code, 0, "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("/dev/pts/"));
+
+    // 48 MiB limit: a 200 MiB buffer gets the process OOM-killed.
+    let o = s.exec(
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"],
+        None,
+        false,
+        false,
+    );
+    assert_eq!(o.code, 137, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.oom, "reported as OOM");
+
+    let _ = s.control.shutdown();
+    let exit = s.sandbox.wait(Duration::from_secs(60));
+    assert!(exit.is_clean(), "{exit}");
+}

@@ -1,0 +1,43 @@
+//! Containers in micro-VMs, host side: a sandbox is one VM whose PID 1 is
+//! husk's guest agent; `husk run` creates one container in it.
+
+pub mod paths;
+pub mod run;
+pub mod sandbox;
+pub mod spec;
+pub mod uds;
+
+/// Errors of the host side of a container. Each is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The guest agent binary is missing.
+    #[error("guest agent not found at {0}: build it with tools/build-agent (or set HUSK_AGENT)")]
+    NoAgent(String),
+    /// A file husk needs could not be read or written.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The rootfs could not be turned into an image.
+    #[error(transparent)]
+    Image(#[from] husk_image::ext4::Ext4Error),
+    /// The agent initramfs could not be written.
+    #[error(transparent)]
+    Initramfs(#[from] husk_image::initramfs::InitramfsError),
+    /// The VM could not be built.
+    #[error(transparent)]
+    Vm(#[from] husk_vmm::builder::BuildError),
+    /// The agent did not answer in time.
+    #[error("the guest agent did not answer within {0} s (set HUSK_BOOT_TIMEOUT to wait longer)")]
+    AgentTimeout(u64),
+    /// The VM stopped before the agent answered.
+    #[error("the VM stopped before its agent answered: {0}")]
+    VmStopped(String),
+    /// The agent refused a request or the protocol failed.
+    #[error("guest agent: {0}")]
+    Agent(#[from] husk_proto::ProtoError),
+    /// A stdio stream was rejected.
+    #[error("guest agent refused the {0} stream: {1}")]
+    StreamRejected(String, String),
+    /// Invalid user input.
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -1,0 +1,68 @@
+//! Where husk keeps its state: `$HUSK_ROOT` (default /var/lib/husk).
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::RuntimeError;
+
+/// husk's root directory.
+pub fn root() -> PathBuf {
+    std::env::var_os("HUSK_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/husk"))
+}
+
+/// The guest agent binary: `explicit`, else `$HUSK_AGENT`, else
+/// `$HUSK_ROOT/agent/husk-agent` (where tools/build-agent installs it).
+pub fn agent_binary(explicit: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    let p = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("HUSK_AGENT").map(PathBuf::from))
+        .unwrap_or_else(|| root().join("agent").join("husk-agent"));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(RuntimeError::NoAgent(p.display().to_string()))
+    }
+}
+
+/// The initramfs holding only `agent` as /init, cached under the root by
+/// the agent's content digest.
+pub fn agent_initramfs(agent: &Path) -> Result<PathBuf, RuntimeError> {
+    let shown = agent.display().to_string();
+    let bytes = std::fs::read(agent).map_err(|e| RuntimeError::Io(shown, e))?;
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = root().join("initramfs");
+    std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
+    let out = dir.join(format!("agent-{digest}.cpio"));
+    if !out.exists() {
+        husk_image::initramfs::write_file(
+            &out,
+            &[husk_image::initramfs::Entry {
+                guest: "/init".into(),
+                host: agent.to_path_buf(),
+            }],
+        )?;
+    }
+    Ok(out)
+}
+
+/// Where read-only rootfs images are cached.
+pub fn image_cache() -> PathBuf {
+    root().join("images")
+}
+
+/// A fresh private directory for one sandbox's sockets and logs.
+pub fn new_run_dir(tag: &str) -> Result<PathBuf, RuntimeError> {
+    let base = root().join("run");
+    std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
+    let dir = base.join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
+    Ok(dir)
+}

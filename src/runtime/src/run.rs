@@ -1,0 +1,322 @@
+//! `husk run`: one container in a fresh micro-VM, docker-run style: stdio
+//! relayed, signals forwarded, the container's exit status returned.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use husk_proto::{
+    CreateContainer, ExitStatus, ProcessRef, ResizeTty, Rootfs, Scratch, Signal, StreamKind,
+};
+
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::spec::{self, RunSpec};
+use crate::{paths, RuntimeError};
+
+/// Container id inside the sandbox.
+const CONTAINER_ID: &str = "run";
+/// Signals `husk run` forwards to the container.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// `husk run` options.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The container's root filesystem, a directory.
+    pub rootfs: PathBuf,
+    /// Process and limits.
+    pub spec: RunSpec,
+    /// Keep stdin open and relay it.
+    pub interactive: bool,
+    /// Guest kernel; None: default.
+    pub kernel: Option<PathBuf>,
+    /// Agent binary; None: default.
+    pub agent: Option<PathBuf>,
+    /// How long the guest may take to boot and answer.
+    pub boot_timeout: Duration,
+}
+
+/// What happened to the container.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Its exit status (128+N for signal N).
+    pub status: ExitStatus,
+    /// CLOCK_MONOTONIC ns when the VM was built and started.
+    pub vm_started_ns: u64,
+}
+
+/// Guest memory for a container with `limit` bytes: the limit plus room
+/// for the guest kernel and agent, at least 256 MiB.
+pub fn vm_mem_mib(limit: Option<u64>) -> u64 {
+    match limit {
+        Some(l) => (l.div_ceil(1 << 20) + 128).max(256),
+        None => 256,
+    }
+}
+
+/// Runs the container; returns its exit status.
+pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
+    let spec = spec::build(&o.spec)?;
+    let image = husk_image::ext4::image_for_dir(&o.rootfs, &paths::image_cache())?;
+    let agent = paths::agent_binary(o.agent.as_deref())?;
+    let initramfs = paths::agent_initramfs(&agent)?;
+    let vcpus = o
+        .spec
+        .cpus
+        .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
+        .unwrap_or(1);
+    // Forwarded signals are blocked before any VMM thread exists, so only
+    // our signalfd sees them.
+    let sigfd = forward_signalfd()?;
+    let run_dir = paths::new_run_dir("run")?;
+    let started = husk_vmm::vstate::vcpu::monotonic_ns();
+    let sandbox = Sandbox::boot(&SandboxConfig {
+        kernel: o.kernel.clone(),
+        initramfs,
+        rootfs_image: image,
+        mem_mib: vm_mem_mib(o.spec.memory),
+        vcpus,
+        run_dir,
+    })?;
+    let budget = o.boot_timeout.as_secs();
+    let deadline = Instant::now() + o.boot_timeout;
+    let mut control = sandbox.control(deadline, budget)?;
+    control.create_container(CreateContainer {
+        container_id: CONTAINER_ID.into(),
+        spec: Box::new(spec),
+        rootfs: Rootfs {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        },
+        scratch: Scratch::Tmpfs { size_bytes: None },
+        stdin: o.interactive,
+    })?;
+
+    let mut relays = Vec::new();
+    let mut raw_terminal = None;
+    let mut pty = None;
+    if o.spec.tty {
+        let s = sandbox.stream(
+            Sandbox::hello(CONTAINER_ID, StreamKind::Pty),
+            deadline,
+            budget,
+        )?;
+        raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
+        relays.push(copy_thread(clone(&s)?, std::io::stdout()));
+        if o.interactive {
+            spawn_stdin(clone(&s)?, false);
+        }
+        pty = Some(s);
+    } else {
+        let out = sandbox.stream(
+            Sandbox::hello(CONTAINER_ID, StreamKind::Stdout),
+            deadline,
+            budget,
+        )?;
+        let err = sandbox.stream(
+            Sandbox::hello(CONTAINER_ID, StreamKind::Stderr),
+            deadline,
+            budget,
+        )?;
+        relays.push(copy_thread(out, std::io::stdout()));
+        relays.push(copy_thread(err, std::io::stderr()));
+        if o.interactive {
+            let inp = sandbox.stream(
+                Sandbox::hello(CONTAINER_ID, StreamKind::Stdin),
+                deadline,
+                budget,
+            )?;
+            spawn_stdin(inp, true);
+        }
+    }
+    control.start(CONTAINER_ID)?;
+    if pty.is_some() {
+        if let Some((rows, cols)) = terminal_size() {
+            let _ = control.resize_tty(ResizeTty {
+                container_id: CONTAINER_ID.into(),
+                exec_id: None,
+                rows,
+                cols,
+            });
+        }
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let forwarder = match sandbox.control(deadline, budget) {
+        Ok(c) => Some(forward_signals(sigfd, c, done.clone())),
+        Err(e) => {
+            tracing::warn!("signals will not be forwarded: {e}");
+            None
+        }
+    };
+    let status = control.wait(ProcessRef {
+        container_id: CONTAINER_ID.into(),
+        exec_id: None,
+    })?;
+    done.store(true, Ordering::SeqCst);
+    for r in relays {
+        let _ = r.join();
+    }
+    drop(raw_terminal);
+    if let Some(f) = forwarder {
+        let _ = f.join();
+    }
+    // The agent reboots the guest once the status is delivered.
+    let exit = sandbox.wait(Duration::from_secs(30));
+    if !exit.is_clean() {
+        tracing::warn!("VM ended with: {exit}");
+    }
+    Ok(RunOutcome {
+        status,
+        vm_started_ns: started,
+    })
+}
+
+fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {
+    s.try_clone()
+        .map_err(|e| RuntimeError::Io("vsock stream".into(), e))
+}
+
+/// Copies a stream to a host writer until EOF.
+fn copy_thread<W: Write + Send + 'static>(
+    mut from: UnixStream,
+    mut to: W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 32 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    let _ = to.flush();
+                }
+            }
+        }
+    })
+}
+
+/// Copies husk's stdin to the stream; at EOF half-closes it (the
+/// container sees EOF) when `eof_closes`.
+fn spawn_stdin(mut to: UnixStream, eof_closes: bool) {
+    // Not joined: a read on a terminal cannot be interrupted; the thread
+    // ends with the process.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if eof_closes {
+            let _ = to.shutdown(Shutdown::Write);
+        }
+    });
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data filled by the ioctl.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize into the pointer we pass.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Blocks the forwarded signals in this thread (and threads started
+/// later) and returns a signalfd for them.
+fn forward_signalfd() -> Result<OwnedFd, RuntimeError> {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for s in FORWARDED {
+        // SAFETY: valid set and signal number.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    // SAFETY: valid set; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(RuntimeError::Io(
+            "sigprocmask".into(),
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    // SAFETY: a new signalfd for an initialised set.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(RuntimeError::Io(
+            "signalfd".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: signalfd returned a new fd nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Forwards signals from `fd` to the container until `done`.
+fn forward_signals(
+    fd: OwnedFd,
+    mut client: husk_proto::Client<UnixStream>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+            if n <= 0 {
+                continue;
+            }
+            // SAFETY: signalfd_siginfo is plain data.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most `size` bytes into `info`.
+            let r = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if r as usize != size {
+                continue;
+            }
+            let signal = info.ssi_signo as i32;
+            if let Err(e) = client.signal(Signal {
+                container_id: CONTAINER_ID.into(),
+                exec_id: None,
+                signal,
+            }) {
+                tracing::warn!("forwarding signal {signal}: {e}");
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_memory_leaves_room_above_the_limit() {
+        assert_eq!(vm_mem_mib(None), 256);
+        assert_eq!(vm_mem_mib(Some(64 << 20)), 256);
+        assert_eq!(vm_mem_mib(Some(512 << 20)), 640);
+    }
+}

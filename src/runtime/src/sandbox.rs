@@ -1,0 +1,189 @@
+//! A sandbox: one micro-VM whose PID 1 is husk's agent, with a read-only
+//! rootfs disk and a vsock device whose host side is a Unix socket.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use husk_proto::Client;
+use husk_proto::{read_frame, write_frame};
+use husk_proto::{Hello, CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
+use husk_proto::{StreamHello, StreamReply};
+use husk_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig};
+use husk_vmm::vstate::vcpu::ExitLatch;
+use husk_vmm::{ConsoleInputSource, VmExit};
+
+use crate::{uds, RuntimeError};
+
+/// The guest CID of every sandbox (each VM has its own vsock device).
+pub const GUEST_CID: u32 = 3;
+
+/// How to build a sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Guest kernel; None: the default one.
+    pub kernel: Option<PathBuf>,
+    /// Initramfs with the agent as /init.
+    pub initramfs: PathBuf,
+    /// Read-only ext4 image of the container's root.
+    pub rootfs_image: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Private directory for the vsock socket and the console log.
+    pub run_dir: PathBuf,
+}
+
+/// A running sandbox VM. Dropping it stops the VM and removes its run dir.
+pub struct Sandbox {
+    thread: Option<JoinHandle<VmExit>>,
+    latch: Arc<ExitLatch>,
+    uds: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl Sandbox {
+    /// Boots the VM (the guest console goes to `run_dir/console.log`).
+    pub fn boot(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
+        let uds = cfg.run_dir.join("vsock.sock");
+        let vm_cfg = VmConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: Some(cfg.initramfs.clone()),
+            mem_mib: cfg.mem_mib,
+            vcpus: cfg.vcpus,
+            console: Console::File(cfg.run_dir.join("console.log")),
+            disks: vec![DiskConfig {
+                path: cfg.rootfs_image.clone(),
+                read_only: true,
+                id: Some("rootfs".into()),
+                direct: false,
+            }],
+            vsock: Some(VsockConfig {
+                guest_cid: GUEST_CID,
+                uds_path: uds.clone(),
+            }),
+            ..Default::default()
+        };
+        let vm = husk_vmm::build(&vm_cfg)?;
+        let latch = vm.stop_handle();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || vm.run_with(ConsoleInputSource::None, false))
+            .map_err(|e| RuntimeError::Io("spawn VMM thread".into(), e))?;
+        Ok(Self {
+            thread: Some(thread),
+            latch,
+            uds,
+            run_dir: cfg.run_dir.clone(),
+        })
+    }
+
+    /// The VM's stop reason, once it stopped.
+    pub fn stopped(&self) -> Option<VmExit> {
+        self.latch.reason()
+    }
+
+    /// Connects to guest vsock `port`, waiting for the guest to listen.
+    fn connect(
+        &self,
+        port: u32,
+        deadline: Instant,
+        budget: u64,
+    ) -> Result<UnixStream, RuntimeError> {
+        loop {
+            if let Some(r) = self.stopped() {
+                return Err(RuntimeError::VmStopped(format!(
+                    "{r}{}",
+                    self.console_tail()
+                )));
+            }
+            match uds::connect(&self.uds, port, Instant::now()) {
+                Ok(s) => return Ok(s),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(_) => return Err(RuntimeError::AgentTimeout(budget)),
+            }
+        }
+    }
+
+    /// A control connection to the agent, after the handshake.
+    pub fn control(
+        &self,
+        deadline: Instant,
+        budget: u64,
+    ) -> Result<Client<UnixStream>, RuntimeError> {
+        let s = self.connect(CONTROL_PORT, deadline, budget)?;
+        Ok(Client::connect(
+            s,
+            &Hello::new("husk", env!("CARGO_PKG_VERSION")),
+        )?)
+    }
+
+    /// A stdio stream of a process, attached.
+    pub fn stream(
+        &self,
+        hello: StreamHello,
+        deadline: Instant,
+        budget: u64,
+    ) -> Result<UnixStream, RuntimeError> {
+        let kind = format!("{:?}", hello.stream).to_lowercase();
+        let mut s = self.connect(STDIO_PORT, deadline, budget)?;
+        let proto = |e: husk_proto::FrameError| RuntimeError::Agent(e.into());
+        write_frame(&mut s, &hello).map_err(proto)?;
+        match read_frame::<_, StreamReply>(&mut s).map_err(proto)? {
+            StreamReply::Attached => Ok(s),
+            StreamReply::Rejected(e) => Err(RuntimeError::StreamRejected(kind, e.message)),
+        }
+    }
+
+    /// The StreamHello for a container's init process.
+    pub fn hello(container_id: &str, stream: husk_proto::StreamKind) -> StreamHello {
+        StreamHello {
+            version: PROTOCOL_VERSION,
+            container_id: container_id.into(),
+            exec_id: None,
+            stream,
+        }
+    }
+
+    /// Stops the VM now.
+    pub fn stop(&self) {
+        self.latch.stop(VmExit::Killed(libc::SIGKILL));
+    }
+
+    /// Waits up to `timeout` for the guest to end the VM, then stops it.
+    pub fn wait(mut self, timeout: Duration) -> VmExit {
+        let deadline = Instant::now() + timeout;
+        while self.stopped().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_else(|| VmExit::VmmError("VMM thread panicked".into()))
+    }
+
+    /// The last lines of the guest console, for error messages.
+    fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default();
+        match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(l) => format!(" (guest console: {})", l.trim()),
+            None => String::new(),
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop();
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}

@@ -1,0 +1,361 @@
+//! The virtio-vsock device: config space (the guest's CID), and the RX and
+//! TX paths, run on the event-loop thread.
+//!
+//! TX: every guest packet is taken off the ring at once and handed to the
+//! muxer (credit keeps a guest from sending more than a connection can
+//! hold). The one exception: while too many resets wait for the guest,
+//! TX pauses until the guest takes them.
+//!
+//! RX: a packet is built only into a buffer the guest gave, so a Unix
+//! socket is read only when its data can go somewhere. When the guest has
+//! no buffer left, the muxer stops watching Unix sockets until the guest
+//! adds buffers (the RX queue notification).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::packet;
+use super::{
+    VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX,
+    TX_INDEX,
+};
+use crate::devices::virtio::device::{
+    check_queue_count, read_config_bytes, signal_state, ActivateContext, ActivateError,
+    DeviceFailure, VirtioDevice,
+};
+use crate::devices::virtio::features::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::devices::virtio::queue::{self, collect_chain, QueueError};
+use crate::devices::virtio::{device_type, feature, GuestMem, VirtioInterrupt};
+
+/// Packets handled per wake-up and direction before yielding to the rest
+/// of the event loop.
+const BUDGET: usize = 256;
+
+/// What the device holds while the driver runs it.
+pub(super) struct Active {
+    pub(super) mem: GuestMem,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    // Kept (and never used: husk sends no events) so the driver's event
+    // buffers stay posted.
+    _event: Queue,
+    pub(super) interrupt: Arc<dyn VirtioInterrupt>,
+    pub(super) failure: DeviceFailure,
+}
+
+/// A virtio-vsock device whose host side is a Unix socket.
+pub struct Vsock {
+    guest_cid: u64,
+    // Boxed: the connection tables would make the device large to move.
+    pub(super) muxer: Box<Muxer>,
+    avail_features: u64,
+    queue_evts: Vec<EventFd>,
+    pub(super) state_evt: EventFd,
+    pub(super) active: Option<Active>,
+    /// The driver was (re)activated or reset since the event loop last looked.
+    pub(super) state_changed: bool,
+    pub(super) queues_registered: bool,
+    /// TX waits for the guest to take queued resets.
+    pub(super) tx_paused: bool,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+}
+
+impl Vsock {
+    /// A device for a guest with CID `guest_cid`, listening on `uds_path`.
+    pub fn new(guest_cid: u32, uds_path: &Path) -> Result<Self, VsockError> {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VsockError::Host("eventfd", e));
+        let guest_cid = u64::from(guest_cid);
+        Ok(Self {
+            guest_cid,
+            muxer: Box::new(Muxer::new(guest_cid, uds_path)?),
+            avail_features: feature(VIRTIO_F_VERSION_1)
+                | feature(VIRTIO_RING_F_EVENT_IDX)
+                | feature(VIRTIO_RING_F_INDIRECT_DESC),
+            queue_evts: vec![evt()?, evt()?, evt()?],
+            state_evt: evt()?,
+            active: None,
+            state_changed: false,
+            queues_registered: false,
+            tx_paused: false,
+            rx_buf: vec![0u8; MAX_PAYLOAD],
+            tx_buf: Vec::with_capacity(MAX_PAYLOAD),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The socket host clients connect to.
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    /// Packet and connection counters so far.
+    pub fn counters(&self) -> VsockCounters {
+        self.muxer.counters
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.muxer.connection_count()
+    }
+
+    /// Whether the device is running and healthy.
+    pub(super) fn running(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| !a.failure.failed())
+    }
+
+    /// Applies an activation or reset the vCPU thread announced: the
+    /// connections of a previous driver are forgotten either way.
+    pub(super) fn apply_state_change(&mut self) {
+        if !self.state_changed {
+            return;
+        }
+        self.state_changed = false;
+        self.muxer.reset_all();
+        self.tx_paused = false;
+        self.muxer.set_driver_ready(self.active.is_some());
+    }
+
+    /// Moves guest packets to the muxer, then host packets to the guest.
+    pub fn process_queues(&mut self) {
+        self.process_tx();
+        self.process_host();
+    }
+
+    /// Moves host packets to the guest, and resumes TX if that made room.
+    pub fn process_host(&mut self) {
+        self.process_rx();
+        if self.tx_paused && !self.muxer.rx_backlog_full() {
+            self.tx_paused = false;
+            self.process_tx();
+            self.process_rx();
+        }
+    }
+
+    /// Delivers packets to the guest. Returns true when the budget ran out
+    /// with packets left (the RX eventfd is re-armed).
+    pub fn process_rx(&mut self) -> bool {
+        if !self.running() {
+            return false;
+        }
+        match self.rx_loop() {
+            Ok(true) => {
+                let _ = self.queue_evts[RX_INDEX].write(1);
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.fail(&format!("virtio-vsock RX queue: {e}"));
+                false
+            }
+        }
+    }
+
+    fn fail(&self, why: &str) {
+        if let Some(a) = &self.active {
+            a.failure.fail(why);
+        }
+    }
+
+    fn rx_loop(&mut self) -> Result<bool, QueueError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let mem = &a.mem;
+        let mut used = false;
+        let mut budget = BUDGET;
+        let more = loop {
+            if !self.muxer.has_rx() {
+                break false;
+            }
+            if budget == 0 {
+                break true;
+            }
+            let Some(chain) = queue::pop_chain(&mut a.rx, mem)? else {
+                if queue::enable_notification(&mut a.rx, mem)? {
+                    continue;
+                }
+                // Hold what is queued and stop reading Unix sockets until
+                // the guest adds buffers.
+                self.muxer.set_rx_stalled(true);
+                break false;
+            };
+            budget -= 1;
+            let head = chain.head_index();
+            let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+            let room = match packet::rx_room(&chain) {
+                Ok(room) => room,
+                Err(e) => {
+                    tracing::debug!("virtio-vsock: bad receive chain: {e}");
+                    self.muxer.counters.rx_bad_chains += 1;
+                    queue::add_used(&mut a.rx, mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let Some(h) = self.muxer.next_rx(room, &mut self.rx_buf) else {
+                a.rx.go_to_previous_position();
+                break false;
+            };
+            let payload = &self.rx_buf[..h.len as usize];
+            match packet::write_rx(mem, &chain, &h, payload) {
+                Ok(n) => {
+                    queue::add_used(&mut a.rx, mem, head, n)?;
+                    self.muxer.counters.rx_packets += 1;
+                }
+                Err(e) => {
+                    // Checked above: only a memory fault gets here. The
+                    // packet is lost, so is its connection's integrity.
+                    tracing::warn!("virtio-vsock: cannot write a receive chain: {e}");
+                    self.muxer.counters.rx_bad_chains += 1;
+                    queue::add_used(&mut a.rx, mem, head, 0)?;
+                    self.muxer.on_lost_rx(&h);
+                }
+            }
+            used = true;
+        };
+        if used {
+            queue::notify_used(&mut a.rx, mem, a.interrupt.as_ref())?;
+        }
+        Ok(more)
+    }
+
+    /// The guest added receive buffers.
+    pub fn rx_buffers_added(&mut self) {
+        self.muxer.set_rx_stalled(false);
+    }
+
+    /// Takes the guest's packets. Returns true when the budget ran out
+    /// with packets left (the TX eventfd is re-armed).
+    pub fn process_tx(&mut self) -> bool {
+        if !self.running() || self.tx_paused {
+            return false;
+        }
+        match self.tx_loop() {
+            Ok(true) => {
+                let _ = self.queue_evts[TX_INDEX].write(1);
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                self.fail(&format!("virtio-vsock TX queue: {e}"));
+                false
+            }
+        }
+    }
+
+    fn tx_loop(&mut self) -> Result<bool, QueueError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        let mem = &a.mem;
+        let mut used = false;
+        let mut budget = BUDGET;
+        let more = 'outer: loop {
+            queue::disable_notification(&mut a.tx, mem)?;
+            loop {
+                if self.muxer.rx_backlog_full() {
+                    // Resumed by RX progress, not by a guest notification.
+                    self.tx_paused = true;
+                    break 'outer false;
+                }
+                if budget == 0 {
+                    break 'outer true;
+                }
+                let Some(chain) = queue::pop_chain(&mut a.tx, mem)? else {
+                    break;
+                };
+                budget -= 1;
+                let head = chain.head_index();
+                let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+                match packet::parse_tx(mem, &chain) {
+                    Ok(p) => match packet::read_payload(mem, &p.payload, &mut self.tx_buf) {
+                        Ok(()) => {
+                            self.muxer.counters.tx_packets += 1;
+                            self.muxer.on_guest_packet(&p.header, &self.tx_buf);
+                        }
+                        Err(e) => self.muxer.on_bad_packet(Some(p.header), e),
+                    },
+                    Err(bad) => self.muxer.on_bad_packet(bad.header, bad.error),
+                }
+                queue::add_used(&mut a.tx, mem, head, 0)?;
+                used = true;
+            }
+            if !queue::enable_notification(&mut a.tx, mem)? {
+                break false;
+            }
+        };
+        if used {
+            queue::notify_used(&mut a.tx, mem, a.interrupt.as_ref())?;
+        }
+        Ok(more)
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // le64 guest_cid.
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        check_queue_count(3, ctx.queues.len())?;
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 0,
+            });
+        };
+        debug_assert_eq!((RX_INDEX, TX_INDEX, EVENT_INDEX), (0, 1, 2));
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rx,
+            tx,
+            _event: event,
+            interrupt: ctx.interrupt,
+            failure: ctx.failure,
+        });
+        self.state_changed = true;
+        signal_state(&self.state_evt)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.state_changed = true;
+        if let Err(e) = signal_state(&self.state_evt) {
+            tracing::warn!("virtio-vsock: {e}");
+        }
+    }
+}
