@@ -3,6 +3,7 @@
 
 mod boot;
 mod io;
+mod run;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,8 @@ enum BenchWhat {
     Boot(boot::BootArgs),
     /// virtio-blk read and virtio-net TCP throughput: husk vs QEMU microvm.
     Io(io::IoArgs),
+    /// `run -- true` start to exit: husk run (split by stage) vs runc run.
+    Run(run::RunBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -28,6 +31,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
     match args.what {
         BenchWhat::Boot(b) => boot::boot(b),
         BenchWhat::Io(i) => io::io(i),
+        BenchWhat::Run(r) => run::run_bench(r),
     }
 }
 
