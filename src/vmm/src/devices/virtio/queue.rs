@@ -1,6 +1,6 @@
 //! Queue helpers shared by the devices: popping chains with the errors
 //! kept (virtio-queue's own pop swallows them), flattening a chain into
-//! checked segments, and used-ring notification.
+//! checked segments, used-ring notification, and the budgeted drain loop.
 
 use std::ops::Deref;
 
@@ -153,4 +153,70 @@ pub fn enable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<bool, Qu
 /// Turns driver notifications off while the device drains the ring.
 pub fn disable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<(), QueueError> {
     queue.disable_notification(mem).map_err(QueueError::Avail)
+}
+
+/// What a [`drain`] handler did with one chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes the device wrote into the chain (the used length).
+    pub len: u32,
+    /// Stop draining after this chain; the device resumes by other means.
+    pub stop: bool,
+}
+
+impl Served {
+    /// Served, `len` bytes written, keep going.
+    pub fn written(len: u32) -> Self {
+        Self { len, stop: false }
+    }
+}
+
+/// How a [`drain`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// The ring is empty and driver notifications are back on.
+    Empty,
+    /// `budget` chains were served; more may be waiting.
+    BudgetSpent,
+    /// The handler asked to stop.
+    Stopped,
+}
+
+/// Serves available chains with `handle`, at most `budget` of them, the way
+/// every device drains a queue: notifications off while draining, each
+/// chain put on the used ring with the handler's length, notifications
+/// re-enabled with a re-check for chains that raced in, and one used-buffer
+/// interrupt at the end if anything was used.
+pub fn drain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMem,
+    irq: &dyn VirtioInterrupt,
+    budget: usize,
+    mut handle: impl FnMut(DescriptorChain<&'m GuestMem>) -> Served,
+) -> Result<Drained, QueueError> {
+    let mut left = budget;
+    let mut used = false;
+    let outcome = 'drain: loop {
+        disable_notification(queue, mem)?;
+        while let Some(chain) = pop_chain(queue, mem)? {
+            let head = chain.head_index();
+            let served = handle(chain);
+            add_used(queue, mem, head, served.len)?;
+            used = true;
+            left -= 1;
+            if served.stop {
+                break 'drain Drained::Stopped;
+            }
+            if left == 0 {
+                break 'drain Drained::BudgetSpent;
+            }
+        }
+        if !enable_notification(queue, mem)? {
+            break Drained::Empty;
+        }
+    };
+    if used {
+        notify_used(queue, mem, irq)?;
+    }
+    Ok(outcome)
 }

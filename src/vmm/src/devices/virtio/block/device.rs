@@ -128,31 +128,14 @@ struct Exec<'a> {
 /// Returns true when the budget ran out with requests left.
 fn drain(a: &mut Active, ctx: &mut Exec<'_>) -> Result<bool, QueueError> {
     let mem = &a.mem;
-    let mut used = false;
-    let mut budget = BUDGET;
-    let more = loop {
-        queue::disable_notification(&mut a.queue, mem)?;
-        while let Some(chain) = queue::pop_chain(&mut a.queue, mem)? {
-            let head = chain.head_index();
-            let len = handle_chain(ctx, mem, collect_chain(chain, mem, MAX_DESCRIPTORS));
-            queue::add_used(&mut a.queue, mem, head, len)?;
-            used = true;
-            budget -= 1;
-            if budget == 0 {
-                break;
-            }
-        }
-        if budget == 0 {
-            break true;
-        }
-        if !queue::enable_notification(&mut a.queue, mem)? {
-            break false;
-        }
-    };
-    if used {
-        queue::notify_used(&mut a.queue, mem, a.interrupt.as_ref())?;
-    }
-    Ok(more)
+    let drained = queue::drain(&mut a.queue, mem, a.interrupt.as_ref(), BUDGET, |chain| {
+        queue::Served::written(handle_chain(
+            ctx,
+            mem,
+            collect_chain(chain, mem, MAX_DESCRIPTORS),
+        ))
+    })?;
+    Ok(drained == queue::Drained::BudgetSpent)
 }
 
 /// Handles one chain; returns the used length (bytes written to the guest).

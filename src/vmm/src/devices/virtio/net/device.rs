@@ -253,44 +253,25 @@ impl Net {
             return Ok(false);
         };
         let mem = &a.mem;
-        let mut used = false;
-        let mut budget = BUDGET;
-        let more = loop {
-            queue::disable_notification(&mut a.tx, mem)?;
-            while let Some(chain) = queue::pop_chain(&mut a.tx, mem)? {
-                let head = chain.head_index();
-                let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
-                match gather_packet(mem, &chain, &mut self.tx_buf) {
-                    Ok(()) => match self.tap.write(&self.tx_buf) {
-                        Ok(_) => self.counters.tx_frames += 1,
-                        Err(e) => {
-                            tracing::debug!("virtio-net: writing tap {}: {e}", self.tap.name());
-                            self.counters.tx_dropped += 1;
-                        }
-                    },
+        let (tap, tx_buf, counters) = (&mut self.tap, &mut self.tx_buf, &mut self.counters);
+        let drained = queue::drain(&mut a.tx, mem, a.interrupt.as_ref(), BUDGET, |chain| {
+            let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+            match gather_packet(mem, &chain, tx_buf) {
+                Ok(()) => match tap.write(tx_buf) {
+                    Ok(_) => counters.tx_frames += 1,
                     Err(e) => {
-                        tracing::debug!("virtio-net: dropped a guest frame: {e}");
-                        self.counters.tx_dropped += 1;
+                        tracing::debug!("virtio-net: writing tap {}: {e}", tap.name());
+                        counters.tx_dropped += 1;
                     }
-                }
-                queue::add_used(&mut a.tx, mem, head, 0)?;
-                used = true;
-                budget -= 1;
-                if budget == 0 {
-                    break;
+                },
+                Err(e) => {
+                    tracing::debug!("virtio-net: dropped a guest frame: {e}");
+                    counters.tx_dropped += 1;
                 }
             }
-            if budget == 0 {
-                break true;
-            }
-            if !queue::enable_notification(&mut a.tx, mem)? {
-                break false;
-            }
-        };
-        if used {
-            queue::notify_used(&mut a.tx, mem, a.interrupt.as_ref())?;
-        }
-        Ok(more)
+            queue::Served::written(0)
+        })?;
+        Ok(drained == queue::Drained::BudgetSpent)
     }
 }
 

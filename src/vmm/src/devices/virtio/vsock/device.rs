@@ -258,47 +258,36 @@ impl Vsock {
         let Some(a) = self.active.as_mut() else {
             return Ok(false);
         };
-        let mem = &a.mem;
-        let mut used = false;
-        let mut budget = BUDGET;
-        let more = 'outer: loop {
-            queue::disable_notification(&mut a.tx, mem)?;
-            loop {
-                if self.muxer.rx_backlog_full() {
-                    // Resumed by RX progress, not by a guest notification.
-                    self.tx_paused = true;
-                    break 'outer false;
-                }
-                if budget == 0 {
-                    break 'outer true;
-                }
-                let Some(chain) = queue::pop_chain(&mut a.tx, mem)? else {
-                    break;
-                };
-                budget -= 1;
-                let head = chain.head_index();
-                let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
-                match packet::parse_tx(mem, &chain) {
-                    Ok(p) => match packet::read_payload(mem, &p.payload, &mut self.tx_buf) {
-                        Ok(()) => {
-                            self.muxer.counters.tx_packets += 1;
-                            self.muxer.on_guest_packet(&p.header, &self.tx_buf);
-                        }
-                        Err(e) => self.muxer.on_bad_packet(Some(p.header), e),
-                    },
-                    Err(bad) => self.muxer.on_bad_packet(bad.header, bad.error),
-                }
-                queue::add_used(&mut a.tx, mem, head, 0)?;
-                used = true;
-            }
-            if !queue::enable_notification(&mut a.tx, mem)? {
-                break false;
-            }
-        };
-        if used {
-            queue::notify_used(&mut a.tx, mem, a.interrupt.as_ref())?;
+        // Resumed by RX progress, not by a guest notification: checked
+        // before draining and after every packet, never with a chain popped
+        // and unserved.
+        if self.muxer.rx_backlog_full() {
+            self.tx_paused = true;
+            return Ok(false);
         }
-        Ok(more)
+        let mem = &a.mem;
+        let (muxer, tx_buf) = (&mut self.muxer, &mut self.tx_buf);
+        let drained = queue::drain(&mut a.tx, mem, a.interrupt.as_ref(), BUDGET, |chain| {
+            let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+            match packet::parse_tx(mem, &chain) {
+                Ok(p) => match packet::read_payload(mem, &p.payload, tx_buf) {
+                    Ok(()) => {
+                        muxer.counters.tx_packets += 1;
+                        muxer.on_guest_packet(&p.header, tx_buf);
+                    }
+                    Err(e) => muxer.on_bad_packet(Some(p.header), e),
+                },
+                Err(bad) => muxer.on_bad_packet(bad.header, bad.error),
+            }
+            queue::Served {
+                len: 0,
+                stop: muxer.rx_backlog_full(),
+            }
+        })?;
+        if drained == queue::Drained::Stopped {
+            self.tx_paused = true;
+        }
+        Ok(drained == queue::Drained::BudgetSpent)
     }
 }
 
