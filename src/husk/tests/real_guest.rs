@@ -6,7 +6,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use support::{boot_timeout, husk, run_with_timeout};
+use support::{boot_timeout, husk, kernel, run_with_timeout};
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -17,18 +17,6 @@ files=$(/bin/busybox ls /proc | /bin/busybox wc -l)
 echo "HUSK-TEST-MARKER uptime=$up cpus=$cpus procfiles=$files"
 /bin/busybox reboot -f
 "#;
-
-fn kernel() -> PathBuf {
-    let k = std::env::var_os("HUSK_TEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(husk_vmm::default_kernel_path);
-    assert!(
-        k.exists(),
-        "guest kernel {} missing: build it with tools/build-guest-kernel (or set HUSK_TEST_KERNEL)",
-        k.display()
-    );
-    k
-}
 
 #[test]
 fn linux_boots_to_init_sees_two_cpus_and_reboots_cleanly() {

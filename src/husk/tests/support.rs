@@ -11,6 +11,20 @@ pub fn husk() -> Command {
     Command::new(env!("CARGO_BIN_EXE_husk"))
 }
 
+/// The guest kernel for real-guest tests: $HUSK_TEST_KERNEL, else the one
+/// tools/build-guest-kernel installed.
+pub fn kernel() -> std::path::PathBuf {
+    let k = std::env::var_os("HUSK_TEST_KERNEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(husk_vmm::default_kernel_path);
+    assert!(
+        k.exists(),
+        "guest kernel {} missing: build it with tools/build-guest-kernel (or set HUSK_TEST_KERNEL)",
+        k.display()
+    );
+    k
+}
+
 /// Seconds one real-guest boot may take. Guests are slow on kvm_pvm hosts
 /// (guest kernel code is emulated); set HUSK_TEST_BOOT_TIMEOUT to change.
 pub fn boot_timeout() -> Duration {

@@ -17,23 +17,11 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::{boot_timeout, husk, run_with_timeout};
+use support::{boot_timeout, husk, kernel, run_with_timeout};
 
 /// The guest command line: root on vda; husk adds the kvm_pvm workarounds.
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=1 root=/dev/vda ro rootfstype=ext4 init=/init";
-
-fn kernel() -> PathBuf {
-    let k = std::env::var_os("HUSK_TEST_KERNEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(husk_vmm::default_kernel_path);
-    assert!(
-        k.exists(),
-        "guest kernel {} missing: build it with tools/build-guest-kernel (or set HUSK_TEST_KERNEL)",
-        k.display()
-    );
-    k
-}
 
 fn need(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")

@@ -8,9 +8,7 @@ use crate::RuntimeError;
 
 /// husk's root directory.
 pub fn root() -> PathBuf {
-    std::env::var_os("HUSK_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/husk"))
+    husk_vmm::builder::husk_root()
 }
 
 /// The guest agent binary: `explicit`, else `$HUSK_AGENT`, else

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,7 +71,8 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         .unwrap_or(1);
     // Forwarded signals are blocked before any VMM thread exists, so only
     // our signalfd sees them.
-    let sigfd = forward_signalfd()?;
+    let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)
+        .map_err(|e| RuntimeError::Io("signalfd".into(), e))?;
     let run_dir = paths::new_run_dir("run")?;
     let started = husk_vmm::vstate::vcpu::monotonic_ns();
     let sandbox = Sandbox::boot(&SandboxConfig {
@@ -234,37 +235,6 @@ fn terminal_size() -> Option<(u16, u16)> {
     (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
 }
 
-/// Blocks the forwarded signals in this thread (and threads started
-/// later) and returns a signalfd for them.
-fn forward_signalfd() -> Result<OwnedFd, RuntimeError> {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
-    for s in FORWARDED {
-        // SAFETY: valid set and signal number.
-        unsafe { libc::sigaddset(&mut set, s) };
-    }
-    // SAFETY: valid set; the old mask is not needed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(RuntimeError::Io(
-            "sigprocmask".into(),
-            std::io::Error::from_raw_os_error(rc),
-        ));
-    }
-    // SAFETY: a new signalfd for an initialised set.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(RuntimeError::Io(
-            "signalfd".into(),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: signalfd returned a new fd nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Forwards signals from `fd` to the container until `done`.
 fn forward_signals(
     fd: OwnedFd,
@@ -283,21 +253,9 @@ fn forward_signals(
             if n <= 0 {
                 continue;
             }
-            // SAFETY: signalfd_siginfo is plain data.
-            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            let size = std::mem::size_of::<libc::signalfd_siginfo>();
-            // SAFETY: reads at most `size` bytes into `info`.
-            let r = unsafe {
-                libc::read(
-                    fd.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    size,
-                )
-            };
-            if r as usize != size {
+            let Some(signal) = husk_vmm::event_loop::read_signal(&fd) else {
                 continue;
-            }
-            let signal = info.ssi_signo as i32;
+            };
             if let Err(e) = client.signal(Signal {
                 container_id: CONTAINER_ID.into(),
                 exec_id: None,

@@ -68,11 +68,17 @@ pub enum BuildError {
     Virtio(#[from] AttachError),
 }
 
-/// The default guest kernel: `$HUSK_ROOT/kernel/vmlinux` (root defaults to
-/// /var/lib/husk), as installed by tools/build-guest-kernel.
+/// husk's state directory: `$HUSK_ROOT`, default /var/lib/husk.
+pub fn husk_root() -> PathBuf {
+    std::env::var_os("HUSK_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/husk"))
+}
+
+/// The default guest kernel: `<husk_root>/kernel/vmlinux`, as installed by
+/// tools/build-guest-kernel.
 pub fn default_kernel_path() -> PathBuf {
-    let root = std::env::var_os("HUSK_ROOT").unwrap_or_else(|| "/var/lib/husk".into());
-    PathBuf::from(root).join("kernel").join("vmlinux")
+    husk_root().join("kernel").join("vmlinux")
 }
 
 /// Where the guest console input comes from.
@@ -231,7 +237,8 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     // Start threads only once nothing else can fail, so an error leaves no
     // thread behind. They inherit a mask without the stop signals, which
     // the event loop reads from a signalfd instead.
-    event_loop::block_stop_signals().map_err(|e| BuildError::Host("sigprocmask", e))?;
+    event_loop::block_signals(&event_loop::STOP_SIGNALS)
+        .map_err(|e| BuildError::Host("sigprocmask", e))?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         match v.start() {
@@ -317,7 +324,7 @@ impl Vm {
             done.clone(),
         ))));
         if stop_on_signals {
-            match event_loop::stop_signalfd() {
+            match event_loop::signalfd(&event_loop::STOP_SIGNALS) {
                 Ok(fd) => {
                     em.add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
                         fd,

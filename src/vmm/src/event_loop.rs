@@ -42,22 +42,22 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-fn stop_sigset() -> libc::sigset_t {
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
     unsafe { libc::sigemptyset(&mut set) };
-    for sig in STOP_SIGNALS {
+    for &sig in signals {
         // SAFETY: as above; sig is a valid signal number.
         unsafe { libc::sigaddset(&mut set, sig) };
     }
     set
 }
 
-/// Blocks `STOP_SIGNALS` in the calling thread and in the threads it
-/// spawns afterwards (vCPUs), so they are only seen through the signalfd.
-pub fn block_stop_signals() -> std::io::Result<()> {
-    let set = stop_sigset();
+/// Blocks `signals` in the calling thread and in the threads it spawns
+/// afterwards (vCPUs), so they are only seen through a signalfd.
+pub fn block_signals(signals: &[libc::c_int]) -> std::io::Result<()> {
+    let set = sigset(signals);
     // SAFETY: `set` is initialised; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
@@ -66,10 +66,10 @@ pub fn block_stop_signals() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Blocks `STOP_SIGNALS` and returns a signalfd that reports them.
-pub fn stop_signalfd() -> std::io::Result<OwnedFd> {
-    block_stop_signals()?;
-    let set = stop_sigset();
+/// Blocks `signals` and returns a non-blocking signalfd that reports them.
+pub fn signalfd(signals: &[libc::c_int]) -> std::io::Result<OwnedFd> {
+    block_signals(signals)?;
+    let set = sigset(signals);
     // SAFETY: -1 asks for a new fd; `set` is initialised.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
     if fd < 0 {
@@ -77,6 +77,22 @@ pub fn stop_signalfd() -> std::io::Result<OwnedFd> {
     }
     // SAFETY: signalfd returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reads one signal number from a signalfd; None if none is pending.
+pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: we read at most `size` bytes into `info`.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n as usize == size).then_some(info.ssi_signo as i32)
 }
 
 /// Stops the VM when a stop signal arrives.
@@ -94,19 +110,8 @@ impl SignalWatcher {
 
 impl MutEventSubscriber for SignalWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        // SAFETY: signalfd_siginfo is plain data.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: we read at most `size` bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                &mut info as *mut _ as *mut libc::c_void,
-                size,
-            )
-        };
-        if n as usize == size {
-            self.latch.stop(VmExit::Killed(info.ssi_signo as i32));
+        if let Some(sig) = read_signal(&self.fd) {
+            self.latch.stop(VmExit::Killed(sig));
         }
     }
 
