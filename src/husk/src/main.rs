@@ -2,6 +2,7 @@
 //! command line to the libraries.
 
 mod bench;
+mod image;
 mod run;
 
 use std::path::PathBuf;
@@ -16,12 +17,23 @@ use husk_vmm::{ConsoleInputSource, VmExit};
 #[command(
     name = "husk",
     version,
-    about = "Run OCI containers inside KVM micro-VMs"
+    about = "Run OCI containers inside KVM micro-VMs",
+    after_help = "Environment (flags win over these):
+  HUSK_ROOT           husk's root directory: images, kernel, agent, state [default: /var/lib/husk]
+  HUSK_LOG            log filter, overrides --log-level (e.g. debug, husk_image=trace)
+  HUSK_AGENT          guest agent binary [default: $HUSK_ROOT/agent/husk-agent]
+  HUSK_BOOT_TIMEOUT   seconds a guest may take to boot and answer (husk run) [default: 30]
+  REGISTRY_AUTH_FILE  registry credentials file [default: $HUSK_ROOT/auth.json]
+  HOME                ~/.docker/config.json is read for credentials as a last resort"
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); HUSK_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+    /// husk's root directory (image store, kernel, agent, run state) [default: $HUSK_ROOT,
+    /// else /var/lib/husk].
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -32,8 +44,21 @@ enum Command {
     Vm(VmArgs),
     /// Write an uncompressed newc initramfs with husk's guest skeleton.
     Initramfs(InitramfsArgs),
-    /// Run a command in a container inside a fresh micro-VM.
+    /// Run a container from an image (or a --rootfs directory) inside a fresh micro-VM.
     Run(run::RunArgs),
+    /// Pull an image into the store and build its disk.
+    Pull(image::PullArgs),
+    /// List the images in the store.
+    Images(image::ImagesArgs),
+    /// Remove images from the store.
+    Rmi(image::RmiArgs),
+    /// Manage images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Store credentials for a registry.
+    Login(image::LoginArgs),
+    /// Remove stored credentials for a registry.
+    Logout(image::LogoutArgs),
     /// Benchmarks: husk side by side with other VMMs.
     Bench(bench::BenchArgs),
 }
@@ -98,9 +123,15 @@ fn main() -> ExitCode {
             if !e.use_stderr() {
                 return ExitCode::from(0);
             }
-            // Like `docker run`, `husk run` keeps 1..=124 for the container.
-            let is_run = std::env::args().nth(1).as_deref() == Some("run");
-            return ExitCode::from(if is_run {
+            // Like docker, `husk run` and the image commands keep 1..=124
+            // for the container and use 125 for their own failures.
+            let docker_like = std::env::args().skip(1).any(|a| {
+                matches!(
+                    a.as_str(),
+                    "run" | "pull" | "images" | "rmi" | "image" | "login" | "logout"
+                )
+            });
+            return ExitCode::from(if docker_like {
                 run::RUN_FAILURE
             } else {
                 code::USAGE
@@ -108,11 +139,22 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.log_level);
+    if let Some(root) = &cli.root {
+        // SAFETY-free: no other thread exists yet; every part of husk reads
+        // the root through HUSK_ROOT, so the flag wins by setting it.
+        std::env::set_var("HUSK_ROOT", root);
+    }
     let result = match cli.cmd {
         Command::Vm(args) => cmd_vm(args, start_ns),
         Command::Initramfs(args) => cmd_initramfs(args),
         Command::Bench(args) => bench::run(args),
         Command::Run(args) => return ExitCode::from(run::cmd_run(args, start_ns) as u8),
+        Command::Pull(a) => return ExitCode::from(image::cmd_pull(a) as u8),
+        Command::Images(a) => return ExitCode::from(image::cmd_images(a) as u8),
+        Command::Rmi(a) => return ExitCode::from(image::cmd_rmi(a) as u8),
+        Command::Image(c) => return ExitCode::from(image::cmd_image(c) as u8),
+        Command::Login(a) => return ExitCode::from(image::cmd_login(a) as u8),
+        Command::Logout(a) => return ExitCode::from(image::cmd_logout(a) as u8),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

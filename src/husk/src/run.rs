@@ -4,8 +4,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use husk_runtime::run::{self, RunOptions};
+use husk_image::oci::disk;
+use husk_image::oci::pull::{self, PullPolicy};
+use husk_image::oci::ImageRef;
+use husk_runtime::image::{self, Overrides};
+use husk_runtime::run::{self, Root, RunOptions};
 use husk_runtime::spec::{self, RunSpec};
+use husk_runtime::RuntimeError;
+
+use crate::image::RegistryArgs;
 
 /// docker's exit code for the runtime's own failures.
 pub const RUN_FAILURE: i32 = 125;
@@ -13,25 +20,37 @@ pub const RUN_FAILURE: i32 = 125;
 /// `husk run` arguments.
 #[derive(Args)]
 pub struct RunArgs {
-    /// Root filesystem of the container (a directory; converted to a
-    /// read-only ext4 image, cached).
+    /// Use this directory as the container's root instead of an image (converted to a
+    /// read-only ext4 image, cached); then every positional argument is the command.
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Remove the container when it exits (its writable layer lives in the VM's memory and
+    /// is always discarded with the VM; accepted for docker compatibility).
     #[arg(long)]
-    rootfs: PathBuf,
+    rm: bool,
     /// Keep stdin open and relay it to the container.
     #[arg(short, long)]
     interactive: bool,
     /// Allocate a terminal (a pty in the guest).
     #[arg(short, long)]
     tty: bool,
-    /// Environment variable K=V (repeatable).
+    /// Environment variable K=V, or K to pass husk's own value (repeatable; wins over
+    /// --env-file and the image's Env).
     #[arg(short, long = "env", value_name = "K=V")]
     env: Vec<String>,
-    /// Working directory inside the container.
+    /// Read environment variables from a file (K=V lines; repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Working directory inside the container (default: the image's WorkingDir).
     #[arg(short, long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
-    /// UID[:GID] to run as.
+    /// USER[:GROUP] to run as, names or numbers (names resolve through the image's
+    /// /etc/passwd and /etc/group; default: the image's User).
     #[arg(short, long)]
     user: Option<String>,
+    /// Override the image's Entrypoint ("" clears it; the image's Cmd is dropped too).
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
     /// Memory limit (e.g. 256m, 1g); the VM gets 128 MiB more.
     #[arg(long)]
     memory: Option<String>,
@@ -41,6 +60,17 @@ pub struct RunArgs {
     /// Container hostname.
     #[arg(long, default_value = "husk")]
     hostname: String,
+    /// Container name (unique among running containers).
+    #[arg(long)]
+    name: Option<String>,
+    /// When to pull the image: missing, always or never.
+    #[arg(long, default_value = "missing", value_name = "POLICY")]
+    pull: PullPolicy,
+    /// No pull progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
     /// Guest kernel (default: the one tools/build-guest-kernel built).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -54,9 +84,15 @@ pub struct RunArgs {
     /// Print the startup split (VMM, kernel, agent, exec, exit) on stderr.
     #[arg(long)]
     timing: bool,
-    /// Command and arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
+    /// IMAGE [CMD [ARG...]] (image: NAME[:TAG|@DIGEST], oci:DIR[:TAG],
+    /// oci-archive:FILE[:TAG], docker-archive:FILE); with --rootfs: CMD [ARG...].
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "IMAGE [CMD]"
+    )]
+    args: Vec<String>,
 }
 
 /// Runs a container; returns its exit code (125 for husk's own failures).
@@ -72,35 +108,90 @@ pub fn cmd_run(a: RunArgs, process_start_ns: u64) -> i32 {
 
 /// The flag, else $HUSK_BOOT_TIMEOUT, else 30 s (ample on VT-x hosts,
 /// where a guest boots in well under a second).
-fn boot_timeout(flag: Option<u64>) -> Result<u64, husk_runtime::RuntimeError> {
+fn boot_timeout(flag: Option<u64>) -> Result<u64, RuntimeError> {
     match (flag, std::env::var("HUSK_BOOT_TIMEOUT")) {
         (Some(s), _) => Ok(s),
         (None, Ok(v)) => v.trim().parse().map_err(|_| {
-            husk_runtime::RuntimeError::Invalid(format!(
-                "invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"
-            ))
+            RuntimeError::Invalid(format!("invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"))
         }),
         (None, Err(_)) => Ok(30),
     }
 }
 
-fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, husk_runtime::RuntimeError> {
+/// `-e K` takes husk's own value of K (dropped when unset), as docker.
+fn env_flags(env: &[String]) -> Vec<String> {
+    env.iter()
+        .filter_map(|e| {
+            if e.contains('=') {
+                Some(e.clone())
+            } else {
+                std::env::var(e).ok().map(|v| format!("{e}={v}"))
+            }
+        })
+        .collect()
+}
+
+/// The root disk and the run spec: from --rootfs, or from the image.
+fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeError> {
+    let mut env = Vec::new();
+    for f in &a.env_file {
+        env.extend(image::read_env_file(f)?);
+    }
+    env.extend(env_flags(&a.env));
+    let mut spec = base;
+    if let Some(dir) = &a.rootfs {
+        if a.entrypoint.is_some() {
+            return Err(RuntimeError::Invalid(
+                "--entrypoint needs an image (not --rootfs)".into(),
+            ));
+        }
+        spec.args = a.args.clone();
+        spec.env = env;
+        spec.cwd = a.workdir.clone();
+        spec.user = a.user.clone();
+        return Ok((Root::Dir(dir.clone()), spec));
+    }
+    let (reference, command) = a
+        .args
+        .split_first()
+        .ok_or_else(|| RuntimeError::Invalid("no image given".into()))?;
+    let r = ImageRef::parse(reference)?;
+    let store = crate::image::store()?;
+    let opts = crate::image::pull_options(&r, &a.registry, a.quiet)?;
+    let rec = pull::resolve(&store, &r, a.pull, &opts)?;
+    let config = pull::config(&store, &rec)?;
+    let overrides = Overrides {
+        entrypoint: a.entrypoint.clone(),
+        command: command.to_vec(),
+        env,
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
+    };
+    image::apply(&mut spec, config.config().as_ref(), &overrides, |u| {
+        Ok(disk::resolve_image_user(&store, &rec, u)?)
+    })?;
+    Ok((Root::Disk(store.disk_path(&rec.config_digest)?), spec))
+}
+
+fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
+    // The writable layer is a tmpfs in the guest: it always goes with the VM.
+    let _always_removed = a.rm;
     let memory = a.memory.as_deref().map(spec::parse_size).transpose()?;
+    let base = RunSpec {
+        memory,
+        cpus: a.cpus,
+        tty: a.tty,
+        hostname: a.hostname.clone(),
+        ..Default::default()
+    };
+    let (root, spec) = root_and_spec(&a, base)?;
     let opts = RunOptions {
-        rootfs: a.rootfs,
-        spec: RunSpec {
-            args: a.command,
-            env: a.env,
-            cwd: a.workdir,
-            user: a.user,
-            memory,
-            cpus: a.cpus,
-            tty: a.tty,
-            hostname: a.hostname,
-        },
+        root,
+        spec,
+        name: a.name.clone(),
         interactive: a.interactive,
-        kernel: a.kernel,
-        agent: a.agent,
+        kernel: a.kernel.clone(),
+        agent: a.agent.clone(),
         boot_timeout: Duration::from_secs(boot_timeout(a.boot_timeout)?),
     };
     let outcome = run::run(&opts)?;

@@ -1,6 +1,7 @@
 //! Containers in micro-VMs, host side: a sandbox is one VM whose PID 1 is
 //! husk's guest agent; `husk run` creates one container in it.
 
+pub mod image;
 pub mod paths;
 pub mod run;
 pub mod sandbox;
@@ -19,6 +20,9 @@ pub enum RuntimeError {
     /// The rootfs could not be turned into an image.
     #[error(transparent)]
     Image(#[from] husk_image::ext4::Ext4Error),
+    /// An OCI image could not be pulled or used.
+    #[error(transparent)]
+    Oci(#[from] husk_image::oci::OciError),
     /// The agent initramfs could not be written.
     #[error(transparent)]
     Initramfs(#[from] husk_image::initramfs::InitramfsError),

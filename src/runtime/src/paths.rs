@@ -64,3 +64,39 @@ pub fn new_run_dir(tag: &str) -> Result<PathBuf, RuntimeError> {
     std::fs::create_dir(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
     Ok(dir)
 }
+
+/// The run directory of a named container, with the name's lock held (a
+/// shared name is refused while its holder runs; a dead holder's
+/// directory is reused).
+pub fn claim_name(name: &str) -> Result<(PathBuf, std::fs::File), RuntimeError> {
+    use std::os::fd::AsRawFd;
+    let valid = name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !valid {
+        return Err(RuntimeError::Invalid(format!(
+            "invalid container name {name:?}: [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 64"
+        )));
+    }
+    let base = root().join("run");
+    std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
+    let lock_path = base.join(format!("name-{name}.lock"));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| RuntimeError::Io(lock_path.display().to_string(), e))?;
+    // SAFETY: flock on an fd we own; non-blocking.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(RuntimeError::Invalid(format!(
+            "the container name {name:?} is already in use by a running container"
+        )));
+    }
+    let dir = base.join(format!("name-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
+    Ok((dir, lock))
+}

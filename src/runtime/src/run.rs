@@ -23,13 +23,24 @@ const CONTAINER_ID: &str = "run";
 /// Signals `husk run` forwards to the container.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
+/// The container's root filesystem.
+#[derive(Debug, Clone)]
+pub enum Root {
+    /// A directory, turned into a cached read-only ext4 image.
+    Dir(PathBuf),
+    /// A read-only ext4 disk already built (an OCI image's, from the store).
+    Disk(PathBuf),
+}
+
 /// `husk run` options.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The container's root filesystem, a directory.
-    pub rootfs: PathBuf,
+    /// The container's root filesystem.
+    pub root: Root,
     /// Process and limits.
     pub spec: RunSpec,
+    /// Container name, unique among running containers; None: anonymous.
+    pub name: Option<String>,
     /// Keep stdin open and relay it.
     pub interactive: bool,
     /// Guest kernel; None: default.
@@ -61,7 +72,10 @@ pub fn vm_mem_mib(limit: Option<u64>) -> u64 {
 /// Runs the container; returns its exit status.
 pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     let spec = spec::build(&o.spec)?;
-    let image = husk_image::ext4::image_for_dir(&o.rootfs, &paths::image_cache())?;
+    let image = match &o.root {
+        Root::Dir(dir) => husk_image::ext4::image_for_dir(dir, &paths::image_cache())?,
+        Root::Disk(disk) => disk.clone(),
+    };
     let agent = paths::agent_binary(o.agent.as_deref())?;
     let initramfs = paths::agent_initramfs(&agent)?;
     let vcpus = o
@@ -73,7 +87,13 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     // our signalfd sees them.
     let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)
         .map_err(|e| RuntimeError::Io("signalfd".into(), e))?;
-    let run_dir = paths::new_run_dir("run")?;
+    let (run_dir, _name_lock) = match &o.name {
+        Some(n) => {
+            let (dir, lock) = paths::claim_name(n)?;
+            (dir, Some(lock))
+        }
+        None => (paths::new_run_dir("run")?, None),
+    };
     let started = husk_vmm::vstate::vcpu::monotonic_ns();
     let sandbox = Sandbox::boot(&SandboxConfig {
         kernel: o.kernel.clone(),

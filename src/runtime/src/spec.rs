@@ -26,6 +26,8 @@ pub struct RunSpec {
     pub tty: bool,
     /// Hostname.
     pub hostname: String,
+    /// Supplementary groups (from the image's /etc/group).
+    pub additional_gids: Vec<u32>,
 }
 
 /// Docker's default capability set.
@@ -119,6 +121,7 @@ pub fn build(r: &RunSpec) -> Result<Spec, RuntimeError> {
         let user = UserBuilder::default()
             .uid(uid)
             .gid(gid)
+            .additional_gids(r.additional_gids.clone())
             .build()
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         process.set_user(user);
@@ -195,6 +198,7 @@ mod tests {
             cpus: Some(1.5),
             tty: true,
             hostname: "box".into(),
+            additional_gids: vec![10],
         })
         .unwrap();
         let p = s.process().as_ref().unwrap();
@@ -206,6 +210,7 @@ mod tests {
         assert!(env.contains(&"TERM=xterm".to_string()));
         assert_eq!(p.cwd().to_str(), Some("/tmp"));
         assert_eq!((p.user().uid(), p.user().gid()), (1000, 100));
+        assert_eq!(p.user().additional_gids().as_deref(), Some(&[10][..]));
         assert_eq!(p.terminal(), Some(true));
         let linux = s.linux().as_ref().unwrap();
         let res = linux.resources().as_ref().unwrap();
