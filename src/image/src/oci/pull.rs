@@ -164,6 +164,12 @@ pub fn pull(store: &Store, r: &ImageRef, opts: &PullOptions) -> Result<ImageReco
     if let Some(dir) = scratch {
         let _ = std::fs::remove_dir_all(dir);
     }
+    if result.is_err() {
+        // Blobs of a failed pull belong to no image: leave the store as it was.
+        if let Err(e) = store.gc(&lock) {
+            tracing::warn!("cleaning up after a failed pull: {e}");
+        }
+    }
     result
 }
 
