@@ -140,7 +140,12 @@ fn registry_pulls_anonymous_basic_and_bearer() {
     ]));
     ok(&husk_in(&root, &["pull", "-q", &multi]));
     // What the registry serves (skopeo may re-serialize when it copies).
-    let raw = sh(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{multi}")]));
+    let raw = sh(Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{multi}"),
+    ]));
     let served: serde_json::Value = serde_json::from_str(&raw).unwrap();
     let amd64 = served["manifests"]
         .as_array()
@@ -150,7 +155,10 @@ fn registry_pulls_anonymous_basic_and_bearer() {
         .unwrap();
     let rec = record(&root, &multi);
     assert_eq!(rec["manifest_digest"], amd64["digest"]);
-    assert_eq!(rec["index_digest"].as_str().unwrap(), digest(raw.as_bytes()));
+    assert_eq!(
+        rec["index_digest"].as_str().unwrap(),
+        digest(raw.as_bytes())
+    );
     assert_eq!(served["manifests"].as_array().unwrap().len(), 2);
     // An index without linux/amd64.
     let arm_only = format!("{}/test/busybox:arm", plain.addr);

@@ -137,6 +137,11 @@ pub fn build(r: &RunSpec) -> Result<Spec, RuntimeError> {
     process.set_capabilities(Some(lc));
     spec.set_process(Some(process));
     spec.set_hostname(Some(r.hostname.clone()));
+    // docker run: a writable root (the overlay's upper layer in the guest).
+    // oci-spec's default root is read-only.
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_readonly(Some(false));
+    spec.set_root(Some(root));
 
     let mut linux = spec.linux().clone().unwrap_or_default();
     // The VM is the isolation boundary for the network: the container
@@ -220,6 +225,7 @@ mod tests {
         assert!(ns.iter().all(|n| n.typ() != LinuxNamespaceType::Network));
         assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
         assert_eq!(s.hostname().as_deref(), Some("box"));
+        assert_eq!(s.root().as_ref().unwrap().readonly(), Some(false));
     }
 
     #[test]
