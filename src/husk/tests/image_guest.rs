@@ -176,8 +176,13 @@ fn image_config_overrides_and_isolated_containers_of_one_image() {
     let mut rb = BufReader::new(b.stdout.take().unwrap());
     let mut head_a = until_ready(&mut ra);
     let mut head_b = until_ready(&mut rb);
-    for s in [a.stdin.take(), b.stdin.take()].into_iter().flatten() {
-        let mut s = s;
+    // stdin stays open until the containers exit (EOF racing the exit once
+    // ended B with "connection closed by peer": see the issue note).
+    let mut stdins: Vec<_> = [a.stdin.take(), b.stdin.take()]
+        .into_iter()
+        .flatten()
+        .collect();
+    for s in &mut stdins {
         s.write_all(b"\n").unwrap();
     }
     ra.read_to_string(&mut head_a).unwrap();
@@ -185,6 +190,7 @@ fn image_config_overrides_and_isolated_containers_of_one_image() {
     let (code_a, _, err_a) = finish(a, deadline);
     let (code_b, _, err_b) = finish(b, deadline);
     let (code_c, out_c, err_c) = finish(c, deadline);
+    drop(stdins);
     let (out_a, out_b) = (head_a, head_b);
     assert_eq!(code_a, 0, "{err_a}");
     assert_eq!(
