@@ -22,7 +22,7 @@ use crate::container::plan::{
 };
 use crate::log;
 use crate::reaper::ProcessTable;
-use crate::state::{Container, Proc, StdioEnds};
+use crate::state::{Container, InFlight, Proc, StdioEnds};
 use crate::sys;
 
 /// How the agent behaves.
@@ -35,6 +35,11 @@ pub struct AgentConfig {
     pub reboot_on_exit: bool,
     /// How long `Wait` (and the reboot) waits for output streams to drain.
     pub drain_timeout: Duration,
+    /// How long the reboot after a container's exit waits for the host to
+    /// close its control connections (the host stops the VM itself once it
+    /// has read the exit status; rebooting earlier could lose the status
+    /// while it is still in the guest's vsock queues).
+    pub host_grace: Duration,
     /// Manage cgroups (off when none is mounted).
     pub cgroups: bool,
 }
@@ -45,6 +50,7 @@ impl Default for AgentConfig {
             staging_dir: PathBuf::from("/run/husk"),
             reboot_on_exit: false,
             drain_timeout: Duration::from_secs(5),
+            host_grace: Duration::from_secs(30),
             cgroups: true,
         }
     }
@@ -76,6 +82,8 @@ pub struct Agent {
     cap_last_cap: u32,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<HashSet<String>>,
+    /// Open control connections from the host.
+    hosts: InFlight,
     started_ns: u64,
     ready_ns: AtomicU64,
     on_shutdown: Box<dyn Fn() + Send + Sync>,
@@ -102,10 +110,17 @@ impl Agent {
             cap_last_cap: kernel_last_cap(),
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            hosts: InFlight::default(),
             started_ns,
             ready_ns: AtomicU64::new(started_ns),
             on_shutdown,
         })
+    }
+
+    /// Counts a control connection as open until the guard drops.
+    pub fn host_attached(self: &Arc<Self>) -> HostGuard {
+        self.hosts.begin();
+        HostGuard(Arc::clone(self))
     }
 
     /// Records the moment the agent listens.
@@ -341,6 +356,7 @@ impl Agent {
                 exit_code,
                 signal,
                 oom_killed,
+                output_drained: false,
                 timestamps: Timestamps::default(),
             };
             if !is_init {
@@ -363,6 +379,9 @@ impl Agent {
             if agent.cfg.reboot_on_exit {
                 proc.wait_delivered();
                 proc.relays.wait_idle(agent.cfg.drain_timeout);
+                if !agent.hosts.wait_idle(agent.cfg.host_grace) {
+                    log!("the host kept its control connection open; rebooting anyway");
+                }
                 log!(
                     "container {} exited with {exit_code}; rebooting",
                     container.id
@@ -468,8 +487,8 @@ impl Agent {
     /// Blocks until the process exited and its attached output drained.
     pub fn wait(&self, r: &ProcessRef) -> Result<(Arc<Proc>, ExitStatus), ErrorBody> {
         let proc = self.find_process(&r.container_id, r.exec_id.as_deref())?;
-        let status = proc.wait_exit();
-        proc.relays.wait_idle(self.cfg.drain_timeout);
+        let mut status = proc.wait_exit();
+        status.output_drained = proc.relays.wait_idle(self.cfg.drain_timeout);
         proc.close_unattached();
         Ok((proc, status))
     }
@@ -530,6 +549,15 @@ impl Agent {
             let e = sys::reboot();
             log!("reboot failed: {e}");
         })
+    }
+}
+
+/// A host control connection, counted while it is open.
+pub struct HostGuard(Arc<Agent>);
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        self.0.hosts.end();
     }
 }
 

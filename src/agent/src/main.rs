@@ -74,7 +74,7 @@ fn pid1(started_ns: u64) -> ! {
         staging_dir: PathBuf::from("/run/husk"),
         reboot_on_exit: true,
         drain_timeout: opts.drain_timeout,
-        cgroups: true,
+        ..AgentConfig::default()
     };
     let agent = Agent::new(cfg, table, started_ns, Agent::reboot_hook());
     let control = VsockListener::bind(CONTROL_PORT)

@@ -61,6 +61,7 @@ pub fn serve_control<C: Conn>(agent: &Arc<Agent>, mut conn: C) {
         log!("control connection: {e}");
         return;
     }
+    let _attached = agent.host_attached();
     let writer = match conn.try_clone_conn() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(e) => {

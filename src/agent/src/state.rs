@@ -14,21 +14,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Counts running output relays so that `Wait` (and the reboot after the
-/// container exits) can let them drain first.
+/// Counts things in flight (a process's output relays, the host's control
+/// connections) so that whoever must not cut them off can wait for them.
 #[derive(Default)]
-pub struct RelayGroup {
+pub struct InFlight {
     active: Mutex<usize>,
     idle: Condvar,
 }
 
-impl RelayGroup {
-    /// A relay started.
+impl InFlight {
+    /// One started.
     pub fn begin(&self) {
         *lock(&self.active) += 1;
     }
 
-    /// A relay finished.
+    /// One finished.
     pub fn end(&self) {
         let mut n = lock(&self.active);
         *n = n.saturating_sub(1);
@@ -37,7 +37,7 @@ impl RelayGroup {
         }
     }
 
-    /// Waits until no relay runs, at most `timeout`; returns whether idle.
+    /// Waits until none is in flight, at most `timeout`; returns whether idle.
     pub fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut n = lock(&self.active);
@@ -96,7 +96,7 @@ pub struct Proc {
     /// A copy of the pty master for resizing.
     pub pty_control: Option<OwnedFd>,
     /// Output relays.
-    pub relays: RelayGroup,
+    pub relays: InFlight,
     stdio: Mutex<StdioEnds>,
     attached: Mutex<Vec<StreamKind>>,
     state: Mutex<ProcState>,
@@ -118,7 +118,7 @@ impl Proc {
             terminal,
             stdin,
             pty_control,
-            relays: RelayGroup::default(),
+            relays: InFlight::default(),
             stdio: Mutex::new(stdio),
             attached: Mutex::new(Vec::new()),
             state: Mutex::new(ProcState {

@@ -176,8 +176,8 @@ fn image_config_overrides_and_isolated_containers_of_one_image() {
     let mut rb = BufReader::new(b.stdout.take().unwrap());
     let mut head_a = until_ready(&mut ra);
     let mut head_b = until_ready(&mut rb);
-    // stdin stays open until the containers exit (EOF racing the exit once
-    // ended B with "connection closed by peer": see the issue note).
+    // stdin stays open until the containers exit, as an interactive user's
+    // would.
     let mut stdins: Vec<_> = [a.stdin.take(), b.stdin.take()]
         .into_iter()
         .flatten()

@@ -266,6 +266,12 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// The container's cgroup recorded an OOM kill while it ran.
     pub oom_killed: bool,
+    /// Every attached output stream of the process had reached its end
+    /// when the status was sent: the host can wait for their last bytes.
+    /// False when something (a background process) still held them after
+    /// the agent's drain timeout.
+    #[serde(default)]
+    pub output_drained: bool,
     /// Agent timestamps, complete.
     pub timestamps: Timestamps,
 }

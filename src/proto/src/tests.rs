@@ -95,6 +95,7 @@ fn all_responses() -> Vec<Outcome> {
             exit_code: 137,
             signal: Some(9),
             oom_killed: true,
+            output_drained: true,
             timestamps: timestamps(),
         })),
         Outcome::Ok(Response::TtyResized),
@@ -364,6 +365,7 @@ fn fake_agent(mut s: UnixStream) {
                         exit_code: 3,
                         signal: None,
                         oom_killed: false,
+                        output_drained: true,
                         timestamps: Timestamps::default(),
                     }));
                     write_frame(&mut s, &ResponseFrame { id, result }).unwrap();

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use husk_proto::{
@@ -22,6 +22,9 @@ use crate::{paths, RuntimeError};
 const CONTAINER_ID: &str = "run";
 /// Signals `husk run` forwards to the container.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+/// How long output may still come after the agent said a background
+/// process holds it open.
+const UNDRAINED_GRACE: Duration = Duration::from_secs(1);
 
 /// The container's root filesystem.
 #[derive(Debug, Clone)]
@@ -106,19 +109,21 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     let budget = o.boot_timeout.as_secs();
     let deadline = Instant::now() + o.boot_timeout;
     let mut control = sandbox.control(deadline, budget)?;
-    control.create_container(CreateContainer {
-        container_id: CONTAINER_ID.into(),
-        spec: Box::new(spec),
-        rootfs: Rootfs {
-            device: "/dev/vda".into(),
-            fstype: "ext4".into(),
-            read_only: true,
-        },
-        scratch: Scratch::Tmpfs { size_bytes: None },
-        stdin: o.interactive,
-    })?;
+    control
+        .create_container(CreateContainer {
+            container_id: CONTAINER_ID.into(),
+            spec: Box::new(spec),
+            rootfs: Rootfs {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                read_only: true,
+            },
+            scratch: Scratch::Tmpfs { size_bytes: None },
+            stdin: o.interactive,
+        })
+        .map_err(|e| sandbox.explain(e.into()))?;
 
-    let mut relays = Vec::new();
+    let mut relays = Relays::default();
     let mut raw_terminal = None;
     let mut pty = None;
     if o.spec.tty {
@@ -128,7 +133,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
             budget,
         )?;
         raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
-        relays.push(copy_thread(clone(&s)?, std::io::stdout()));
+        relays.spawn(clone(&s)?, std::io::stdout());
         if o.interactive {
             spawn_stdin(clone(&s)?, false);
         }
@@ -144,8 +149,8 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
             deadline,
             budget,
         )?;
-        relays.push(copy_thread(out, std::io::stdout()));
-        relays.push(copy_thread(err, std::io::stderr()));
+        relays.spawn(out, std::io::stdout());
+        relays.spawn(err, std::io::stderr());
         if o.interactive {
             let inp = sandbox.stream(
                 Sandbox::hello(CONTAINER_ID, StreamKind::Stdin),
@@ -155,7 +160,9 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
             spawn_stdin(inp, true);
         }
     }
-    control.start(CONTAINER_ID)?;
+    control
+        .start(CONTAINER_ID)
+        .map_err(|e| sandbox.explain(e.into()))?;
     if pty.is_some() {
         if let Some((rows, cols)) = terminal_size() {
             let _ = control.resize_tty(ResizeTty {
@@ -174,22 +181,32 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
             None
         }
     };
-    let status = control.wait(ProcessRef {
-        container_id: CONTAINER_ID.into(),
-        exec_id: None,
-    })?;
+    let status = control
+        .wait(ProcessRef {
+            container_id: CONTAINER_ID.into(),
+            exec_id: None,
+        })
+        .map_err(|e| sandbox.explain(e.into()))?;
     done.store(true, Ordering::SeqCst);
-    for r in relays {
-        let _ = r.join();
-    }
+    // The agent answered once the output reached its end (or gave up on a
+    // background process holding it): wait for the last bytes in the
+    // first case, briefly in the second.
+    let drain = if status.output_drained {
+        o.boot_timeout
+    } else {
+        UNDRAINED_GRACE
+    };
+    relays.wait(drain);
     drop(raw_terminal);
     if let Some(f) = forwarder {
         let _ = f.join();
     }
-    // The agent reboots the guest once the status is delivered.
-    let exit = sandbox.wait(Duration::from_secs(30));
-    if !exit.is_clean() {
-        tracing::warn!("VM ended with: {exit}");
+    // Nothing more is needed from the guest: end the VM now rather than
+    // wait for it to reboot itself.
+    if let Some(exit) = sandbox.stop_now() {
+        if !exit.is_clean() {
+            tracing::warn!("VM ended with: {exit}");
+        }
     }
     Ok(RunOutcome {
         status,
@@ -202,25 +219,55 @@ fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {
         .map_err(|e| RuntimeError::Io("vsock stream".into(), e))
 }
 
-/// Copies a stream to a host writer until EOF.
-fn copy_thread<W: Write + Send + 'static>(
-    mut from: UnixStream,
-    mut to: W,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 32 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
+/// Threads copying guest output streams to host writers until EOF.
+struct Relays {
+    tx: mpsc::Sender<()>,
+    rx: mpsc::Receiver<()>,
+    running: usize,
+}
+
+impl Default for Relays {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Relays { tx, rx, running: 0 }
+    }
+}
+
+impl Relays {
+    /// Copies `from` to `to` until EOF, in a thread.
+    fn spawn<W: Write + Send + 'static>(&mut self, mut from: UnixStream, mut to: W) {
+        let done = self.tx.clone();
+        self.running += 1;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 32 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let _ = to.flush();
                     }
-                    let _ = to.flush();
                 }
             }
+            let _ = done.send(());
+        });
+    }
+
+    /// Waits up to `timeout` for every stream to end. Threads still
+    /// running end when the VM stops (their sockets close).
+    fn wait(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.running > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.rx.recv_timeout(left).is_err() {
+                tracing::warn!("{} output stream(s) still open; not waiting", self.running);
+                return;
+            }
+            self.running -= 1;
         }
-    })
+    }
 }
 
 /// Copies husk's stdin to the stream; at EOF half-closes it (the

@@ -155,6 +155,32 @@ impl Sandbox {
         self.latch.stop(VmExit::Killed(libc::SIGKILL));
     }
 
+    /// Stops the VM now; returns how it ended if it had ended by itself.
+    pub fn stop_now(mut self) -> Option<VmExit> {
+        let earlier = self.stopped();
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        earlier
+    }
+
+    /// Turns a broken agent connection into the reason the VM stopped, with
+    /// the last guest console line, when it did stop (within a second).
+    pub fn explain(&self, e: RuntimeError) -> RuntimeError {
+        if !matches!(e, RuntimeError::Agent(husk_proto::ProtoError::Frame(_))) {
+            return e;
+        }
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.stopped().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match self.stopped() {
+            Some(r) => RuntimeError::VmStopped(format!("{r}{}", self.console_tail())),
+            None => e,
+        }
+    }
+
     /// Waits up to `timeout` for the guest to end the VM, then stops it.
     pub fn wait(mut self, timeout: Duration) -> VmExit {
         let deadline = Instant::now() + timeout;
