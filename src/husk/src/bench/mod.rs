@@ -2,6 +2,7 @@
 //! guest kernel, printed as ratios. Benchmarks are programs, not tests.
 
 mod boot;
+mod image;
 mod io;
 mod run;
 
@@ -24,6 +25,8 @@ enum BenchWhat {
     Io(io::IoArgs),
     /// `run -- true` start to exit: husk run (split by stage) vs runc run.
     Run(run::RunBenchArgs),
+    /// An OCI image: cold pull, warm husk run vs runc run, disk per container.
+    Image(image::ImageBenchArgs),
 }
 
 /// Runs a benchmark.
@@ -32,6 +35,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         BenchWhat::Boot(b) => boot::boot(b),
         BenchWhat::Io(i) => io::io(i),
         BenchWhat::Run(r) => run::run_bench(r),
+        BenchWhat::Image(i) => image::image_bench(i),
     }
 }
 

@@ -48,7 +48,7 @@ fn busybox_tree(dir: &Path, busybox: &Path) -> Result<PathBuf, String> {
 }
 
 /// An OCI bundle for runc: `runc spec`, then `true`, no terminal, our root.
-fn runc_bundle(dir: &Path, rootfs: &Path, runc: &str) -> Result<PathBuf, String> {
+pub(super) fn runc_bundle(dir: &Path, rootfs: &Path, runc: &str) -> Result<PathBuf, String> {
     let bundle = dir.join("bundle");
     std::fs::create_dir_all(&bundle).map_err(|e| e.to_string())?;
     let o = Command::new(runc)

@@ -50,6 +50,22 @@ pub fn ensure(store: &Store, rec: &ImageRecord, quiet: bool) -> Result<PathBuf, 
     result.map(|()| out)
 }
 
+/// Applies the image's layers in order to `dest`, a directory that must
+/// not exist yet (the image's flattened tree, as the disk holds it).
+pub fn unpack(store: &Store, rec: &ImageRecord, dest: &Path) -> Result<(), OciError> {
+    let config = pull::config(store, rec)?;
+    let diff_ids = config.rootfs().diff_ids();
+    fs::create_dir(dest).map_err(io_err(dest))?;
+    let mut applier = Applier::new();
+    for (digest, diff_id) in rec.layers.iter().zip(diff_ids) {
+        let p = store.blob_path(digest)?;
+        let f = fs::File::open(&p).map_err(io_err(&p))?;
+        let stream = decompress(f).map_err(io_err(&p))?;
+        applier.apply(dest, digest, stream, Some(diff_id))?;
+    }
+    applier.finish().map_err(io_err(dest))
+}
+
 fn build(
     store: &Store,
     rec: &ImageRecord,
@@ -57,17 +73,7 @@ fn build(
     out: &Path,
     spinner: &ProgressBar,
 ) -> Result<(), OciError> {
-    let config = pull::config(store, rec)?;
-    let diff_ids = config.rootfs().diff_ids();
-    fs::create_dir(staging).map_err(io_err(staging))?;
-    let mut applier = Applier::new();
-    for (digest, diff_id) in rec.layers.iter().zip(diff_ids) {
-        let p = store.blob_path(digest)?;
-        let f = fs::File::open(&p).map_err(io_err(&p))?;
-        let stream = decompress(f).map_err(io_err(&p))?;
-        applier.apply(staging, digest, stream, Some(diff_id))?;
-    }
-    applier.finish().map_err(io_err(staging))?;
+    unpack(store, rec, staging)?;
     for name in ["passwd", "group"] {
         keep_accounts_file(store, &rec.config_digest, staging, name)?;
     }
