@@ -4,6 +4,7 @@
 mod bench;
 mod image;
 mod run;
+mod runc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,9 +32,13 @@ struct Cli {
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
     /// husk's root directory (image store, kernel, agent, run state) [default: $HUSK_ROOT,
-    /// else /var/lib/husk].
+    /// else /var/lib/husk]. For runc's commands (create, start, state, kill, delete, list)
+    /// it is runc's state root instead [default: /run/husk]; images, kernel and agent then
+    /// come from $HUSK_ROOT.
     #[arg(long, global = true, value_name = "DIR")]
     root: Option<PathBuf>,
+    #[command(flatten)]
+    runc: runc::RuncGlobals,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -61,6 +66,8 @@ enum Command {
     Logout(image::LogoutArgs),
     /// Benchmarks: husk side by side with other VMMs.
     Bench(bench::BenchArgs),
+    #[command(flatten)]
+    Runc(runc::RuncCommand),
 }
 
 #[derive(Args)]
@@ -138,7 +145,15 @@ fn main() -> ExitCode {
             } as u8);
         }
     };
-    init_logging(&cli.log_level);
+    if let Command::Runc(c) = cli.cmd {
+        let log_file = match &c {
+            runc::RuncCommand::VmmServe { dir } => Some(dir.join("vmm.log")),
+            _ => None,
+        };
+        init_logging(&cli.log_level, log_file.as_deref());
+        return ExitCode::from(runc::cmd(c, cli.root, &cli.runc, &cli.log_level) as u8);
+    }
+    init_logging(&cli.log_level, None);
     if let Some(root) = &cli.root {
         // SAFETY-free: no other thread exists yet; every part of husk reads
         // the root through HUSK_ROOT, so the flag wins by setting it.
@@ -155,6 +170,7 @@ fn main() -> ExitCode {
         Command::Image(c) => return ExitCode::from(image::cmd_image(c) as u8),
         Command::Login(a) => return ExitCode::from(image::cmd_login(a) as u8),
         Command::Logout(a) => return ExitCode::from(image::cmd_logout(a) as u8),
+        Command::Runc(_) => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),
@@ -165,15 +181,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+/// Logs to stderr, or to `file` (the VMM process of a runtime container:
+/// its stderr is the container's).
+fn init_logging(level: &str, file: Option<&std::path::Path>) {
     let filter = std::env::var("HUSK_LOG").unwrap_or_else(|_| level.to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match file.and_then(|p| std::fs::File::create(p).ok()) {
+        Some(f) => builder
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(f))
+            .init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
 }
 
 fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {

@@ -13,24 +13,7 @@ use std::time::{Duration, Instant};
 
 use husk_proto::{Exec, ProcessRef, Signal, StreamHello, StreamKind, PROTOCOL_VERSION};
 use husk_runtime::sandbox::{Sandbox, SandboxConfig};
-use support::{boot_timeout, husk, run_with_timeout};
-
-/// A busybox root filesystem: /bin/busybox plus an applet link per command.
-fn busybox_tree(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("/bin/busybox (busybox-static)");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    root
-}
+use support::{boot_timeout, busybox_tree, husk, run_with_timeout};
 
 struct Scratch(PathBuf);
 impl Drop for Scratch {

@@ -4,6 +4,7 @@
 pub mod image;
 pub mod paths;
 pub mod run;
+pub mod runc;
 pub mod sandbox;
 pub mod spec;
 pub mod uds;
@@ -41,6 +42,9 @@ pub enum RuntimeError {
     /// A stdio stream was rejected.
     #[error("guest agent refused the {0} stream: {1}")]
     StreamRejected(String, String),
+    /// No container with this id.
+    #[error("container does not exist")]
+    NotFound(String),
     /// Invalid user input.
     #[error("{0}")]
     Invalid(String),

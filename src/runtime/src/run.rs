@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use husk_proto::{
-    CreateContainer, ExitStatus, ProcessRef, ResizeTty, Rootfs, Scratch, Signal, StreamKind,
+    Client, CreateContainer, ExitStatus, ProcessRef, ResizeTty, Rootfs, Scratch, Signal, StreamKind,
 };
 
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -19,7 +19,7 @@ use crate::spec::{self, RunSpec};
 use crate::{paths, RuntimeError};
 
 /// Container id inside the sandbox.
-const CONTAINER_ID: &str = "run";
+pub const CONTAINER_ID: &str = "run";
 /// Signals `husk run` forwards to the container.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// How long output may still come after the agent said a background
@@ -79,17 +79,6 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         Root::Dir(dir) => husk_image::ext4::image_for_dir(dir, &paths::image_cache())?,
         Root::Disk(disk) => disk.clone(),
     };
-    let agent = paths::agent_binary(o.agent.as_deref())?;
-    let initramfs = paths::agent_initramfs(&agent)?;
-    let vcpus = o
-        .spec
-        .cpus
-        .map(|c| c.ceil().clamp(1.0, 32.0) as u8)
-        .unwrap_or(1);
-    // Forwarded signals are blocked before any VMM thread exists, so only
-    // our signalfd sees them.
-    let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)
-        .map_err(|e| RuntimeError::Io("signalfd".into(), e))?;
     let (run_dir, _name_lock) = match &o.name {
         Some(n) => {
             let (dir, lock) = paths::claim_name(n)?;
@@ -98,120 +87,206 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         None => (paths::new_run_dir("run")?, None),
     };
     let started = husk_vmm::vstate::vcpu::monotonic_ns();
-    let sandbox = Sandbox::boot(&SandboxConfig {
-        kernel: o.kernel.clone(),
-        initramfs,
+    let mut session = Session::create(&SessionConfig {
+        spec,
         rootfs_image: image,
         mem_mib: vm_mem_mib(o.spec.memory),
-        vcpus,
+        vcpus: vcpus_for(o.spec.cpus),
+        interactive: o.interactive,
+        host_terminal: o.spec.tty,
+        kernel: o.kernel.clone(),
+        agent: o.agent.clone(),
+        boot_timeout: o.boot_timeout,
         run_dir,
     })?;
-    let budget = o.boot_timeout.as_secs();
-    let deadline = Instant::now() + o.boot_timeout;
-    let mut control = sandbox.control(deadline, budget)?;
-    control
-        .create_container(CreateContainer {
-            container_id: CONTAINER_ID.into(),
-            spec: Box::new(spec),
-            rootfs: Rootfs {
-                device: "/dev/vda".into(),
-                fstype: "ext4".into(),
-                read_only: true,
-            },
-            scratch: Scratch::Tmpfs { size_bytes: None },
-            stdin: o.interactive,
-        })
-        .map_err(|e| sandbox.explain(e.into()))?;
-
-    let mut relays = Relays::default();
-    let mut raw_terminal = None;
-    let mut pty = None;
-    if o.spec.tty {
-        let s = sandbox.stream(
-            Sandbox::hello(CONTAINER_ID, StreamKind::Pty),
-            deadline,
-            budget,
-        )?;
-        raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
-        relays.spawn(clone(&s)?, std::io::stdout());
-        if o.interactive {
-            spawn_stdin(clone(&s)?, false);
-        }
-        pty = Some(s);
-    } else {
-        let out = sandbox.stream(
-            Sandbox::hello(CONTAINER_ID, StreamKind::Stdout),
-            deadline,
-            budget,
-        )?;
-        let err = sandbox.stream(
-            Sandbox::hello(CONTAINER_ID, StreamKind::Stderr),
-            deadline,
-            budget,
-        )?;
-        relays.spawn(out, std::io::stdout());
-        relays.spawn(err, std::io::stderr());
-        if o.interactive {
-            let inp = sandbox.stream(
-                Sandbox::hello(CONTAINER_ID, StreamKind::Stdin),
-                deadline,
-                budget,
-            )?;
-            spawn_stdin(inp, true);
-        }
-    }
-    control
-        .start(CONTAINER_ID)
-        .map_err(|e| sandbox.explain(e.into()))?;
-    if pty.is_some() {
-        if let Some((rows, cols)) = terminal_size() {
-            let _ = control.resize_tty(ResizeTty {
-                container_id: CONTAINER_ID.into(),
-                exec_id: None,
-                rows,
-                cols,
-            });
-        }
-    }
-    let done = Arc::new(AtomicBool::new(false));
-    let forwarder = match sandbox.control(deadline, budget) {
-        Ok(c) => Some(forward_signals(sigfd, c, done.clone())),
-        Err(e) => {
-            tracing::warn!("signals will not be forwarded: {e}");
-            None
-        }
-    };
-    let status = control
-        .wait(ProcessRef {
-            container_id: CONTAINER_ID.into(),
-            exec_id: None,
-        })
-        .map_err(|e| sandbox.explain(e.into()))?;
-    done.store(true, Ordering::SeqCst);
-    // The agent answered once the output reached its end (or gave up on a
-    // background process holding it): wait for the last bytes in the
-    // first case, briefly in the second.
-    let drain = if status.output_drained {
-        o.boot_timeout
-    } else {
-        UNDRAINED_GRACE
-    };
-    relays.wait(drain);
-    drop(raw_terminal);
-    if let Some(f) = forwarder {
-        let _ = f.join();
-    }
-    // Nothing more is needed from the guest: end the VM now rather than
-    // wait for it to reboot itself.
-    if let Some(exit) = sandbox.stop_now() {
-        if !exit.is_clean() {
-            tracing::warn!("VM ended with: {exit}");
-        }
-    }
+    session.start()?;
+    let status = session.wait()?;
     Ok(RunOutcome {
         status,
         vm_started_ns: started,
     })
+}
+
+/// vCPUs for a CPU limit: enough whole CPUs, 1 to 32.
+pub fn vcpus_for(cpus: Option<f64>) -> u8 {
+    cpus.map(|c| c.ceil().clamp(1.0, 32.0) as u8).unwrap_or(1)
+}
+
+/// One container in a fresh VM, whose stdio is this process's fds 0-2.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The container's spec, as the agent gets it.
+    pub spec: oci_spec::runtime::Spec,
+    /// Read-only ext4 disk of the container's root.
+    pub rootfs_image: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Relay fd 0 to the container's stdin (EOF closes it).
+    pub interactive: bool,
+    /// The spec asks for a terminal and fd 0 is the user's: put it in raw
+    /// mode and pass its size on.
+    pub host_terminal: bool,
+    /// Guest kernel; None: default.
+    pub kernel: Option<PathBuf>,
+    /// Agent binary; None: default.
+    pub agent: Option<PathBuf>,
+    /// How long the guest may take to boot and answer.
+    pub boot_timeout: Duration,
+    /// The VM's private directory (removed when the session ends).
+    pub run_dir: PathBuf,
+}
+
+/// A container created in its VM, stdio attached; `start`, then `wait`.
+pub struct Session {
+    sandbox: Sandbox,
+    control: Client<UnixStream>,
+    relays: Relays,
+    pty: bool,
+    raw_terminal: Option<husk_vmm::event_loop::RawTerminal>,
+    sigfd: OwnedFd,
+    deadline: Instant,
+    budget: u64,
+    boot_timeout: Duration,
+}
+
+impl Session {
+    /// Boots the VM, creates the container (not started) and attaches its
+    /// stdio to fds 0-2.
+    pub fn create(c: &SessionConfig) -> Result<Self, RuntimeError> {
+        let agent = paths::agent_binary(c.agent.as_deref())?;
+        let initramfs = paths::agent_initramfs(&agent)?;
+        // Forwarded signals are blocked before any VMM thread exists, so
+        // only our signalfd sees them.
+        let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)
+            .map_err(|e| RuntimeError::Io("signalfd".into(), e))?;
+        let sandbox = Sandbox::boot(&SandboxConfig {
+            kernel: c.kernel.clone(),
+            initramfs,
+            rootfs_image: c.rootfs_image.clone(),
+            mem_mib: c.mem_mib,
+            vcpus: c.vcpus,
+            run_dir: c.run_dir.clone(),
+        })?;
+        let budget = c.boot_timeout.as_secs();
+        let deadline = Instant::now() + c.boot_timeout;
+        let mut control = sandbox.control(deadline, budget)?;
+        let tty = c
+            .spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        control
+            .create_container(CreateContainer {
+                container_id: CONTAINER_ID.into(),
+                spec: Box::new(c.spec.clone()),
+                rootfs: Rootfs {
+                    device: "/dev/vda".into(),
+                    fstype: "ext4".into(),
+                    read_only: true,
+                },
+                scratch: Scratch::Tmpfs { size_bytes: None },
+                stdin: c.interactive,
+            })
+            .map_err(|e| sandbox.explain(e.into()))?;
+        let mut relays = Relays::default();
+        let mut raw_terminal = None;
+        let stream = |kind| sandbox.stream(Sandbox::hello(CONTAINER_ID, kind), deadline, budget);
+        if tty {
+            let s = stream(StreamKind::Pty)?;
+            if c.host_terminal {
+                raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
+            }
+            relays.spawn(clone(&s)?, std::io::stdout());
+            if c.interactive {
+                spawn_stdin(s, false);
+            }
+        } else {
+            relays.spawn(stream(StreamKind::Stdout)?, std::io::stdout());
+            relays.spawn(stream(StreamKind::Stderr)?, std::io::stderr());
+            if c.interactive {
+                spawn_stdin(stream(StreamKind::Stdin)?, true);
+            }
+        }
+        Ok(Session {
+            sandbox,
+            control,
+            relays,
+            pty: tty && c.host_terminal,
+            raw_terminal,
+            sigfd,
+            deadline,
+            budget,
+            boot_timeout: c.boot_timeout,
+        })
+    }
+
+    /// The VM's vsock socket: other host processes reach the agent there.
+    pub fn vsock_path(&self) -> PathBuf {
+        self.sandbox.vsock_path()
+    }
+
+    /// Starts the container's process.
+    pub fn start(&mut self) -> Result<(), RuntimeError> {
+        self.control
+            .start(CONTAINER_ID)
+            .map_err(|e| self.sandbox.explain(e.into()))?;
+        if self.pty {
+            if let Some((rows, cols)) = terminal_size() {
+                let _ = self.control.resize_tty(ResizeTty {
+                    container_id: CONTAINER_ID.into(),
+                    exec_id: None,
+                    rows,
+                    cols,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Forwards signals to the container until it exits, waits for its
+    /// output, ends the VM; returns the container's exit status.
+    pub fn wait(mut self) -> Result<ExitStatus, RuntimeError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let forwarder = match self.sandbox.control(self.deadline, self.budget) {
+            Ok(c) => Some(forward_signals(self.sigfd, c, done.clone())),
+            Err(e) => {
+                tracing::warn!("signals will not be forwarded: {e}");
+                None
+            }
+        };
+        let status = self
+            .control
+            .wait(ProcessRef {
+                container_id: CONTAINER_ID.into(),
+                exec_id: None,
+            })
+            .map_err(|e| self.sandbox.explain(e.into()))?;
+        done.store(true, Ordering::SeqCst);
+        // The agent answered once the output reached its end (or gave up on
+        // a background process holding it): wait for the last bytes in the
+        // first case, briefly in the second.
+        let drain = if status.output_drained {
+            self.boot_timeout
+        } else {
+            UNDRAINED_GRACE
+        };
+        self.relays.wait(drain);
+        drop(self.raw_terminal);
+        if let Some(f) = forwarder {
+            let _ = f.join();
+        }
+        // Nothing more is needed from the guest: end the VM now rather than
+        // wait for it to reboot itself.
+        if let Some(exit) = self.sandbox.stop_now() {
+            if !exit.is_clean() {
+                tracing::warn!("VM ended with: {exit}");
+            }
+        }
+        Ok(status)
+    }
 }
 
 fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {

@@ -81,6 +81,11 @@ impl Sandbox {
         })
     }
 
+    /// The VM's vsock socket (host clients write `CONNECT <port>`).
+    pub fn vsock_path(&self) -> PathBuf {
+        self.uds.clone()
+    }
+
     /// The VM's stop reason, once it stopped.
     pub fn stopped(&self) -> Option<VmExit> {
         self.latch.reason()

@@ -230,8 +230,10 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         vcpus.push(vcpu);
     }
     if pvm && cfg.pvm_workarounds {
-        eprintln!(
-            "husk: /dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
+        // A log line, not a print: a library must not write to stderr,
+        // which is a container's own in the runtime's VMM process.
+        tracing::info!(
+            "/dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
         );
     }
     // Start threads only once nothing else can fail, so an error leaves no

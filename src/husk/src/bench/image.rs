@@ -183,12 +183,6 @@ fn bench_in(a: &ImageBenchArgs, tmp: &Path) -> Result<i32, String> {
             .arg(format!("husk-bench-{}-{i}", std::process::id()));
         runcs.push(timed(c, "runc run")?);
     }
-    let density = if a.containers > 0 {
-        Some(disk_per_container(&warm, a, &g)?)
-    } else {
-        None
-    };
-
     println!("image {r}, {} runs each (alternating)", a.runs);
     println!("{:<44} {:>10} {:>10} {:>10}", "", "median", "min", "max");
     let row = |name: &str, v: &[f64]| {
@@ -210,7 +204,12 @@ fn bench_in(a: &ImageBenchArgs, tmp: &Path) -> Result<i32, String> {
         "husk run / runc run (medians)",
         median(runs.clone()) / median(runcs.clone())
     );
-    if let Some(d) = density {
+    if a.containers == 0 {
+        return Ok(0);
+    }
+    // Printed after the startup table, which stands on its own.
+    let d = disk_per_container(&warm, a, &g)?;
+    {
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
         println!();
         println!(
@@ -303,7 +302,10 @@ fn disk_per_container(warm: &Path, a: &ImageBenchArgs, g: &Guest) -> Result<Dens
             if let Some(mut s) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut s, &mut err);
             }
-            format!("{e}: {}", err.lines().last().unwrap_or(""))
+            format!(
+                "{e} (its last stderr line: {}); --boot-timeout waits longer",
+                err.lines().last().unwrap_or("")
+            )
         }
         None => e,
     })

@@ -1,0 +1,273 @@
+//! runc's command line: `husk create|start|state|kill|delete|list|spec|
+//! features` with runc's flags, for containerd, Docker, Podman and any
+//! other caller of runc. Errors go to stderr and, with `--log`, to the log
+//! file as runc writes it (JSON lines with `--log-format json`, the last
+//! error line being what containerd and Docker show).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use husk_runtime::runc::{create, lifecycle, query, vmm, DEFAULT_STATE_ROOT};
+use husk_runtime::RuntimeError;
+
+/// runc's global flags.
+#[derive(Args, Clone, Debug)]
+pub struct RuncGlobals {
+    /// Log file for runtime commands (runc's --log).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+    /// Log format for --log: text or json.
+    #[arg(long, global = true, default_value = "text", value_name = "FORMAT")]
+    pub log_format: String,
+    /// Debug logging (runc's --debug).
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for runc compatibility: the VMM process joins no systemd unit; cgroup
+    /// limits apply inside the guest.
+    #[arg(long, global = true)]
+    pub systemd_cgroup: bool,
+    /// Accepted for runc compatibility; checkpoint/restore is not supported.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub criu: Option<String>,
+    /// Accepted for runc compatibility (true, false or auto); husk runs as root.
+    #[arg(long, global = true, value_name = "VALUE")]
+    pub rootless: Option<String>,
+}
+
+/// runc's commands.
+#[derive(Subcommand)]
+pub enum RuncCommand {
+    /// Create a container from an OCI bundle (runc create): its VM boots and the container
+    /// is created, not started.
+    Create(CreateArgs),
+    /// Start a created container (runc start).
+    Start(IdArg),
+    /// Print a container's state JSON (runc state).
+    State(IdArg),
+    /// Send a signal to a container's process (runc kill).
+    Kill(KillArgs),
+    /// Delete a container and its VM (runc delete).
+    Delete(DeleteArgs),
+    /// List containers (runc list).
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Write a default config.json (runc spec).
+    Spec(SpecArgs),
+    /// Print the runtime's features as JSON (runc features).
+    Features,
+    /// The VMM process of a created container (started by create).
+    #[command(hide = true)]
+    VmmServe {
+        /// The container's state directory.
+        dir: PathBuf,
+    },
+}
+
+/// `create` flags.
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Bundle directory.
+    #[arg(short, long, default_value = ".")]
+    bundle: PathBuf,
+    /// Unix socket to receive the terminal's master (process.terminal).
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Write the pid of the container's host process (the VMM; its exit status is the
+    /// container's) to this file.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility (the guest agent sets up the root).
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Accepted for runc compatibility: fds cannot cross into a VM.
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+    /// Guest kernel; default: husk's.
+    #[arg(long, hide = true)]
+    kernel: Option<PathBuf>,
+    /// Container id.
+    id: String,
+}
+
+/// A container id.
+#[derive(Args)]
+pub struct IdArg {
+    /// Container id.
+    id: String,
+}
+
+/// `kill` flags.
+#[derive(Args)]
+pub struct KillArgs {
+    /// Signal every process of the container.
+    #[arg(short, long)]
+    all: bool,
+    /// Container id.
+    id: String,
+    /// Signal, by number or name (with or without SIG).
+    #[arg(default_value = "SIGTERM")]
+    signal: String,
+}
+
+/// `delete` flags.
+#[derive(Args)]
+pub struct DeleteArgs {
+    /// Delete a running container too (its VM is killed).
+    #[arg(short, long)]
+    force: bool,
+    /// Container id.
+    id: String,
+}
+
+/// `list` flags.
+#[derive(Args)]
+pub struct ListArgs {
+    /// table or json.
+    #[arg(short, long, default_value = "table")]
+    format: String,
+    /// Ids only.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// `spec` flags.
+#[derive(Args)]
+pub struct SpecArgs {
+    /// Where to write config.json.
+    #[arg(short, long, default_value = ".")]
+    bundle: PathBuf,
+}
+
+/// Writes an error line to `--log` as runc does.
+fn log_error(g: &RuncGlobals, msg: &str) {
+    let Some(path) = &g.log else { return };
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let line = if g.log_format == "json" {
+        serde_json::json!({"level": "error", "msg": msg, "time": time}).to_string()
+    } else {
+        format!("time=\"{time}\" level=error msg={msg:?}")
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Runs a runc command with state root `root`; returns the exit code.
+pub fn cmd(c: RuncCommand, root: Option<PathBuf>, g: &RuncGlobals, log_level: &str) -> i32 {
+    let root = root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT));
+    if let RuncCommand::VmmServe { dir } = &c {
+        return vmm::serve(dir);
+    }
+    match dispatch(c, &root, g, log_level) {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("husk: {msg}");
+            log_error(g, &msg);
+            1
+        }
+    }
+}
+
+fn boot_timeout() -> Result<Duration, RuntimeError> {
+    match std::env::var("HUSK_BOOT_TIMEOUT") {
+        Ok(v) => v.trim().parse().map(Duration::from_secs).map_err(|_| {
+            RuntimeError::Invalid(format!("invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"))
+        }),
+        Err(_) => Ok(Duration::from_secs(30)),
+    }
+}
+
+fn dispatch(
+    c: RuncCommand,
+    root: &Path,
+    g: &RuncGlobals,
+    log_level: &str,
+) -> Result<(), RuntimeError> {
+    match c {
+        RuncCommand::Create(a) => {
+            let mut vmm_args = vec!["--log-level".to_owned(), log_level.to_owned()];
+            if g.debug {
+                vmm_args[1] = "debug".into();
+            }
+            create::create(
+                root,
+                &create::CreateOptions {
+                    id: a.id,
+                    bundle: a.bundle,
+                    pid_file: a.pid_file,
+                    console_socket: a.console_socket,
+                    kernel: a.kernel,
+                    agent: None,
+                    boot_timeout: boot_timeout()?,
+                    vmm_args,
+                },
+            )
+        }
+        RuncCommand::Start(a) => lifecycle::start(root, &a.id),
+        RuncCommand::State(a) => {
+            println!("{}", query::state(root, &a.id)?);
+            Ok(())
+        }
+        RuncCommand::Kill(a) => lifecycle::kill(root, &a.id, &a.signal, a.all),
+        RuncCommand::Delete(a) => lifecycle::delete(root, &a.id, a.force),
+        RuncCommand::List(a) => {
+            print!("{}", query::list(root, &a.format, a.quiet)?);
+            Ok(())
+        }
+        RuncCommand::Spec(a) => write_spec(&a.bundle),
+        RuncCommand::Features => {
+            println!("{}", features());
+            Ok(())
+        }
+        RuncCommand::VmmServe { .. } => Ok(()),
+    }
+}
+
+fn write_spec(bundle: &Path) -> Result<(), RuntimeError> {
+    let path = bundle.join("config.json");
+    if path.exists() {
+        return Err(RuntimeError::Invalid(
+            "File config.json exists. Remove it first".into(),
+        ));
+    }
+    let mut spec = oci_spec::runtime::Spec::default();
+    if let Some(p) = spec.process_mut() {
+        p.set_terminal(Some(true));
+        p.set_args(Some(vec!["sh".into()]));
+    }
+    let text =
+        serde_json::to_string_pretty(&spec).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| RuntimeError::Io(path.display().to_string(), e))
+}
+
+fn features() -> String {
+    let j = serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": query::OCI_VERSION,
+        "hooks": [],
+        "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "relatime", "strictatime",
+                          "rprivate", "private", "rslave", "slave", "rshared", "shared"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
+            "cgroup": {"v1": false, "v2": true, "systemd": false, "systemdUser": false},
+            "seccomp": {"enabled": false},
+            "apparmor": {"enabled": false},
+            "selinux": {"enabled": false}
+        },
+        "annotations": {
+            "io.github.husk.sandbox": "micro-VM",
+            "io.github.husk.mounts": "host bind mounts are not supported yet"
+        }
+    });
+    serde_json::to_string_pretty(&j).unwrap_or_default()
+}
