@@ -23,7 +23,8 @@ use husk_vmm::{ConsoleInputSource, VmExit};
   HUSK_ROOT           husk's root directory: images, kernel, agent, state [default: /var/lib/husk]
   HUSK_LOG            log filter, overrides --log-level (e.g. debug, husk_image=trace)
   HUSK_AGENT          guest agent binary [default: $HUSK_ROOT/agent/husk-agent]
-  HUSK_BOOT_TIMEOUT   seconds a guest may take to boot and answer (husk run) [default: 30]
+  HUSK_KERNEL         guest kernel (vmlinux) [default: $HUSK_ROOT/kernel/vmlinux]
+  HUSK_BOOT_TIMEOUT   seconds a guest may take to boot and answer (husk run, create) [default: 30]
   REGISTRY_AUTH_FILE  registry credentials file [default: $HUSK_ROOT/auth.json]
   HOME                ~/.docker/config.json is read for credentials as a last resort"
 )]
@@ -148,6 +149,7 @@ fn main() -> ExitCode {
     if let Command::Runc(c) = cli.cmd {
         let log_file = match &c {
             runc::RuncCommand::VmmServe { dir } => Some(dir.join("vmm.log")),
+            runc::RuncCommand::ExecServe { dir, .. } => Some(dir.join("exec.log")),
             _ => None,
         };
         init_logging(&cli.log_level, log_file.as_deref());
@@ -190,7 +192,14 @@ fn init_logging(level: &str, file: Option<&std::path::Path>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
-    match file.and_then(|p| std::fs::File::create(p).ok()) {
+    let open = |p: &std::path::Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    };
+    match file.and_then(open) {
         Some(f) => builder
             .with_ansi(false)
             .with_writer(std::sync::Mutex::new(f))

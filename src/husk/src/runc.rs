@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use husk_runtime::runc::{create, lifecycle, query, vmm, DEFAULT_STATE_ROOT};
+use husk_runtime::runc::{create, exec, lifecycle, query, vmm, DEFAULT_STATE_ROOT};
 use husk_runtime::RuntimeError;
 
 /// runc's global flags.
@@ -57,6 +57,16 @@ pub enum RuncCommand {
     Spec(SpecArgs),
     /// Print the runtime's features as JSON (runc features).
     Features,
+    /// Run a process in a running container (runc exec).
+    Exec(ExecArgs),
+    /// The helper of a detached exec (started by exec --detach).
+    #[command(hide = true)]
+    ExecServe {
+        /// The container's state directory.
+        dir: PathBuf,
+        /// The process JSON.
+        file: PathBuf,
+    },
     /// The VMM process of a created container (started by create).
     #[command(hide = true)]
     VmmServe {
@@ -92,6 +102,43 @@ pub struct CreateArgs {
     kernel: Option<PathBuf>,
     /// Container id.
     id: String,
+}
+
+/// `exec` flags.
+#[derive(Args)]
+pub struct ExecArgs {
+    /// An OCI process JSON file instead of inline arguments.
+    #[arg(short, long, value_name = "FILE")]
+    process: Option<PathBuf>,
+    /// Return once the process runs; a helper keeps its stdio.
+    #[arg(short, long)]
+    detach: bool,
+    /// Write the helper's pid (its exit status is the process's) to this file.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Allocate a terminal.
+    #[arg(short, long)]
+    tty: bool,
+    /// Unix socket to receive the terminal's master.
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Working directory.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Environment variable K=V (repeatable).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// UID[:GID].
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Accepted for runc compatibility: fds cannot cross into a VM.
+    #[arg(long, default_value_t = 0)]
+    preserve_fds: u32,
+    /// Container id.
+    id: String,
+    /// Command and arguments (without --process).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 /// A container id.
@@ -164,11 +211,13 @@ fn log_error(g: &RuncGlobals, msg: &str) {
 /// Runs a runc command with state root `root`; returns the exit code.
 pub fn cmd(c: RuncCommand, root: Option<PathBuf>, g: &RuncGlobals, log_level: &str) -> i32 {
     let root = root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT));
-    if let RuncCommand::VmmServe { dir } = &c {
-        return vmm::serve(dir);
+    match &c {
+        RuncCommand::VmmServe { dir } => return vmm::serve(dir),
+        RuncCommand::ExecServe { dir, file } => return exec::serve(dir, file),
+        _ => {}
     }
     match dispatch(c, &root, g, log_level) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             let msg = e.to_string();
             eprintln!("husk: {msg}");
@@ -192,44 +241,61 @@ fn dispatch(
     root: &Path,
     g: &RuncGlobals,
     log_level: &str,
-) -> Result<(), RuntimeError> {
+) -> Result<i32, RuntimeError> {
+    let level = if g.debug { "debug" } else { log_level };
+    let helper_args = vec!["--log-level".to_owned(), level.to_owned()];
     match c {
-        RuncCommand::Create(a) => {
-            let mut vmm_args = vec!["--log-level".to_owned(), log_level.to_owned()];
-            if g.debug {
-                vmm_args[1] = "debug".into();
-            }
-            create::create(
-                root,
-                &create::CreateOptions {
-                    id: a.id,
-                    bundle: a.bundle,
-                    pid_file: a.pid_file,
-                    console_socket: a.console_socket,
-                    kernel: a.kernel,
-                    agent: None,
-                    boot_timeout: boot_timeout()?,
-                    vmm_args,
+        RuncCommand::Exec(a) => exec::exec(
+            root,
+            &exec::ExecOptions {
+                id: a.id,
+                process: match a.process {
+                    Some(f) => exec::ProcessSource::File(f),
+                    None => exec::ProcessSource::Inline {
+                        args: a.args,
+                        cwd: a.cwd,
+                        env: a.env,
+                        user: a.user,
+                        tty: a.tty,
+                    },
                 },
-            )
-        }
-        RuncCommand::Start(a) => lifecycle::start(root, &a.id),
+                detach: a.detach,
+                pid_file: a.pid_file,
+                console_socket: a.console_socket,
+                helper_args,
+            },
+        ),
+        RuncCommand::Create(a) => create::create(
+            root,
+            &create::CreateOptions {
+                id: a.id,
+                bundle: a.bundle,
+                pid_file: a.pid_file,
+                console_socket: a.console_socket,
+                kernel: a.kernel,
+                agent: None,
+                boot_timeout: boot_timeout()?,
+                vmm_args: helper_args,
+            },
+        )
+        .map(|()| 0),
+        RuncCommand::Start(a) => lifecycle::start(root, &a.id).map(|()| 0),
         RuncCommand::State(a) => {
             println!("{}", query::state(root, &a.id)?);
-            Ok(())
+            Ok(0)
         }
-        RuncCommand::Kill(a) => lifecycle::kill(root, &a.id, &a.signal, a.all),
-        RuncCommand::Delete(a) => lifecycle::delete(root, &a.id, a.force),
+        RuncCommand::Kill(a) => lifecycle::kill(root, &a.id, &a.signal, a.all).map(|()| 0),
+        RuncCommand::Delete(a) => lifecycle::delete(root, &a.id, a.force).map(|()| 0),
         RuncCommand::List(a) => {
             print!("{}", query::list(root, &a.format, a.quiet)?);
-            Ok(())
+            Ok(0)
         }
-        RuncCommand::Spec(a) => write_spec(&a.bundle),
+        RuncCommand::Spec(a) => write_spec(&a.bundle).map(|()| 0),
         RuncCommand::Features => {
             println!("{}", features());
-            Ok(())
+            Ok(0)
         }
-        RuncCommand::VmmServe { .. } => Ok(()),
+        RuncCommand::VmmServe { .. } | RuncCommand::ExecServe { .. } => Ok(0),
     }
 }
 

@@ -24,7 +24,7 @@ pub const CONTAINER_ID: &str = "run";
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// How long output may still come after the agent said a background
 /// process holds it open.
-const UNDRAINED_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const UNDRAINED_GRACE: Duration = Duration::from_secs(1);
 
 /// The container's root filesystem.
 #[derive(Debug, Clone)]
@@ -191,25 +191,12 @@ impl Session {
                 stdin: c.interactive,
             })
             .map_err(|e| sandbox.explain(e.into()))?;
-        let mut relays = Relays::default();
-        let mut raw_terminal = None;
-        let stream = |kind| sandbox.stream(Sandbox::hello(CONTAINER_ID, kind), deadline, budget);
-        if tty {
-            let s = stream(StreamKind::Pty)?;
-            if c.host_terminal {
-                raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
-            }
-            relays.spawn(clone(&s)?, std::io::stdout());
-            if c.interactive {
-                spawn_stdin(s, false);
-            }
-        } else {
-            relays.spawn(stream(StreamKind::Stdout)?, std::io::stdout());
-            relays.spawn(stream(StreamKind::Stderr)?, std::io::stderr());
-            if c.interactive {
-                spawn_stdin(stream(StreamKind::Stdin)?, true);
-            }
-        }
+        let (relays, raw_terminal) = attach_stdio(
+            &|kind| sandbox.stream(Sandbox::hello(CONTAINER_ID, kind), deadline, budget),
+            tty,
+            c.interactive,
+            c.host_terminal,
+        )?;
         Ok(Session {
             sandbox,
             control,
@@ -289,13 +276,43 @@ impl Session {
     }
 }
 
+/// Attaches a process's streams to fds 0-2: output relayed in threads,
+/// fd 0 relayed when `interactive`; a pty when `tty` (fd 0 in raw mode
+/// when `host_terminal`).
+pub(crate) fn attach_stdio(
+    open: &dyn Fn(StreamKind) -> Result<UnixStream, RuntimeError>,
+    tty: bool,
+    interactive: bool,
+    host_terminal: bool,
+) -> Result<(Relays, Option<husk_vmm::event_loop::RawTerminal>), RuntimeError> {
+    let mut relays = Relays::default();
+    let mut raw_terminal = None;
+    if tty {
+        let s = open(StreamKind::Pty)?;
+        if host_terminal {
+            raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
+        }
+        relays.spawn(clone(&s)?, std::io::stdout());
+        if interactive {
+            spawn_stdin(s, false);
+        }
+    } else {
+        relays.spawn(open(StreamKind::Stdout)?, std::io::stdout());
+        relays.spawn(open(StreamKind::Stderr)?, std::io::stderr());
+        if interactive {
+            spawn_stdin(open(StreamKind::Stdin)?, true);
+        }
+    }
+    Ok((relays, raw_terminal))
+}
+
 fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {
     s.try_clone()
         .map_err(|e| RuntimeError::Io("vsock stream".into(), e))
 }
 
 /// Threads copying guest output streams to host writers until EOF.
-struct Relays {
+pub(crate) struct Relays {
     tx: mpsc::Sender<()>,
     rx: mpsc::Receiver<()>,
     running: usize,
@@ -332,7 +349,7 @@ impl Relays {
 
     /// Waits up to `timeout` for every stream to end. Threads still
     /// running end when the VM stops (their sockets close).
-    fn wait(mut self, timeout: Duration) {
+    pub(crate) fn wait(mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.running > 0 {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -135,14 +135,7 @@ impl Sandbox {
         deadline: Instant,
         budget: u64,
     ) -> Result<UnixStream, RuntimeError> {
-        let kind = format!("{:?}", hello.stream).to_lowercase();
-        let mut s = self.connect(STDIO_PORT, deadline, budget)?;
-        let proto = |e: husk_proto::FrameError| RuntimeError::Agent(e.into());
-        write_frame(&mut s, &hello).map_err(proto)?;
-        match read_frame::<_, StreamReply>(&mut s).map_err(proto)? {
-            StreamReply::Attached => Ok(s),
-            StreamReply::Rejected(e) => Err(RuntimeError::StreamRejected(kind, e.message)),
-        }
+        attach_stream(self.connect(STDIO_PORT, deadline, budget)?, &hello)
     }
 
     /// The StreamHello for a container's init process.
@@ -206,6 +199,18 @@ impl Sandbox {
             Some(l) => format!(" (guest console: {})", l.trim()),
             None => String::new(),
         }
+    }
+}
+
+/// Attaches a fresh connection to the agent's stdio port to the stream
+/// `hello` names.
+pub fn attach_stream(mut s: UnixStream, hello: &StreamHello) -> Result<UnixStream, RuntimeError> {
+    let kind = format!("{:?}", hello.stream).to_lowercase();
+    let proto = |e: husk_proto::FrameError| RuntimeError::Agent(e.into());
+    write_frame(&mut s, hello).map_err(proto)?;
+    match read_frame::<_, StreamReply>(&mut s).map_err(proto)? {
+        StreamReply::Attached => Ok(s),
+        StreamReply::Rejected(e) => Err(RuntimeError::StreamRejected(kind, e.message)),
     }
 }
 

@@ -75,10 +75,12 @@ pub fn husk_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/lib/husk"))
 }
 
-/// The default guest kernel: `<husk_root>/kernel/vmlinux`, as installed by
-/// tools/build-guest-kernel.
+/// The default guest kernel: `$HUSK_KERNEL`, else
+/// `<husk_root>/kernel/vmlinux`, as installed by tools/build-guest-kernel.
 pub fn default_kernel_path() -> PathBuf {
-    husk_root().join("kernel").join("vmlinux")
+    std::env::var_os("HUSK_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| husk_root().join("kernel").join("vmlinux"))
 }
 
 /// Where the guest console input comes from.

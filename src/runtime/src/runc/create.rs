@@ -3,17 +3,14 @@
 //! returns once the container exists, leaving the VMM process behind for
 //! the caller's subreaper (its pid goes to `--pid-file`).
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::bundle;
+use super::detach;
 use super::store::{process_start, write_atomic, Container, ContainerState};
-use super::vmm::{VmmConfig, READY_FD_ENV};
+use super::vmm::VmmConfig;
 use crate::run::{vcpus_for, vm_mem_mib};
 use crate::{paths, RuntimeError};
 
@@ -77,7 +74,14 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         .unwrap_or_default()
         .into_iter()
         .collect();
-    let result = start_vmm(&c, &cfg, o).and_then(|pid| {
+    let pid = match start_vmm(&c, &cfg, o) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = c.remove();
+            return Err(e);
+        }
+    };
+    let result = (|| {
         let pid_start = process_start(pid)
             .ok_or_else(|| RuntimeError::Invalid("the VMM process exited".into()))?;
         c.save(ContainerState {
@@ -90,119 +94,27 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
             started: false,
             annotations,
         })?;
-        if let Some(p) = &o.pid_file {
-            write_atomic(p, pid.to_string().as_bytes())?;
+        match &o.pid_file {
+            Some(p) => write_atomic(p, pid.to_string().as_bytes()),
+            None => Ok(()),
         }
-        Ok(pid)
-    });
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            if let Some(s) = &c.state {
-                super::lifecycle::kill_vmm(s.pid, s.pid_start);
-            }
-            let _ = c.remove();
-            Err(e)
-        }
+    })();
+    if result.is_err() {
+        // SAFETY: kill(2) of the child we just started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = c.remove();
     }
-}
-
-fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds that we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(RuntimeError::Io(
-            "pipe".into(),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: both fds were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    result
 }
 
 /// Starts the VMM process and waits for its report; returns its pid.
 fn start_vmm(c: &Container, cfg: &VmmConfig, o: &CreateOptions) -> Result<i32, RuntimeError> {
     let json = serde_json::to_vec(cfg).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     write_atomic(&c.dir.join("vmm.json"), &json)?;
-    let exe = std::env::current_exe().map_err(|e| RuntimeError::Io("current exe".into(), e))?;
-    let (r, w) = pipe()?;
-    let w_fd = w.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.args(&o.vmm_args)
-        .arg("vmm-serve")
-        .arg(&c.dir)
-        .env(READY_FD_ENV, w_fd.to_string());
-    // SAFETY: between fork and exec only async-signal-safe calls: setsid
-    // and fcntl on an fd we own.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            if libc::fcntl(w_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| RuntimeError::Io("start the VMM process".into(), e))?;
-    drop(w);
-    let pid = child.id() as i32;
+    let mut args: Vec<OsString> = o.vmm_args.iter().map(OsString::from).collect();
+    args.push("vmm-serve".into());
+    args.push(c.dir.clone().into());
     // The VMM boots the guest and creates the container: the boot timeout
     // bounds it, with room for building the VM.
-    let deadline = Instant::now() + o.boot_timeout + Duration::from_secs(10);
-    match read_report(r, deadline) {
-        Ok(line) if line == "ok" => Ok(pid),
-        other => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let why = match other {
-                Ok(line) => line.strip_prefix("error: ").unwrap_or(&line).to_owned(),
-                Err(e) => e,
-            };
-            Err(RuntimeError::Invalid(why))
-        }
-    }
-}
-
-/// Reads the VMM's one-line report, bounded by `deadline`.
-fn read_report(r: OwnedFd, deadline: Instant) -> Result<String, String> {
-    let mut f = File::from(r);
-    let mut buf = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("the VMM did not report within the boot timeout \
-                        (set HUSK_BOOT_TIMEOUT to wait longer)"
-                .into());
-        }
-        let mut pfd = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().min(1000) as i32;
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
-            continue;
-        }
-        let mut chunk = [0u8; 4096];
-        match f.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > 64 << 10 || buf.ends_with(b"\n") {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("reading the VMM's report: {e}")),
-        }
-    }
-    let text = String::from_utf8_lossy(&buf).trim().to_owned();
-    if text.is_empty() {
-        Err("the VMM process exited before the container was created".into())
-    } else {
-        Ok(text)
-    }
+    detach::spawn(&args, o.boot_timeout + Duration::from_secs(10))
 }

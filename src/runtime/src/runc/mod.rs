@@ -4,6 +4,8 @@
 
 pub mod bundle;
 pub mod create;
+pub mod detach;
+pub mod exec;
 pub mod lifecycle;
 pub mod query;
 pub mod store;

@@ -4,9 +4,6 @@
 //! and exits with the container's exit status, so that a shim reaping the
 //! pid in `--pid-file` learns it without knowing about VMs.
 
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,11 +11,10 @@ use std::time::Duration;
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
+use super::detach;
 use crate::run::{Session, SessionConfig};
 use crate::RuntimeError;
 
-/// Names the fd on which the VMM process reports readiness to `create`.
-pub const READY_FD_ENV: &str = "HUSK_READY_FD";
 /// Exit status of a VMM process that lost its container (VM or agent
 /// failure): not a status a container reports.
 pub const LOST: i32 = 255;
@@ -42,23 +38,9 @@ pub struct VmmConfig {
     pub boot_timeout_s: u64,
 }
 
-/// The readiness fd, taken from the environment (once).
-fn ready_fd() -> Option<File> {
-    let fd: RawFd = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
-    std::env::remove_var(READY_FD_ENV);
-    // SAFETY: `create` passed this fd open for us alone; we take ownership.
-    (fd > 2).then(|| unsafe { File::from_raw_fd(fd) })
-}
-
-fn report(ready: Option<File>, line: &str) {
-    if let Some(mut f) = ready {
-        let _ = writeln!(f, "{}", line.replace('\n', " "));
-    }
-}
-
 /// Runs the VMM process for the container in `dir`; returns its exit code.
 pub fn serve(dir: &Path) -> i32 {
-    let ready = ready_fd();
+    let ready = detach::ready_fd();
     let session = (|| {
         let p = dir.join("vmm.json");
         let bytes = std::fs::read(&p).map_err(|e| RuntimeError::Io(p.display().to_string(), e))?;
@@ -86,11 +68,11 @@ pub fn serve(dir: &Path) -> i32 {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
-            report(ready, &format!("error: {e}"));
+            detach::report(ready, &format!("error: {e}"));
             return LOST;
         }
     };
-    report(ready, "ok");
+    detach::report(ready, "ok");
     match session.wait() {
         Ok(st) if (0..=255).contains(&st.exit_code) => st.exit_code,
         Ok(st) => {

@@ -1,0 +1,252 @@
+//! husk as containerd's runtime: a private containerd (Debian's 1.6,
+//! started here with its own root, state and socket, stopped by PID) runs
+//! an image the test builds through `ctr run --runc-binary husk`: output
+//! and exit code of `ctr run --rm`, then a detached task with
+//! `ctr task exec`, `ctr task kill` and `ctr task delete`. Nothing may be
+//! left behind: no shim, no VMM process, no runc state.
+
+mod image_support;
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use image_support::{test_image, tmpdir};
+use support::{boot_timeout, kernel};
+
+/// A private containerd, killed (with every process that names its socket:
+/// shims, VMMs) when dropped.
+struct Containerd {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+    ns: String,
+    runc_root: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let sock = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{1}\"\n[ttrpc]\n  address = \"{1}.ttrpc\"\n",
+                dir.display(),
+                sock.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (tools/install-deps installs it)");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "containerd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ns = format!("husk-test-{}", std::process::id());
+        // The runc shim keeps runc's state here, per namespace.
+        let runc_root = PathBuf::from("/run/containerd/runc").join(&ns);
+        Containerd {
+            child,
+            dir: dir.to_path_buf(),
+            sock,
+            ns,
+            runc_root,
+        }
+    }
+
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.sock).arg("-n").arg(&self.ns);
+        c
+    }
+
+    /// Processes whose command line names `needle`.
+    fn pids_naming(needle: &str) -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Shims and husk processes that belong to this containerd.
+    fn leftovers(&self) -> Vec<i32> {
+        let mut v = Self::pids_naming(&self.sock.display().to_string());
+        v.extend(Self::pids_naming(&self.runc_root.display().to_string()));
+        v
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for pid in self.leftovers() {
+            // SAFETY: kill(2) of processes this test's containerd started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.runc_root);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `c`, killing it after `timeout`.
+fn bounded(c: &mut Command, timeout: Duration) -> Output {
+    support::run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
+}
+
+#[test]
+fn ctr_runs_tasks_in_micro_vms() {
+    let dir = tmpdir("containerd");
+    let layout = dir.join("layout");
+    test_image(&layout, "v1");
+    let archive = dir.join("image.tar");
+    ok(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci-archive:{}:husk-test:v1", archive.display()))
+        .output()
+        .unwrap());
+    // The shim passes no environment through: a wrapper sets husk's.
+    let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
+    let wrapper = dir.join("husk-runtime");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec env HUSK_BOOT_TIMEOUT={} HUSK_AGENT={} HUSK_KERNEL={} {} \"$@\"\n",
+            boot_timeout().as_secs(),
+            agent.display(),
+            kernel().display(),
+            env!("CARGO_BIN_EXE_husk")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let ctd = Containerd::start(&dir.join("ctd"));
+    ok(ctd
+        .ctr()
+        .args(["image", "import", "--all-platforms"])
+        .arg(&archive)
+        .output()
+        .unwrap());
+    let limit = boot_timeout() * 2;
+
+    // ctr run --rm: output, exit code, and the VM's own kernel.
+    let o = bounded(
+        ctd.ctr()
+            .args(["run", "--rm", "--runc-binary"])
+            .arg(&wrapper)
+            .args([
+                "husk-test:v1",
+                "once",
+                "sh",
+                "-c",
+                "echo hi from ctr; uname -r; exit 3",
+            ]),
+        limit,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hi from ctr"));
+    let host_kernel = ok(Command::new("uname").arg("-r").output().unwrap());
+    assert_ne!(
+        lines.next(),
+        Some(host_kernel.trim()),
+        "the task ran in the VM's kernel"
+    );
+
+    // A detached task: exec, kill, delete.
+    ok(bounded(
+        ctd.ctr()
+            .args(["run", "-d", "--runc-binary"])
+            .arg(&wrapper)
+            .args(["husk-test:v1", "bg", "sleep", "1000"]),
+        limit,
+    ));
+    let o = bounded(
+        ctd.ctr().args([
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "bg",
+            "sh",
+            "-c",
+            "echo in exec; exit 5",
+        ]),
+        limit,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "in exec\n");
+    let tasks = ok(ctd.ctr().args(["task", "ls"]).output().unwrap());
+    assert!(tasks.contains("RUNNING"), "{tasks}");
+    ok(ctd
+        .ctr()
+        .args(["task", "kill", "-s", "KILL", "bg"])
+        .output()
+        .unwrap());
+    let deadline = Instant::now() + limit;
+    loop {
+        let tasks = ok(ctd.ctr().args(["task", "ls"]).output().unwrap());
+        if tasks.contains("STOPPED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task did not stop: {tasks}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(ctd.ctr().args(["task", "delete", "bg"]).output().unwrap());
+    ok(ctd.ctr().args(["container", "rm", "bg"]).output().unwrap());
+
+    // Nothing left: no shim, no VMM, no runc state.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctd.leftovers().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ctd.leftovers(), Vec::<i32>::new(), "processes left behind");
+    let state: Vec<_> = std::fs::read_dir(&ctd.runc_root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(state.is_empty(), "runc state left: {state:?}");
+}
