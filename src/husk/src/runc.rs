@@ -59,6 +59,13 @@ pub enum RuncCommand {
     Features,
     /// Run a process in a running container (runc exec).
     Exec(ExecArgs),
+    /// Pause a container: its VM's vCPUs stop (runc pause).
+    Pause(IdArg),
+    /// Resume a paused container (runc resume).
+    Resume(IdArg),
+    /// The host processes of a container: its VMM process (standing for the container's
+    /// init) and exec helpers (runc ps). `husk exec ID ps` shows the guest's own.
+    Ps(PsArgs),
     /// The helper of a detached exec (started by exec --detach).
     #[command(hide = true)]
     ExecServe {
@@ -139,6 +146,19 @@ pub struct ExecArgs {
     /// Command and arguments (without --process).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
+}
+
+/// `ps` flags.
+#[derive(Args)]
+pub struct PsArgs {
+    /// table or json (json: the pids).
+    #[arg(short, long, default_value = "table")]
+    format: String,
+    /// Container id.
+    id: String,
+    /// ps(1) options for the table [default: -ef].
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    ps_args: Vec<String>,
 }
 
 /// A container id.
@@ -280,6 +300,9 @@ fn dispatch(
         )
         .map(|()| 0),
         RuncCommand::Start(a) => lifecycle::start(root, &a.id).map(|()| 0),
+        RuncCommand::Pause(a) => lifecycle::pause(root, &a.id).map(|()| 0),
+        RuncCommand::Resume(a) => lifecycle::resume(root, &a.id).map(|()| 0),
+        RuncCommand::Ps(a) => ps(root, &a).map(|()| 0),
         RuncCommand::State(a) => {
             println!("{}", query::state(root, &a.id)?);
             Ok(0)
@@ -296,6 +319,52 @@ fn dispatch(
             Ok(0)
         }
         RuncCommand::VmmServe { .. } | RuncCommand::ExecServe { .. } => Ok(0),
+    }
+}
+
+fn ps(root: &Path, a: &PsArgs) -> Result<(), RuntimeError> {
+    let pids = lifecycle::host_pids(root, &a.id)?;
+    match a.format.as_str() {
+        "json" => {
+            println!("{}", serde_json::to_string(&pids).unwrap_or_default());
+            Ok(())
+        }
+        "table" => {
+            let args = if a.ps_args.is_empty() {
+                vec!["-ef".to_owned()]
+            } else {
+                a.ps_args.clone()
+            };
+            let o = std::process::Command::new("ps")
+                .args(&args)
+                .output()
+                .map_err(|e| RuntimeError::Io("ps".into(), e))?;
+            if !o.status.success() {
+                return Err(RuntimeError::Invalid(format!(
+                    "ps {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )));
+            }
+            let text = String::from_utf8_lossy(&o.stdout);
+            let mut lines = text.lines();
+            let header = lines.next().unwrap_or_default();
+            let col = header
+                .split_whitespace()
+                .position(|h| h == "PID")
+                .ok_or_else(|| RuntimeError::Invalid("ps printed no PID column".into()))?;
+            println!("{header}");
+            for l in lines {
+                let pid = l.split_whitespace().nth(col).and_then(|p| p.parse().ok());
+                if pid.is_some_and(|p: i32| pids.contains(&p)) {
+                    println!("{l}");
+                }
+            }
+            Ok(())
+        }
+        other => Err(RuntimeError::Invalid(format!(
+            "invalid format option {other:?}: table or json"
+        ))),
     }
 }
 

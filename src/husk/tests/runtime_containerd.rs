@@ -222,6 +222,12 @@ fn ctr_runs_tasks_in_micro_vms() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "in exec\n");
     let tasks = ok(ctd.ctr().args(["task", "ls"]).output().unwrap());
     assert!(tasks.contains("RUNNING"), "{tasks}");
+    let ps = ok(ctd.ctr().args(["task", "ps", "bg"]).output().unwrap());
+    assert_eq!(ps.lines().count(), 2, "the VMM process: {ps}");
+    ok(ctd.ctr().args(["task", "pause", "bg"]).output().unwrap());
+    let tasks = ok(ctd.ctr().args(["task", "ls"]).output().unwrap());
+    assert!(tasks.contains("PAUSED"), "{tasks}");
+    ok(ctd.ctr().args(["task", "resume", "bg"]).output().unwrap());
     ok(ctd
         .ctr()
         .args(["task", "kill", "-s", "KILL", "bg"])

@@ -253,8 +253,28 @@ fn runc_lifecycle_on_real_vms() {
     ok(&runc(&root).args(["delete", "one"]).output().unwrap());
     fails(&root, &["state", "one"], "container does not exist");
 
-    // two: a signal by number, as containerd sends it: 128+9.
+    // two: pause/resume (the VMM process stopped), ps, then a signal by
+    // number, as containerd sends it: 128+9.
     ok(&runc(&root).args(["start", "two"]).output().unwrap());
+    ok(&runc(&root).args(["pause", "two"]).output().unwrap());
+    assert_eq!(state(&root, "two")["status"], "paused");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", two.pid)).unwrap();
+    let st = stat[stat.rfind(')').unwrap() + 2..].chars().next().unwrap();
+    assert_eq!(st, 'T', "the VMM process is stopped: {stat}");
+    fails(&root, &["pause", "two"], "container already paused");
+    fails(&root, &["kill", "two", "TERM"], "container is paused");
+    fails(&root, &["delete", "two"], "that is not stopped: paused");
+    ok(&runc(&root).args(["resume", "two"]).output().unwrap());
+    assert_eq!(state(&root, "two")["status"], "running");
+    fails(&root, &["resume", "two"], "container not paused");
+    let pids = ok(&runc(&root)
+        .args(["ps", "--format", "json", "two"])
+        .output()
+        .unwrap());
+    assert_eq!(pids.trim(), format!("[{}]", two.pid));
+    let table = ok(&runc(&root).args(["ps", "two"]).output().unwrap());
+    assert!(table.starts_with("UID"), "{table}");
+    assert!(table.contains("vmm-serve"), "{table}");
     ok(&runc(&root).args(["kill", "two", "9"]).output().unwrap());
     assert_eq!(reap(two.pid), 137);
     ok(&runc(&root).args(["delete", "two"]).output().unwrap());

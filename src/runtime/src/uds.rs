@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 /// retrying until `deadline` while the guest is not listening yet.
 pub fn connect(uds: &Path, port: u32, deadline: Instant) -> std::io::Result<UnixStream> {
     loop {
-        match try_connect(uds, port) {
+        // A stopped (or paused) VM accepts the connection but never
+        // answers: bound the wait for the reply too.
+        let reply = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match try_connect(uds, port, reply) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -19,8 +24,9 @@ pub fn connect(uds: &Path, port: u32, deadline: Instant) -> std::io::Result<Unix
     }
 }
 
-fn try_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+fn try_connect(uds: &Path, port: u32, reply: Duration) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(uds)?;
+    s.set_read_timeout(Some(reply))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Read the reply a byte at a time: what follows it is the guest's data.
     let mut line = Vec::new();
@@ -38,6 +44,7 @@ fn try_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
         line.push(b[0]);
     }
     if line.starts_with(b"OK ") {
+        s.set_read_timeout(None)?;
         Ok(s)
     } else {
         Err(std::io::Error::new(

@@ -92,6 +92,7 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
             pid_start,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             started: false,
+            paused: false,
             annotations,
         })?;
         match &o.pid_file {

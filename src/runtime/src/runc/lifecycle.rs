@@ -43,7 +43,7 @@ pub fn start(root: &Path, id: &str) -> Result<(), RuntimeError> {
     let mut state = c.state()?.clone();
     match c.status() {
         Status::Created => {}
-        Status::Running => {
+        Status::Running | Status::Paused => {
             return Err(RuntimeError::Invalid(
                 "cannot start an already running container".into(),
             ))
@@ -117,11 +117,22 @@ pub fn kill(root: &Path, id: &str, signal: &str, all: bool) -> Result<(), Runtim
     let signal = parse_signal(signal)?;
     let c = Container::open(root, id)?;
     c.state()?;
-    if c.status() == Status::Stopped {
-        if all {
+    match c.status() {
+        Status::Stopped if all => return Ok(()),
+        Status::Stopped => return Err(RuntimeError::Invalid("container not running".into())),
+        // The agent cannot answer while the VM is stopped; SIGKILL needs
+        // no agent: the VM goes with its VMM process.
+        Status::Paused if signal == libc::SIGKILL => {
+            let s = c.state()?;
+            kill_vmm(s.pid, s.pid_start);
             return Ok(());
         }
-        return Err(RuntimeError::Invalid("container not running".into()));
+        Status::Paused => {
+            return Err(RuntimeError::Invalid(
+                "container is paused: resume it first (SIGKILL works while paused)".into(),
+            ))
+        }
+        Status::Created | Status::Running => {}
     }
     agent(&c.dir)?.signal(Signal {
         container_id: CONTAINER_ID.into(),
@@ -154,7 +165,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), RuntimeError> {
         Err(e) => return Err(e),
     };
     let status = c.status();
-    if status == Status::Running && !force {
+    if matches!(status, Status::Running | Status::Paused) && !force {
         return Err(RuntimeError::Invalid(format!(
             "cannot delete container {} that is not stopped: {status}",
             id_of(&c)
@@ -164,4 +175,70 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), RuntimeError> {
         kill_vmm(s.pid, s.pid_start);
     }
     c.remove()
+}
+
+/// Sends `sig` to the container's VMM process (recorded pid, start time
+/// checked).
+fn signal_vmm(pid: i32, start: u64, sig: i32) -> Result<(), RuntimeError> {
+    if !process_alive(pid, start) {
+        return Err(RuntimeError::Invalid("container not running".into()));
+    }
+    // SAFETY: kill(2) of the process we recorded.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(RuntimeError::Io(
+            format!("signal the VMM process {pid}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Pauses a running container: its VMM process is stopped (SIGSTOP), so
+/// no vCPU runs and the VM uses no CPU; guest memory stays as it is.
+pub fn pause(root: &Path, id: &str) -> Result<(), RuntimeError> {
+    let mut c = Container::open(root, id)?;
+    let mut state = c.state()?.clone();
+    match c.status() {
+        Status::Running => {}
+        Status::Paused => return Err(RuntimeError::Invalid("container already paused".into())),
+        s => return Err(RuntimeError::Invalid(format!("container not running: {s}"))),
+    }
+    signal_vmm(state.pid, state.pid_start, libc::SIGSTOP)?;
+    state.paused = true;
+    c.save(state)
+}
+
+/// Resumes a paused container (SIGCONT to its VMM process).
+pub fn resume(root: &Path, id: &str) -> Result<(), RuntimeError> {
+    let mut c = Container::open(root, id)?;
+    let mut state = c.state()?.clone();
+    if c.status() != Status::Paused {
+        return Err(RuntimeError::Invalid("container not paused".into()));
+    }
+    signal_vmm(state.pid, state.pid_start, libc::SIGCONT)?;
+    state.paused = false;
+    c.save(state)
+}
+
+/// The host processes that stand for the container's processes: its VMM
+/// process (the container's init) and the helpers of detached execs.
+pub fn host_pids(root: &Path, id: &str) -> Result<Vec<i32>, RuntimeError> {
+    let c = Container::open(root, id)?;
+    let s = c.state()?;
+    if !process_alive(s.pid, s.pid_start) {
+        return Ok(Vec::new());
+    }
+    let mut pids = vec![s.pid];
+    let needle = format!("exec-serve\0{}\0", c.dir.display());
+    for e in std::fs::read_dir("/proc").map_err(|e| RuntimeError::Io("/proc".into(), e))? {
+        let Ok(e) = e else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }

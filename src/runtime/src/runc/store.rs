@@ -33,6 +33,9 @@ pub struct ContainerState {
     pub created: String,
     /// `start` succeeded.
     pub started: bool,
+    /// `pause` stopped the VMM process (its vCPUs with it).
+    #[serde(default)]
+    pub paused: bool,
     /// The bundle's annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
@@ -45,6 +48,8 @@ pub enum Status {
     Created,
     /// Its process runs.
     Running,
+    /// Its VM is stopped (no vCPU runs).
+    Paused,
     /// Its process exited (or its VM is gone).
     Stopped,
 }
@@ -54,6 +59,7 @@ impl std::fmt::Display for Status {
         f.write_str(match self {
             Status::Created => "created",
             Status::Running => "running",
+            Status::Paused => "paused",
             Status::Stopped => "stopped",
         })
     }
@@ -191,6 +197,8 @@ impl Container {
 pub fn status_of(s: &ContainerState) -> Status {
     if !process_alive(s.pid, s.pid_start) {
         Status::Stopped
+    } else if s.paused {
+        Status::Paused
     } else if s.started {
         Status::Running
     } else {
@@ -300,6 +308,7 @@ mod tests {
             pid_start: process_start(me).unwrap(),
             created: "2026-01-01T00:00:00Z".into(),
             started: false,
+            paused: false,
             annotations: BTreeMap::new(),
         })
         .unwrap();
