@@ -247,15 +247,6 @@ pub fn cmd(c: RuncCommand, root: Option<PathBuf>, g: &RuncGlobals, log_level: &s
     }
 }
 
-fn boot_timeout() -> Result<Duration, RuntimeError> {
-    match std::env::var("HUSK_BOOT_TIMEOUT") {
-        Ok(v) => v.trim().parse().map(Duration::from_secs).map_err(|_| {
-            RuntimeError::Invalid(format!("invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"))
-        }),
-        Err(_) => Ok(Duration::from_secs(30)),
-    }
-}
-
 fn dispatch(
     c: RuncCommand,
     root: &Path,
@@ -294,7 +285,7 @@ fn dispatch(
                 console_socket: a.console_socket,
                 kernel: a.kernel,
                 agent: None,
-                boot_timeout: boot_timeout()?,
+                boot_timeout: Duration::from_secs(crate::run::boot_timeout(None)?),
                 vmm_args: helper_args,
             },
         )

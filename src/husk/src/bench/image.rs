@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use husk_image::oci::{disk, ImageRef, Store};
+use husk_image::oci::store::StoreLock;
+use husk_image::oci::{disk, ImageRecord, ImageRef, Store};
 
 use super::median;
 use super::run::runc_bundle;
@@ -102,14 +103,24 @@ fn pull(root: &Path, a: &ImageBenchArgs) -> Result<f64, String> {
     timed(c, "husk pull")
 }
 
-/// Rebuilds the image's disk in `root`'s store; returns the seconds taken.
-fn disk_build(root: &Path, r: &ImageRef) -> Result<f64, String> {
+/// `root`'s store, locked, and the record of the pulled image `r`.
+fn stored(
+    root: &Path,
+    r: &ImageRef,
+    exclusive: bool,
+) -> Result<(Store, StoreLock, ImageRecord), String> {
     let store = Store::open(root).map_err(|e| e.to_string())?;
-    let _lock = store.lock(true).map_err(|e| e.to_string())?;
+    let lock = store.lock(exclusive).map_err(|e| e.to_string())?;
     let rec = store
         .find(&r.to_string())
         .map_err(|e| e.to_string())?
         .ok_or("the pulled image is not in the store")?;
+    Ok((store, lock, rec))
+}
+
+/// Rebuilds the image's disk in `root`'s store; returns the seconds taken.
+fn disk_build(root: &Path, r: &ImageRef) -> Result<f64, String> {
+    let (store, _lock, rec) = stored(root, r, true)?;
     let path = store
         .disk_path(&rec.config_digest)
         .map_err(|e| e.to_string())?;
@@ -121,12 +132,7 @@ fn disk_build(root: &Path, r: &ImageRef) -> Result<f64, String> {
 
 /// The image's tree, unpacked from `root`'s store into `dest`.
 fn unpack(root: &Path, r: &ImageRef, dest: &Path) -> Result<(), String> {
-    let store = Store::open(root).map_err(|e| e.to_string())?;
-    let _lock = store.lock(false).map_err(|e| e.to_string())?;
-    let rec = store
-        .find(&r.to_string())
-        .map_err(|e| e.to_string())?
-        .ok_or("the pulled image is not in the store")?;
+    let (store, _lock, rec) = stored(root, r, false)?;
     disk::unpack(&store, &rec, dest).map_err(|e| e.to_string())
 }
 
