@@ -1,8 +1,9 @@
 //! runc's command line on real micro-VMs: create → state → start → kill →
 //! delete on bundles the test makes, the VMM process's exit status being
 //! the container's (as a shim reaping the --pid-file pid sees it), runc's
-//! errors, and no state left behind. Two containers boot at once to save
-//! time; this test process is their subreaper, as a shim would be.
+//! errors, a VMM killed from outside, and no state left behind. Three
+//! containers boot at once to save time; this test process is their
+//! subreaper, as a shim would be.
 
 mod support;
 
@@ -13,9 +14,19 @@ use std::time::{Duration, Instant};
 
 use support::{boot_timeout, busybox_tree, husk, kernel};
 
+/// The test's directory; on the way out (a failed assertion included)
+/// every container under its state root is force-deleted, so no VM
+/// outlives the test.
 struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
+        let root = self.0.join("state");
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let _ = runc(&root)
+                .args(["delete", "--force"])
+                .arg(e.file_name())
+                .output();
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -188,8 +199,10 @@ fn runc_lifecycle_on_real_vms() {
 
     let c1 = spawn_create(&root, &b1, "one");
     let c2 = spawn_create(&root, &b2, "two");
+    let c3 = spawn_create(&root, &b3, "three");
     let mut one = created(c1, &b1);
     let two = created(c2, &b2);
+    let three = created(c3, &b3);
 
     let s = state(&root, "one");
     assert_eq!(s["status"], "created");
@@ -206,16 +219,16 @@ fn runc_lifecycle_on_real_vms() {
         "container with id exists: one",
     );
     let ids = ok(&runc(&root).args(["list", "-q"]).output().unwrap());
-    assert_eq!(ids, "one\ntwo\n");
+    assert_eq!(ids, "one\nthree\ntwo\n");
     let table = ok(&runc(&root).arg("list").output().unwrap());
     assert!(table.starts_with("ID "), "{table}");
-    assert_eq!(table.lines().count(), 3, "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
     let json: serde_json::Value = serde_json::from_str(&ok(&runc(&root)
         .args(["list", "--format", "json"])
         .output()
         .unwrap()))
     .unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert_eq!(json.as_array().unwrap().len(), 3);
 
     // one: start, stdio through the VMM process's fds, exit 3.
     ok(&runc(&root).args(["start", "one"]).output().unwrap());
@@ -275,19 +288,29 @@ fn runc_lifecycle_on_real_vms() {
     let table = ok(&runc(&root).args(["ps", "two"]).output().unwrap());
     assert!(table.starts_with("UID"), "{table}");
     assert!(table.contains("vmm-serve"), "{table}");
-    ok(&runc(&root).args(["kill", "two", "9"]).output().unwrap());
+    // delete --force of a paused container kills its VMM process.
+    ok(&runc(&root).args(["pause", "two"]).output().unwrap());
+    ok(&runc(&root)
+        .args(["delete", "--force", "two"])
+        .output()
+        .unwrap());
     assert_eq!(reap(two.pid), 137);
-    ok(&runc(&root).args(["delete", "two"]).output().unwrap());
 
-    // three: delete --force of a running container kills its VMM process.
-    let c3 = spawn_create(&root, &b3, "three");
-    let three = created(c3, &b3);
+    // three: its VMM process SIGKILLed from outside; state says stopped and
+    // delete --force leaves nothing (sockets, console, state) behind.
     ok(&runc(&root).args(["start", "three"]).output().unwrap());
+    // SAFETY: kill(2) of our own (reparented) child.
+    unsafe { libc::kill(three.pid, libc::SIGKILL) };
+    assert_eq!(reap(three.pid), 137);
+    assert_eq!(state(&root, "three")["status"], "stopped");
+    assert!(
+        root.join("three/vm/vsock.sock").exists(),
+        "the killed VMM left its socket"
+    );
     ok(&runc(&root)
         .args(["delete", "--force", "three"])
         .output()
         .unwrap());
-    assert_eq!(reap(three.pid), 137);
 
     // Errors reach --log as runc writes them (containerd shows the last line).
     let log = dir.0.join("log.json");
