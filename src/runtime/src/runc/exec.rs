@@ -129,7 +129,7 @@ pub fn exec(root: &Path, o: &ExecOptions) -> Result<i32, RuntimeError> {
     let dir = c.dir.clone();
     drop(c);
     if !o.detach {
-        return run_process(&dir, process, None);
+        return run_process(&dir, process, Mode::Foreground);
     }
     let file = dir.join(format!("exec-{}.json", unique()));
     let json = serde_json::to_vec(&process).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
@@ -158,7 +158,7 @@ pub fn serve(dir: &Path, file: &Path) -> i32 {
             serde_json::from_slice::<Process>(&b)
                 .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", file.display())))
         });
-    let result = process.and_then(|p| run_process(dir, p, Some(ready)));
+    let result = process.and_then(|p| run_process(dir, p, Mode::Detached(ready)));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -175,13 +175,17 @@ fn unique() -> String {
     format!("{}-{nanos}", std::process::id())
 }
 
-/// Starts `process` in the container of `dir`, relays fds 0-2, reports
-/// readiness on `ready` (a detached helper), waits; returns its exit code.
-fn run_process(
-    dir: &Path,
-    process: Process,
-    ready: Option<Option<std::fs::File>>,
-) -> Result<i32, RuntimeError> {
+/// Who runs an exec'd process's stdio.
+enum Mode {
+    /// `husk exec` itself, for the user at fds 0-2 (a terminal is theirs).
+    Foreground,
+    /// A detached helper, which reports readiness on this fd.
+    Detached(Option<std::fs::File>),
+}
+
+/// Starts `process` in the container of `dir`, relays fds 0-2 (reporting
+/// readiness when detached), waits; returns its exit code.
+fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeError> {
     let tty = process.terminal().unwrap_or(false);
     let exec_id = format!("exec-{}", unique());
     let started = (|| {
@@ -204,20 +208,21 @@ fn run_process(
             };
             attach_stream(s, &hello)
         };
-        let (relays, raw) = attach_stdio(&open, tty, true, tty && ready.is_none())?;
+        let host_terminal = tty && matches!(mode, Mode::Foreground);
+        let (relays, raw) = attach_stdio(&open, tty, true, host_terminal)?;
         Ok((client, relays, raw))
     })();
-    let (mut client, relays, raw) = match (started, ready) {
-        (Ok(v), Some(r)) => {
+    let (mut client, relays, raw) = match (started, mode) {
+        (Ok(v), Mode::Detached(r)) => {
             detach::report(r, "ok");
             v
         }
-        (Ok(v), None) => v,
-        (Err(e), Some(r)) => {
+        (Ok(v), Mode::Foreground) => v,
+        (Err(e), Mode::Detached(r)) => {
             detach::report(r, &format!("error: {e}"));
             return Err(e);
         }
-        (Err(e), None) => return Err(e),
+        (Err(e), Mode::Foreground) => return Err(e),
     };
     let status = client.wait(ProcessRef {
         container_id: CONTAINER_ID.into(),
