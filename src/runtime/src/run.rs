@@ -113,7 +113,8 @@ pub fn vcpus_for(cpus: Option<f64>) -> u8 {
 }
 
 /// One container in a fresh VM, whose stdio is this process's fds 0-2.
-#[derive(Debug, Clone)]
+/// `husk create` hands it to the VMM process as JSON (`DIR/vmm.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SessionConfig {
     /// The container's spec, as the agent gets it.
     pub spec: oci_spec::runtime::Spec,

@@ -49,6 +49,13 @@ pub fn copy_with_progress(
     }
 }
 
+/// Copies the file `p` to `out`, reporting progress.
+fn copy_file(p: &Path, out: &mut dyn Write, progress: &dyn Fn(u64)) -> Result<(), OciError> {
+    let shown = p.display().to_string();
+    let mut f = File::open(p).map_err(|e| OciError::Source(shown.clone(), e))?;
+    copy_with_progress(&mut f, out, progress, &shown)
+}
+
 fn read_limited(p: &Path) -> Result<Vec<u8>, OciError> {
     let shown = p.display().to_string();
     let f = File::open(p).map_err(|e| OciError::Source(shown.clone(), e))?;
@@ -131,10 +138,7 @@ impl Source for LayoutSource {
         out: &mut dyn Write,
         progress: &dyn Fn(u64),
     ) -> Result<(), OciError> {
-        let p = self.blob_path(digest)?;
-        let shown = p.display().to_string();
-        let mut f = File::open(&p).map_err(|e| OciError::Source(shown.clone(), e))?;
-        copy_with_progress(&mut f, out, progress, &shown)
+        copy_file(&self.blob_path(digest)?, out, progress)
     }
 }
 
@@ -194,23 +198,10 @@ struct DockerSaveEntry {
 }
 
 fn file_digest(p: &Path) -> Result<(String, u64), OciError> {
-    use sha2::{Digest, Sha256};
     let shown = p.display().to_string();
-    let mut f = File::open(p).map_err(|e| OciError::Source(shown.clone(), e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = f
-            .read(&mut buf)
-            .map_err(|e| OciError::Source(shown.clone(), e))?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    Ok((format!("sha256:{:x}", h.finalize()), n))
+    File::open(p)
+        .and_then(|mut f| super::store::read_digest(&mut f))
+        .map_err(|e| OciError::Source(shown, e))
 }
 
 impl DockerArchiveSource {
@@ -300,8 +291,6 @@ impl Source for DockerArchiveSource {
             .files
             .get(digest)
             .ok_or_else(|| OciError::NotFound("docker-archive".into(), digest.to_string()))?;
-        let shown = p.display().to_string();
-        let mut f = File::open(p).map_err(|e| OciError::Source(shown.clone(), e))?;
-        copy_with_progress(&mut f, out, progress, &shown)
+        copy_file(p, out, progress)
     }
 }

@@ -163,9 +163,8 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(OciError::Store(p.display().to_string(), e)),
         };
-        let mut h = Sha256::new();
-        io::copy(&mut f, &mut HashWriter(&mut h)).map_err(io_err(&p))?;
-        if format!("sha256:{:x}", h.finalize()) == digest {
+        let (actual, _) = read_digest(&mut f).map_err(io_err(&p))?;
+        if actual == digest {
             return Ok(true);
         }
         tracing::warn!("blob {digest} in the store is corrupted; fetching it again");
@@ -364,6 +363,13 @@ impl Store {
         }
         Ok(freed)
     }
+}
+
+/// The `sha256:` digest and the length of everything `r` yields.
+pub fn read_digest(r: &mut dyn Read) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let n = io::copy(r, &mut HashWriter(&mut h))?;
+    Ok((format!("sha256:{:x}", h.finalize()), n))
 }
 
 struct HashWriter<'a>(&'a mut Sha256);

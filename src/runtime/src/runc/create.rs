@@ -10,8 +10,7 @@ use std::time::Duration;
 use super::bundle;
 use super::detach;
 use super::store::{process_start, write_atomic, Container, ContainerState};
-use super::vmm::VmmConfig;
-use crate::run::{vcpus_for, vm_mem_mib};
+use crate::run::{vcpus_for, vm_mem_mib, SessionConfig};
 use crate::{paths, RuntimeError};
 
 /// `create` options.
@@ -57,16 +56,20 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         let (quota, period) = (c.quota()?, c.period()?);
         (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
     });
-    let cfg = VmmConfig {
+    let mut c = Container::create(root, &o.id)?;
+    let cfg = SessionConfig {
         mem_mib: vm_mem_mib(memory),
         vcpus: vcpus_for(cpus),
         spec,
         rootfs_image: image,
+        // The VMM's stdio is the caller's: no terminal of ours to manage.
+        interactive: true,
+        host_terminal: false,
         kernel: o.kernel.clone(),
         agent: o.agent.clone(),
-        boot_timeout_s: o.boot_timeout.as_secs(),
+        boot_timeout: o.boot_timeout,
+        run_dir: c.dir.join("vm"),
     };
-    let mut c = Container::create(root, &o.id)?;
     let annotations = b
         .spec
         .annotations()
@@ -109,7 +112,7 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
 }
 
 /// Starts the VMM process and waits for its report; returns its pid.
-fn start_vmm(c: &Container, cfg: &VmmConfig, o: &CreateOptions) -> Result<i32, RuntimeError> {
+fn start_vmm(c: &Container, cfg: &SessionConfig, o: &CreateOptions) -> Result<i32, RuntimeError> {
     let json = serde_json::to_vec(cfg).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     write_atomic(&c.dir.join("vmm.json"), &json)?;
     let mut args: Vec<OsString> = o.vmm_args.iter().map(OsString::from).collect();

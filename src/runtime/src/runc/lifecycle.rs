@@ -242,3 +242,21 @@ pub fn host_pids(root: &Path, id: &str) -> Result<Vec<i32>, RuntimeError> {
     }
     Ok(pids)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_signal;
+
+    #[test]
+    fn signals_by_number_and_name_as_runc_takes_them() {
+        assert_eq!(parse_signal("9").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("15").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("SIGTERM").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("term").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), libc::SIGUSR1);
+        assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);
+        for bad in ["0", "65", "-1", "SIGFOO", "", "SIG"] {
+            assert!(parse_signal(bad).is_err(), "{bad:?}");
+        }
+    }
+}
