@@ -147,6 +147,9 @@ impl Agent {
             Request::ResizeTty(r) => self.resize(&r).map(|()| Response::TtyResized),
             Request::Stats(r) => self.stats(&r.container_id).map(Response::Stats),
             Request::Wait(r) => self.wait(&r).map(|(_, s)| Response::Exited(s)),
+            Request::ConfigureNetwork(n) => crate::net::configure(&n)
+                .map(|()| Response::NetworkConfigured)
+                .map_err(|e| err(ErrorCode::SetupFailed, format!("network: {e}"))),
             Request::Shutdown => Ok(Response::ShuttingDown),
         }
     }
@@ -203,7 +206,18 @@ impl Agent {
                 plan.shared_namespaces.join(", ")
             );
         }
-        let cgroup = self.make_cgroup(id, &req)?;
+        let files_dir = Path::new(husk_proto::FILES_DIR).join(id);
+        if let Err(e) = write_files(&files_dir, &req.files) {
+            let _ = fs::remove_dir_all(&files_dir);
+            return Err(e);
+        }
+        let cgroup = match self.make_cgroup(id, &req) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&files_dir);
+                return Err(e);
+            }
+        };
         let staging = self.cfg.staging_dir.join(id);
         let result = (|| {
             fs::create_dir_all(&staging).map_err(|e| {
@@ -227,6 +241,7 @@ impl Agent {
                     cg.remove();
                 }
                 let _ = fs::remove_dir(&staging);
+                let _ = fs::remove_dir_all(&files_dir);
                 return Err(e);
             }
         };
@@ -375,6 +390,7 @@ impl Agent {
                 cg.remove();
             }
             let _ = fs::remove_dir(agent.cfg.staging_dir.join(&container.id));
+            let _ = fs::remove_dir_all(Path::new(husk_proto::FILES_DIR).join(&container.id));
             proc.set_exit(status, exited_ns);
             if agent.cfg.reboot_on_exit {
                 proc.wait_delivered();
@@ -559,6 +575,43 @@ impl Drop for HostGuard {
     fn drop(&mut self) {
         self.0.hosts.end();
     }
+}
+
+/// Writes the host's files for a container's bind mounts into `dir`.
+fn write_files(dir: &Path, files: &[husk_proto::GuestFile]) -> Result<(), ErrorBody> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if files.is_empty() {
+        return Ok(());
+    }
+    let io_err =
+        |p: &Path, e: std::io::Error| err(ErrorCode::SetupFailed, format!("{}: {e}", p.display()));
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| io_err(dir, e))?;
+    for f in files {
+        let plain = !f.name.is_empty()
+            && f.name != "."
+            && f.name != ".."
+            && !f.name.contains('/')
+            && !f.name.contains('\0');
+        if !plain {
+            return Err(err(
+                ErrorCode::InvalidRequest,
+                format!("file name {:?} is not a plain name", f.name),
+            ));
+        }
+        let p = dir.join(&f.name);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(f.mode & 0o7777)
+            .open(&p)
+            .map_err(|e| io_err(&p, e))?;
+        std::io::Write::write_all(&mut file, &f.content).map_err(|e| io_err(&p, e))?;
+    }
+    Ok(())
 }
 
 /// Ids become path components and cgroup names.

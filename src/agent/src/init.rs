@@ -86,7 +86,7 @@ pub fn init_system() -> Result<(), InitError> {
     let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
     let cgroups = fs::read_to_string("/proc/cgroups").unwrap_or_default();
     mount_cgroups(&filesystems, &cgroups)?;
-    ctx(sys::interface_up("lo"), "bring up", Path::new("lo"))?;
+    ctx(crate::net::interface_up("lo"), "bring up", Path::new("lo"))?;
     Ok(())
 }
 

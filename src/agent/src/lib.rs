@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod container;
 pub mod init;
+pub mod net;
 pub mod reaper;
 pub mod server;
 pub mod state;

@@ -492,29 +492,6 @@ pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<
     Ok(())
 }
 
-/// Sets `IFF_UP` on a network interface (e.g. `lo`).
-pub fn interface_up(name: &str) -> io::Result<()> {
-    // SAFETY: plain socket(2); the fd is owned right below.
-    let fd = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; zero is a valid initial value.
-    let mut req: libc::ifreq = unsafe { mem::zeroed() };
-    if name.len() >= req.ifr_name.len() {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS fills the valid `req`.
-    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
-    // SAFETY: the union field was set by SIOCGIFFLAGS above.
-    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    // SAFETY: SIOCSIFFLAGS reads the valid `req`.
-    cvt(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
-    Ok(())
-}
-
 /// A close-on-exec `pipe2(2)`: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];

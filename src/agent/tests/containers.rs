@@ -169,6 +169,7 @@ impl Harness {
                 size_bytes: Some(64 << 20),
             },
             stdin,
+            files: Vec::new(),
         };
         self.client.create_container(req).map(|info| info.pid)
     }
@@ -704,6 +705,7 @@ fn containers_created_concurrently_all_finish() {
                             },
                             scratch: Scratch::default(),
                             stdin: false,
+                            files: Vec::new(),
                         })
                         .unwrap();
                     let (mut out, sb) = UnixStream::pair().unwrap();

@@ -285,12 +285,12 @@ fn dispatch(
                 console_socket: a.console_socket,
                 kernel: a.kernel,
                 agent: None,
-                boot_timeout: Duration::from_secs(crate::run::boot_timeout(None)?),
+                boot_timeout: hook_timeout()?,
                 vmm_args: helper_args,
             },
         )
         .map(|()| 0),
-        RuncCommand::Start(a) => lifecycle::start(root, &a.id).map(|()| 0),
+        RuncCommand::Start(a) => lifecycle::start(root, &a.id, hook_timeout()?).map(|()| 0),
         RuncCommand::Pause(a) => lifecycle::pause(root, &a.id).map(|()| 0),
         RuncCommand::Resume(a) => lifecycle::resume(root, &a.id).map(|()| 0),
         RuncCommand::Ps(a) => ps(root, &a).map(|()| 0),
@@ -299,7 +299,9 @@ fn dispatch(
             Ok(0)
         }
         RuncCommand::Kill(a) => lifecycle::kill(root, &a.id, &a.signal, a.all).map(|()| 0),
-        RuncCommand::Delete(a) => lifecycle::delete(root, &a.id, a.force).map(|()| 0),
+        RuncCommand::Delete(a) => {
+            lifecycle::delete(root, &a.id, a.force, hook_timeout()?).map(|()| 0)
+        }
         RuncCommand::List(a) => {
             print!("{}", query::list(root, &a.format, a.quiet)?);
             Ok(0)
@@ -396,4 +398,10 @@ fn features() -> String {
         }
     });
     serde_json::to_string_pretty(&j).unwrap_or_default()
+}
+
+/// The boot timeout ($HUSK_BOOT_TIMEOUT, else the default), which also
+/// bounds hooks that give no timeout of their own.
+fn hook_timeout() -> Result<Duration, RuntimeError> {
+    Ok(Duration::from_secs(crate::run::boot_timeout(None)?))
 }

@@ -224,6 +224,7 @@ fn one_sandbox_serves_every_process_check() {
         mem_mib: 256,
         vcpus: 1,
         run_dir,
+        network: Default::default(),
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();
@@ -248,6 +249,7 @@ fn one_sandbox_serves_every_process_check() {
             },
             scratch: husk_proto::Scratch::Tmpfs { size_bytes: None },
             stdin: false,
+            files: Vec::new(),
         })
         .unwrap();
     control.start("c").unwrap();

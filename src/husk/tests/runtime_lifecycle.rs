@@ -303,8 +303,9 @@ fn runc_lifecycle_on_real_vms() {
     unsafe { libc::kill(three.pid, libc::SIGKILL) };
     assert_eq!(reap(three.pid), 137);
     assert_eq!(state(&root, "three")["status"], "stopped");
+    let vm_dir = husk_runtime::runc::store::vm_dir(&root.join("three"));
     assert!(
-        root.join("three/vm/vsock.sock").exists(),
+        vm_dir.join("vsock.sock").exists(),
         "the killed VMM left its socket"
     );
     ok(&runc(&root)
@@ -334,6 +335,7 @@ fn runc_lifecycle_on_real_vms() {
     // Nothing left: no state dirs, no VMM processes.
     let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().collect();
     assert!(left.is_empty(), "{left:?}");
+    assert!(!vm_dir.exists(), "delete --force left {}", vm_dir.display());
     for pid in [one.pid, two.pid, three.pid] {
         assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }

@@ -6,8 +6,9 @@ use std::io::{Read, Write};
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::messages::{
-    ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Outcome, ProcessInfo,
-    ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal, Stats,
+    ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Network, Outcome,
+    ProcessInfo, ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal,
+    Stats,
 };
 
 /// Protocol-level errors.
@@ -191,6 +192,14 @@ impl<S: Read + Write> Client<S> {
         match self.call(req)? {
             Response::Stats(stats) => Ok(stats),
             other => Err(unexpected("stats", other)),
+        }
+    }
+
+    /// `ConfigureNetwork`.
+    pub fn configure_network(&mut self, net: Network) -> Result<(), ProtoError> {
+        match self.call(Request::ConfigureNetwork(net))? {
+            Response::NetworkConfigured => Ok(()),
+            other => Err(unexpected("configure_network", other)),
         }
     }
 

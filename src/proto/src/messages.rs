@@ -73,6 +73,9 @@ pub enum Request {
     ResizeTty(ResizeTty),
     /// Resource usage of a container's cgroup. Answered with [`Response::Stats`].
     Stats(ContainerRef),
+    /// Configure the guest's network interfaces and routes (before the
+    /// container is created). Answered with [`Response::NetworkConfigured`].
+    ConfigureNetwork(Network),
     /// Kill every process, sync and reboot the guest (which ends the VM).
     /// Answered with [`Response::ShuttingDown`] before the reboot.
     Shutdown,
@@ -98,6 +101,8 @@ pub enum Response {
     Stats(Stats),
     /// The agent is about to reboot the guest.
     ShuttingDown,
+    /// Interfaces and routes are set up.
+    NetworkConfigured,
 }
 
 /// `CreateContainer` parameters.
@@ -120,6 +125,67 @@ pub struct CreateContainer {
     /// reads from `/dev/null`. Ignored for terminals (the pty is the input).
     #[serde(default)]
     pub stdin: bool,
+    /// Files the agent writes to [`FILES_DIR`]`/<container_id>/<name>`
+    /// before it creates the container; the spec's bind mounts name them
+    /// there (how the host's regular files, such as `/etc/hosts`, reach the
+    /// container).
+    #[serde(default)]
+    pub files: Vec<GuestFile>,
+}
+
+/// Where the agent writes a container's [`GuestFile`]s.
+pub const FILES_DIR: &str = "/run/husk/files";
+
+/// A file the host hands to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFile {
+    /// A plain file name (no `/`, not `.` or `..`).
+    pub name: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// The content.
+    pub content: Vec<u8>,
+}
+
+/// The guest's network: interfaces found by MAC address, then routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// One per virtio-net device.
+    pub interfaces: Vec<Interface>,
+    /// Routes beyond the ones each address implies.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// One guest interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// MAC address (`aa:bb:cc:dd:ee:ff`) of the virtio-net device.
+    pub mac: String,
+    /// The name the interface gets (at most 15 bytes).
+    pub name: String,
+    /// MTU; the device's default when absent.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// IPv4 addresses in CIDR form (`172.17.0.2/16`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// An IPv4 route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// `default` or a CIDR (`10.1.0.0/16`).
+    pub destination: String,
+    /// Next hop; absent for a route on the link.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Interface name (as in [`Interface::name`]).
+    pub device: String,
 }
 
 /// The container's root filesystem.

@@ -49,6 +49,7 @@ fn all_requests() -> Vec<Request> {
                 fstype: "ext4".into(),
             },
             stdin: true,
+            files: Vec::new(),
         }),
         Request::Start(ContainerRef {
             container_id: "c1".into(),
@@ -76,6 +77,19 @@ fn all_requests() -> Vec<Request> {
         }),
         Request::Stats(ContainerRef {
             container_id: "c1".into(),
+        }),
+        Request::ConfigureNetwork(Network {
+            interfaces: vec![Interface {
+                mac: "02:42:ac:11:00:02".into(),
+                name: "eth0".into(),
+                mtu: Some(1500),
+                addresses: vec!["172.17.0.2/16".into()],
+            }],
+            routes: vec![Route {
+                destination: "default".into(),
+                gateway: Some("172.17.0.1".into()),
+                device: "eth0".into(),
+            }],
         }),
         Request::Shutdown,
     ]
@@ -108,6 +122,7 @@ fn all_responses() -> Vec<Outcome> {
             oom_kills: 0,
         })),
         Outcome::Ok(Response::ShuttingDown),
+        Outcome::Ok(Response::NetworkConfigured),
         Outcome::Error(ErrorBody {
             code: ErrorCode::NotFound,
             message: "no container c2".into(),

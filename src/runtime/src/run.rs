@@ -11,9 +11,11 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use husk_proto::{
-    Client, CreateContainer, ExitStatus, ProcessRef, ResizeTty, Rootfs, Scratch, Signal, StreamKind,
+    Client, CreateContainer, ExitStatus, GuestFile, ProcessRef, ResizeTty, Rootfs, Scratch, Signal,
+    StreamKind,
 };
 
+use crate::net::HostNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::spec::{self, RunSpec};
 use crate::{paths, RuntimeError};
@@ -98,6 +100,8 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         agent: o.agent.clone(),
         boot_timeout: o.boot_timeout,
         run_dir,
+        network: HostNetwork::default(),
+        files: Vec::new(),
     })?;
     session.start()?;
     let status = session.wait()?;
@@ -137,6 +141,12 @@ pub struct SessionConfig {
     pub boot_timeout: Duration,
     /// The VM's private directory (removed when the session ends).
     pub run_dir: PathBuf,
+    /// Host interfaces the VM takes over.
+    #[serde(default)]
+    pub network: HostNetwork,
+    /// Files for the spec's bind mounts of host files.
+    #[serde(default)]
+    pub files: Vec<GuestFile>,
 }
 
 /// A container created in its VM, stdio attached; `start`, then `wait`.
@@ -169,10 +179,16 @@ impl Session {
             mem_mib: c.mem_mib,
             vcpus: c.vcpus,
             run_dir: c.run_dir.clone(),
+            network: c.network.clone(),
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
         let mut control = sandbox.control(deadline, budget)?;
+        if !c.network.links.is_empty() {
+            control
+                .configure_network(c.network.guest())
+                .map_err(|e| sandbox.explain(e.into()))?;
+        }
         let tty = c
             .spec
             .process()
@@ -190,6 +206,7 @@ impl Session {
                 },
                 scratch: Scratch::Tmpfs { size_bytes: None },
                 stdin: c.interactive,
+                files: c.files.clone(),
             })
             .map_err(|e| sandbox.explain(e.into()))?;
         let (relays, raw_terminal) = attach_stdio(

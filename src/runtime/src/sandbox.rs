@@ -15,6 +15,7 @@ use husk_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig};
 use husk_vmm::vstate::vcpu::ExitLatch;
 use husk_vmm::{ConsoleInputSource, VmExit};
 
+use crate::net::HostNetwork;
 use crate::{uds, RuntimeError};
 
 /// The guest CID of every sandbox (each VM has its own vsock device).
@@ -35,6 +36,8 @@ pub struct SandboxConfig {
     pub vcpus: u8,
     /// Private directory for the vsock socket and the console log.
     pub run_dir: PathBuf,
+    /// Host interfaces the VM takes over (a NIC each).
+    pub network: HostNetwork,
 }
 
 /// A running sandbox VM. Dropping it stops the VM and removes its run dir.
@@ -65,9 +68,12 @@ impl Sandbox {
                 guest_cid: GUEST_CID,
                 uds_path: uds.clone(),
             }),
+            net: cfg.network.nics()?,
             ..Default::default()
         };
         let vm = husk_vmm::build(&vm_cfg)?;
+        // The taps exist now; the guest's NICs reach the host's links.
+        cfg.network.connect()?;
         let latch = vm.stop_handle();
         let thread = std::thread::Builder::new()
             .name("vmm".into())

@@ -336,19 +336,20 @@ fn setup(cfg: &SpawnConfig) -> Result<Option<OwnedFd>, String> {
             pty = Some((master, slave));
         }
         mount_err(mounts::enter_root(&root))?;
-        mount_err(mounts::finish_root(plan))?;
-        if let Some(h) = &plan.hostname {
-            step(sys::sethostname(h), "sethostname")?;
-        }
-        if let Some(d) = &plan.domainname {
-            step(sys::setdomainname(d), "setdomainname")?;
-        }
+        // Before finish_root makes /proc/sys read-only, as runc does.
         for (key, value) in &plan.sysctls {
             let path = Path::new("/proc/sys").join(key);
             step(
                 fs::write(&path, value),
                 &format!("sysctl {}", key.display()),
             )?;
+        }
+        mount_err(mounts::finish_root(plan))?;
+        if let Some(h) = &plan.hostname {
+            step(sys::sethostname(h), "sethostname")?;
+        }
+        if let Some(d) = &plan.domainname {
+            step(sys::setdomainname(d), "setdomainname")?;
         }
     } else if p.terminal {
         pty = Some(step(sys::open_pty(Path::new("/dev/pts/ptmx")), "open pty")?);

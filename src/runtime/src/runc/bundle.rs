@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use husk_proto::{GuestFile, FILES_DIR};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
+use crate::run::CONTAINER_ID;
 use crate::RuntimeError;
 
 /// Largest config.json read.
@@ -65,10 +67,28 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
 }
 
-/// The spec the agent gets: the bundle's, checked for what a VM cannot do
-/// yet (host bind mounts, hooks, a terminal without a console socket).
-pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<Spec, RuntimeError> {
-    let spec = b.spec.clone();
+/// What the guest gets from a bundle.
+#[derive(Debug, Clone)]
+pub struct GuestPlan {
+    /// The spec the agent gets.
+    pub spec: Spec,
+    /// Host files for its bind mounts.
+    pub files: Vec<GuestFile>,
+}
+
+/// The most host-file content a container takes into its VM (it travels
+/// in one agent request).
+const MAX_FILES_BYTES: usize = 128 << 10;
+
+/// The spec the agent gets: the bundle's, with bind mounts of host files
+/// turned into files the agent writes (Docker's /etc/hosts, hostname,
+/// resolv.conf), a bind of a host directory on /dev/shm turned into the
+/// guest's own tmpfs, no network namespace (the container shares the
+/// guest's, where the VM's interfaces are), and no hooks (they run on the
+/// host). What a VM cannot do yet is refused: other host directories, a
+/// terminal without a console socket.
+pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<GuestPlan, RuntimeError> {
+    let mut spec = b.spec.clone();
     let process = spec
         .process()
         .as_ref()
@@ -78,37 +98,66 @@ pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<Spec, RuntimeError
             "cannot allocate tty if husk will detach without setting console socket".into(),
         ));
     }
-    for m in spec.mounts().iter().flatten() {
-        if is_bind(m) {
+    let mut files = Vec::new();
+    let mut total = 0;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for m in mounts.iter_mut() {
+        if !is_bind(m) {
+            continue;
+        }
+        let source = m.source().clone().unwrap_or_default();
+        // Relative sources are relative to the bundle.
+        let host = b.dir.join(&source);
+        let meta = std::fs::metadata(&host).map_err(|e| {
+            RuntimeError::Io(format!("mount {} source", m.destination().display()), e)
+        })?;
+        if meta.is_dir() && m.destination() == Path::new("/dev/shm") {
+            m.set_typ(Some("tmpfs".into()));
+            m.set_source(Some("shm".into()));
+            m.set_options(Some(
+                ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+                    .map(String::from)
+                    .to_vec(),
+            ));
+            continue;
+        }
+        if !meta.is_file() {
             return Err(RuntimeError::Invalid(format!(
-                "mount {} (bind of host path {}): host directories and files cannot reach \
-                 the VM yet (file sharing is not built)",
+                "mount {} (bind of host path {}): host directories cannot reach the VM yet \
+                 (file sharing is not built); only regular files can",
                 m.destination().display(),
-                m.source()
-                    .as_deref()
-                    .map_or_else(|| "?".into(), |s| s.display().to_string()),
+                source.display(),
             )));
         }
+        total += meta.len() as usize;
+        if total > MAX_FILES_BYTES {
+            return Err(RuntimeError::Invalid(format!(
+                "mount {} (bind of host file {}): host files bound into a VM may hold \
+                 {} KiB in all",
+                m.destination().display(),
+                source.display(),
+                MAX_FILES_BYTES >> 10
+            )));
+        }
+        let content =
+            std::fs::read(&host).map_err(|e| RuntimeError::Io(host.display().to_string(), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        let name = format!("f{}", files.len());
+        m.set_source(Some(Path::new(FILES_DIR).join(CONTAINER_ID).join(&name)));
+        files.push(GuestFile {
+            name,
+            mode: meta.permissions().mode() & 0o7777,
+            content,
+        });
     }
-    if let Some(hooks) = spec.hooks() {
-        let named = [
-            ("prestart", hooks.prestart()),
-            ("createRuntime", hooks.create_runtime()),
-            ("createContainer", hooks.create_container()),
-            ("startContainer", hooks.start_container()),
-            ("poststart", hooks.poststart()),
-            ("poststop", hooks.poststop()),
-        ];
-        for (name, list) in named {
-            if let Some(h) = list.as_ref().and_then(|l| l.first()) {
-                return Err(RuntimeError::Invalid(format!(
-                    "{name} hook {}: hooks are not supported yet",
-                    h.path().display()
-                )));
-            }
+    spec.set_mounts(Some(mounts));
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(ns) = linux.namespaces_mut() {
+            ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
         }
     }
-    Ok(spec)
+    spec.set_hooks(None);
+    Ok(GuestPlan { spec, files })
 }
 
 #[cfg(test)]
@@ -151,22 +200,56 @@ mod tests {
     }
 
     #[test]
+    fn host_files_travel_and_the_rest_is_refused_by_name() {
+        let mut c = base();
+        c["mounts"] = serde_json::json!([
+            {"destination": "/etc/hosts", "type": "bind", "source": "hosts", "options": ["rbind", "ro"]},
+            {"destination": "/dev/shm", "type": "bind", "source": "rootfs", "options": ["rbind"]},
+        ]);
+        c["linux"] = serde_json::json!({"namespaces": [{"type": "network"}, {"type": "pid"}]});
+        c["hooks"] = serde_json::json!({"prestart": [{"path": "/usr/bin/hook"}]});
+        let (dir, b) = bundle(&c);
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        let plan = guest_spec(&b.unwrap(), false).unwrap();
+        assert_eq!(plan.files.len(), 1);
+        assert_eq!(plan.files[0].content, b"127.0.0.1 localhost\n");
+        let mounts = plan.spec.mounts().clone().unwrap();
+        assert_eq!(
+            mounts[0].source().as_deref(),
+            Some(Path::new("/run/husk/files/run/f0"))
+        );
+        assert_eq!(mounts[1].typ().as_deref(), Some("tmpfs"));
+        let ns = plan
+            .spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .clone()
+            .unwrap();
+        assert_eq!(ns.len(), 1, "the network namespace is the guest's");
+        assert!(plan.spec.hooks().is_none(), "hooks run on the host");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn refusals_name_what_is_refused() {
         let mut c = base();
         c["mounts"] = serde_json::json!([{"destination": "/data", "type": "none",
-            "source": "/srv/data", "options": ["rbind", "ro"]}]);
+            "source": "rootfs", "options": ["rbind", "ro"]}]);
         let (dir, b) = bundle(&c);
         let e = guest_spec(&b.unwrap(), false).unwrap_err().to_string();
-        assert!(e.contains("/data") && e.contains("/srv/data"), "{e}");
+        assert!(e.contains("/data") && e.contains("rootfs"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
 
         let mut c = base();
-        c["hooks"] = serde_json::json!({"prestart": [{"path": "/usr/bin/hook"}]});
+        c["mounts"] = serde_json::json!([{"destination": "/big", "type": "bind",
+            "source": "big", "options": ["bind"]}]);
         let (dir, b) = bundle(&c);
+        std::fs::write(dir.join("big"), vec![0u8; MAX_FILES_BYTES + 1]).unwrap();
         let e = guest_spec(&b.unwrap(), false).unwrap_err().to_string();
-        assert!(e.contains("prestart hook /usr/bin/hook"), "{e}");
+        assert!(e.contains("/big") && e.contains("KiB"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
-
         let mut c = base();
         c["process"]["terminal"] = serde_json::json!(true);
         let (dir, b) = bundle(&c);

@@ -7,9 +7,15 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use super::bundle;
 use super::detach;
+use super::hooks::{self, HookState};
+use super::query::OCI_VERSION;
 use super::store::{process_start, write_atomic, Container, ContainerState};
+use super::vmm::VmmConfig;
+use crate::net::{HostNetwork, Netns};
 use crate::run::{vcpus_for, vm_mem_mib, SessionConfig};
 use crate::{paths, RuntimeError};
 
@@ -42,7 +48,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
             "--console-socket: terminals for runtime containers are not supported yet".into(),
         ));
     }
-    let spec = bundle::guest_spec(&b, o.console_socket.is_some())?;
+    let plan = bundle::guest_spec(&b, o.console_socket.is_some())?;
+    let spec = plan.spec;
     let image = husk_image::ext4::image_for_dir(&b.rootfs, &paths::image_cache())?;
     // Fail early on what the VMM process would fail on.
     paths::agent_binary(o.agent.as_deref())?;
@@ -68,15 +75,30 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         kernel: o.kernel.clone(),
         agent: o.agent.clone(),
         boot_timeout: o.boot_timeout,
-        run_dir: c.dir.join("vm"),
+        run_dir: c.vm_dir(),
+        network: HostNetwork::default(),
+        files: plan.files,
     };
-    let annotations = b
+    let annotations: BTreeMap<String, String> = b
         .spec
         .annotations()
         .clone()
         .unwrap_or_default()
         .into_iter()
         .collect();
+    let cfg = VmmConfig {
+        session: cfg,
+        netns: Netns::of(&b.spec),
+        hooks: b.spec.hooks().clone(),
+        state: HookState {
+            oci_version: OCI_VERSION.into(),
+            id: o.id.clone(),
+            status: "creating".into(),
+            pid: 0,
+            bundle: b.dir.clone(),
+            annotations: annotations.clone(),
+        },
+    };
     let pid = match start_vmm(&c, &cfg, o) {
         Ok(pid) => pid,
         Err(e) => {
@@ -112,9 +134,13 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
 }
 
 /// Starts the VMM process and waits for its report; returns its pid.
-fn start_vmm(c: &Container, cfg: &SessionConfig, o: &CreateOptions) -> Result<i32, RuntimeError> {
+fn start_vmm(c: &Container, cfg: &VmmConfig, o: &CreateOptions) -> Result<i32, RuntimeError> {
     let json = serde_json::to_vec(cfg).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
     write_atomic(&c.dir.join("vmm.json"), &json)?;
+    if let Some(h) = &cfg.hooks {
+        let json = serde_json::to_vec(h).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        write_atomic(&hooks::file(&c.dir), &json)?;
+    }
     let mut args: Vec<OsString> = o.vmm_args.iter().map(OsString::from).collect();
     args.push("vmm-serve".into());
     args.push(c.dir.clone().into());

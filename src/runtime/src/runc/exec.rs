@@ -196,7 +196,7 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
             process: Box::new(process),
             stdin: !tty,
         })?;
-        let sock = dir.join("vm").join("vsock.sock");
+        let sock = super::store::vsock_path(dir);
         let open = |kind| {
             let s = uds::connect(&sock, STDIO_PORT, Instant::now() + Duration::from_secs(10))
                 .map_err(|e| RuntimeError::Io(sock.display().to_string(), e))?;

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use husk_proto::{Client, Hello, Signal, CONTROL_PORT};
 
+use super::hooks::{self, HookState, Stage};
 use super::store::{process_alive, Container, Status};
+use super::vmm;
 use crate::run::CONTAINER_ID;
 use crate::{uds, RuntimeError};
 
@@ -20,7 +22,7 @@ const VMM_EXIT: Duration = Duration::from_secs(10);
 
 /// A control connection to the agent of the container in `dir`.
 pub fn agent(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
-    let sock = dir.join("vm").join("vsock.sock");
+    let sock = super::store::vsock_path(dir);
     let s = uds::connect(&sock, CONTROL_PORT, Instant::now() + AGENT_CONNECT)
         .map_err(|e| RuntimeError::Io(format!("the container's agent ({})", sock.display()), e))?;
     Ok(Client::connect(
@@ -37,8 +39,9 @@ fn id_of(c: &Container) -> String {
         .into_owned()
 }
 
-/// Starts the container's process.
-pub fn start(root: &Path, id: &str) -> Result<(), RuntimeError> {
+/// Starts the container's process; its hooks may take `hook_timeout` each
+/// (unless they say otherwise).
+pub fn start(root: &Path, id: &str, hook_timeout: Duration) -> Result<(), RuntimeError> {
     let mut c = Container::open(root, id)?;
     let mut state = c.state()?.clone();
     match c.status() {
@@ -54,7 +57,27 @@ pub fn start(root: &Path, id: &str) -> Result<(), RuntimeError> {
             ))
         }
     }
+    let hooks = hooks::load(&c.dir);
+    let timeout = hook_timeout;
+    let hook_state = |status: &str| HookState::of(&state, status);
+    hooks::run(
+        hooks.as_ref(),
+        Stage::StartContainer,
+        &hook_state("created"),
+        None,
+        timeout,
+    )?;
     agent(&c.dir)?.start(CONTAINER_ID)?;
+    // A failed poststart hook is only a warning (runtime spec).
+    if let Err(e) = hooks::run(
+        hooks.as_ref(),
+        Stage::Poststart,
+        &hook_state("running"),
+        None,
+        timeout,
+    ) {
+        tracing::warn!("{e}");
+    }
     state.started = true;
     c.save(state)
 }
@@ -157,8 +180,14 @@ pub fn kill_vmm(pid: i32, start: u64) {
 }
 
 /// Deletes a stopped (or, like runc, a created) container; `force` deletes
-/// a running one too, and an unknown id is no error.
-pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), RuntimeError> {
+/// a running one too, and an unknown id is no error. Poststop hooks may
+/// take `hook_timeout` each (unless they say otherwise).
+pub fn delete(
+    root: &Path,
+    id: &str,
+    force: bool,
+    hook_timeout: Duration,
+) -> Result<(), RuntimeError> {
     let c = match Container::open(root, id) {
         Ok(c) => c,
         Err(RuntimeError::NotFound(_)) if force => return Ok(()),
@@ -173,6 +202,15 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), RuntimeError> {
     }
     if let Some(s) = &c.state {
         kill_vmm(s.pid, s.pid_start);
+    }
+    vmm::disconnect(&c.dir);
+    if let Some(s) = &c.state {
+        let state = HookState::of(s, "stopped");
+        // Failed poststop hooks are warnings (runtime spec).
+        let hooks = hooks::load(&c.dir);
+        if let Err(e) = hooks::run(hooks.as_ref(), Stage::Poststop, &state, None, hook_timeout) {
+            tracing::warn!("{e}");
+        }
     }
     c.remove()
 }

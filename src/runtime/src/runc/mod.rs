@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod create;
 pub mod detach;
 pub mod exec;
+pub mod hooks;
 pub mod lifecycle;
 pub mod query;
 pub mod store;

@@ -187,10 +187,39 @@ impl Container {
         }
     }
 
-    /// Removes the directory.
+    /// The VM's run directory: see [`vm_dir`].
+    pub fn vm_dir(&self) -> PathBuf {
+        vm_dir(&self.dir)
+    }
+
+    /// Removes the directory (and the VM's, left behind by a killed VMM).
     pub fn remove(self) -> Result<(), RuntimeError> {
+        let vm = self.vm_dir();
+        if vm.exists() {
+            fs::remove_dir_all(&vm).map_err(io(&vm))?;
+        }
         fs::remove_dir_all(&self.dir).map_err(io(&self.dir))
     }
+}
+
+/// Where the VMs' run directories live.
+pub const VM_DIR_ROOT: &str = "/run/husk-vm";
+
+/// The run directory (vsock socket, console log) of the VM of the
+/// container whose state dir is `state_dir`. It is not inside the state
+/// dir: a socket path has room for 107 bytes, and a state root plus a
+/// 64-character Docker id takes more. Named by a hash of the state dir, so
+/// every command finds it.
+pub fn vm_dir(state_dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(VM_DIR_ROOT).join(hex)
+}
+
+/// The agent's vsock socket in a container's VM.
+pub fn vsock_path(state_dir: &Path) -> PathBuf {
+    vm_dir(state_dir).join("vsock.sock")
 }
 
 /// The status a recorded state stands for now.
