@@ -8,13 +8,12 @@
 mod image_support;
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use image_support::{test_image, tmpdir};
-use support::{boot_timeout, kernel};
+use support::boot_timeout;
 
 /// A private containerd, killed (with every process that names its socket:
 /// shims, VMMs) when dropped.
@@ -73,25 +72,10 @@ impl Containerd {
         c
     }
 
-    /// Processes whose command line names `needle`.
-    fn pids_naming(needle: &str) -> Vec<i32> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(needle) {
-                out.push(pid);
-            }
-        }
-        out
-    }
-
     /// Shims and husk processes that belong to this containerd.
     fn leftovers(&self) -> Vec<i32> {
-        let mut v = Self::pids_naming(&self.sock.display().to_string());
-        v.extend(Self::pids_naming(&self.runc_root.display().to_string()));
+        let mut v = support::pids_naming(&self.sock.display().to_string());
+        v.extend(support::pids_naming(&self.runc_root.display().to_string()));
         v
     }
 }
@@ -137,21 +121,7 @@ fn ctr_runs_tasks_in_micro_vms() {
         .arg(format!("oci-archive:{}:husk-test:v1", archive.display()))
         .output()
         .unwrap());
-    // The shim passes no environment through: a wrapper sets husk's.
-    let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
-    let wrapper = dir.join("husk-runtime");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexec env HUSK_BOOT_TIMEOUT={} HUSK_AGENT={} HUSK_KERNEL={} {} \"$@\"\n",
-            boot_timeout().as_secs(),
-            agent.display(),
-            kernel().display(),
-            env!("CARGO_BIN_EXE_husk")
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = support::runtime_wrapper(&dir);
 
     let ctd = Containerd::start(&dir.join("ctd"));
     ok(ctd

@@ -120,3 +120,40 @@ pub fn busybox_tree(dir: &Path) -> PathBuf {
     std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     root
 }
+
+/// A script that runs the husk under test with the test's kernel, agent
+/// and boot timeout: containerd's shim and dockerd pass no environment
+/// through to the runtime binary.
+pub fn runtime_wrapper(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
+    let wrapper = dir.join("husk-runtime");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec env HUSK_BOOT_TIMEOUT={} HUSK_AGENT={} HUSK_KERNEL={} {} \"$@\"\n",
+            boot_timeout().as_secs(),
+            agent.display(),
+            kernel().display(),
+            env!("CARGO_BIN_EXE_husk")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+/// Pids of the processes whose command line contains `needle`.
+pub fn pids_naming(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}

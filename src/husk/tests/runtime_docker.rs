@@ -1,0 +1,303 @@
+//! husk as Docker's runtime: Debian's dockerd 20.10, started here in a
+//! network namespace of the test's own (its default bridge, iptables and
+//! docker-proxy live there) with a private data root, exec root and socket,
+//! and `"runtimes": {"husk": ...}`; stopped by PID. `docker run --runtime
+//! husk` of an image `docker load`ed from a docker-archive: exit status and
+//! output of `run --rm`; a detached container on Docker's bridge that pings
+//! the gateway, serves a port published with `-p` (reached by the test on
+//! the gateway address), answers `exec`, `top`, `pause`/`unpause`, and
+//! stops on `docker stop`'s SIGTERM. Nothing is left behind.
+
+mod image_support;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use image_support::{test_image, tmpdir};
+use support::{boot_timeout, pids_naming};
+
+/// A private dockerd in its own network namespace; dropping it stops it
+/// and removes every process, mount and namespace it made.
+struct Dockerd {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+    netns: String,
+}
+
+impl Dockerd {
+    fn start(dir: &Path, runtime: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let netns = format!("husk-docker-{}", std::process::id());
+        ok(Command::new("ip")
+            .args(["netns", "add", &netns])
+            .output()
+            .unwrap());
+        let sock = dir.join("docker.sock");
+        let config = serde_json::json!({
+            "data-root": dir.join("data"),
+            "exec-root": dir.join("exec"),
+            "pidfile": dir.join("docker.pid"),
+            "hosts": [format!("unix://{}", sock.display())],
+            "runtimes": {"husk": {"path": runtime}},
+        });
+        std::fs::write(dir.join("daemon.json"), config.to_string()).unwrap();
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        // `ip netns exec` remounts /sys, which dockerd cannot live with;
+        // nsenter only joins (and execs dockerd: the child is dockerd).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg("dockerd")
+            .arg("--config-file")
+            .arg(dir.join("daemon.json"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (tools/install-deps installs docker.io)");
+        let d = Dockerd {
+            child,
+            dir: dir.to_path_buf(),
+            sock,
+            netns,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let o = bounded(d.docker().arg("version"), Duration::from_secs(30));
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start: {}",
+                std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn docker(&self) -> Command {
+        // Debian's client, which matches the daemon's API.
+        let mut c = Command::new("/usr/bin/docker");
+        c.arg("-H").arg(format!("unix://{}", self.sock.display()));
+        c
+    }
+
+    /// runc's state root as dockerd tells the runtime.
+    fn runtime_root(&self) -> PathBuf {
+        self.dir.join("exec/runtime-runc/moby")
+    }
+
+    /// An HTTP GET of `addr` from inside dockerd's namespace, retried until
+    /// the answer holds `needle` or `timeout` passes.
+    fn http_get(&self, addr: &str, needle: &str, timeout: Duration) -> String {
+        let ns = format!("/run/netns/{}", self.netns);
+        let addr = addr.to_string();
+        let needle = needle.to_string();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).unwrap();
+            // SAFETY: setns(2) of this thread only, on a descriptor we own.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let deadline = Instant::now() + timeout;
+            let mut last = String::new();
+            while Instant::now() < deadline {
+                let got = (|| -> std::io::Result<String> {
+                    let mut s = TcpStream::connect_timeout(
+                        &addr.parse().unwrap(),
+                        Duration::from_secs(10),
+                    )?;
+                    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut body = String::new();
+                    s.read_to_string(&mut body)?;
+                    Ok(body)
+                })();
+                match got {
+                    Ok(b) if b.contains(&needle) => return b,
+                    Ok(b) => last = b,
+                    Err(e) => last = e.to_string(),
+                }
+                // The server starts after `docker run -d` returns.
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            panic!("no answer with {needle:?} from {addr}: {last}");
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // dockerd stops its containers, containerd and docker-proxy on SIGTERM.
+        // SAFETY: kill(2) of the dockerd this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in pids_naming(&self.dir.display().to_string()) {
+            // SAFETY: kill(2) of processes this test's dockerd started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Overlay and namespace mounts under the data and exec roots.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let prefix = self.dir.display().to_string();
+        let mut targets: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|t| t.starts_with(&prefix))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let c = std::ffi::CString::new(t).unwrap();
+            // SAFETY: umount2(2) of a path under the test's directory.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `c`, killing it after `timeout`.
+fn bounded(c: &mut Command, timeout: Duration) -> Output {
+    support::run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
+}
+
+fn inspect(d: &Dockerd, name: &str, format: &str) -> String {
+    ok(bounded(
+        d.docker().args(["inspect", "-f", format, name]),
+        Duration::from_secs(60),
+    ))
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn docker_runs_containers_in_micro_vms() {
+    let dir = tmpdir("docker");
+    let layout = dir.join("layout");
+    test_image(&layout, "v1");
+    let archive = dir.join("image.tar");
+    ok(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker-archive:{}:husk-test:v1", archive.display()))
+        .output()
+        .unwrap());
+    let wrapper = support::runtime_wrapper(&dir);
+    let d = Dockerd::start(&dir.join("d"), &wrapper);
+    ok(bounded(
+        d.docker().arg("load").arg("-i").arg(&archive),
+        Duration::from_secs(120),
+    ));
+    let vm_time = boot_timeout() * 2 + Duration::from_secs(60);
+
+    // Two VMs boot at once: a detached server on the bridge, and run --rm.
+    let mut web = d.docker();
+    web.args([
+        "run",
+        "--runtime",
+        "husk",
+        "-d",
+        "--name",
+        "web",
+        "-p",
+        "8080:80",
+        "husk-test:v1",
+        "sh",
+        "-c",
+        "trap 'exit 7' TERM; mkdir -p /www; echo served by husk > /www/index.html; \
+         httpd -p 80 -h /www; while :; do sleep 1; done",
+    ]);
+    let web = std::thread::spawn(move || bounded(&mut web, vm_time));
+    let o = bounded(
+        d.docker().args([
+            "run",
+            "--runtime",
+            "husk",
+            "--rm",
+            "husk-test:v1",
+            "sh",
+            "-c",
+            "echo hi from docker; ip -4 -o addr show eth0; grep -c . /etc/hosts; exit 3",
+        ]),
+        vm_time,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.starts_with("hi from docker\n"), "{out}");
+    // Docker's address for the container is the guest's eth0's.
+    assert!(
+        out.contains("eth0") && out.contains("inet 172.17."),
+        "{out}"
+    );
+    ok(web.join().unwrap());
+
+    // The container reaches the bridge's gateway, and -p reaches the VM.
+    let ping = bounded(
+        d.docker()
+            .args(["exec", "web", "busybox", "ping", "-c", "1", "-W", "30"])
+            .arg("172.17.0.1"),
+        vm_time,
+    );
+    ok(ping);
+    let body = d.http_get("172.17.0.1:8080", "served by husk", vm_time);
+    assert!(body.starts_with("HTTP/1."), "{body}");
+    let o = bounded(
+        d.docker().args(["exec", "web", "sh", "-c", "exit 5"]),
+        vm_time,
+    );
+    assert_eq!(o.status.code(), Some(5));
+    assert!(ok(bounded(d.docker().args(["top", "web"]), vm_time)).contains("vmm-serve"));
+
+    ok(bounded(d.docker().args(["pause", "web"]), vm_time));
+    assert_eq!(inspect(&d, "web", "{{.State.Status}}"), "paused");
+    ok(bounded(d.docker().args(["unpause", "web"]), vm_time));
+    assert_eq!(inspect(&d, "web", "{{.State.Status}}"), "running");
+
+    // docker stop's SIGTERM reaches the shell's trap: exit 7, before the
+    // timeout would have sent SIGKILL (137).
+    let stop = boot_timeout().as_secs().to_string();
+    ok(bounded(
+        d.docker().args(["stop", "-t", &stop, "web"]),
+        vm_time,
+    ));
+    assert_eq!(inspect(&d, "web", "{{.State.ExitCode}}"), "7");
+    ok(bounded(d.docker().args(["rm", "web"]), vm_time));
+
+    // Nothing of husk's is left: no VMM process, no state.
+    let root = d.runtime_root();
+    assert!(pids_naming(&root.display().to_string()).is_empty());
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
