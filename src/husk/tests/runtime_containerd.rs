@@ -130,7 +130,30 @@ fn ctr_runs_tasks_in_micro_vms() {
         .arg(&archive)
         .output()
         .unwrap());
-    let limit = boot_timeout() * 2;
+    let limit = boot_timeout() * 3;
+
+    // Three VMs boot at once: a detached task, a task with a terminal
+    // (ctr -t wants one of its own: script(1) gives it a pty) and a plain
+    // ctr run --rm.
+    let mut bg = ctd.ctr();
+    bg.args(["run", "-d", "--runc-binary"]).arg(&wrapper).args([
+        "husk-test:v1",
+        "bg",
+        "sleep",
+        "1000",
+    ]);
+    let bg = std::thread::spawn(move || bounded(&mut bg, limit));
+    let tty_cmd = |args: &str| {
+        let mut c = Command::new("script");
+        let ctr = format!("ctr --address {} -n {}", ctd.sock.display(), ctd.ns);
+        c.args(["-qec", &format!("{ctr} {args}"), "/dev/null"]);
+        c
+    };
+    let mut tty_run = tty_cmd(&format!(
+        "run -t --rm --runc-binary {} husk-test:v1 tty-once sh -c 'tty; exit 4'",
+        wrapper.display()
+    ));
+    let tty_run = std::thread::spawn(move || bounded(&mut tty_run, limit));
 
     // ctr run --rm: output, exit code, and the VM's own kernel.
     let o = bounded(
@@ -162,14 +185,30 @@ fn ctr_runs_tasks_in_micro_vms() {
         "the task ran in the VM's kernel"
     );
 
-    // A detached task: exec, kill, delete.
-    ok(bounded(
-        ctd.ctr()
-            .args(["run", "-d", "--runc-binary"])
-            .arg(&wrapper)
-            .args(["husk-test:v1", "bg", "sleep", "1000"]),
+    // The terminal: the guest's pty, the exit status through script(1).
+    let o = tty_run.join().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("/dev/pts/"), "{out}");
+
+    // The detached task: exec (with and without a terminal), kill, delete.
+    ok(bg.join().unwrap());
+    let o = bounded(
+        &mut tty_cmd("task exec -t --exec-id t1 bg sh -c 'tty; exit 6'"),
         limit,
-    ));
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("/dev/pts/"));
     let o = bounded(
         ctd.ctr().args([
             "task",

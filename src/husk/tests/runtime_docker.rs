@@ -3,10 +3,11 @@
 //! docker-proxy live there) with a private data root, exec root and socket,
 //! and `"runtimes": {"husk": ...}`; stopped by PID. `docker run --runtime
 //! husk` of an image `docker load`ed from a docker-archive: exit status and
-//! output of `run --rm`; a detached container on Docker's bridge that pings
-//! the gateway, serves a port published with `-p` (reached by the test on
-//! the gateway address), answers `exec`, `top`, `pause`/`unpause`, and
-//! stops on `docker stop`'s SIGTERM. Nothing is left behind.
+//! output of `run --rm -t` (a pty in the guest); a detached container on
+//! Docker's bridge that pings the gateway, serves a port published with
+//! `-p` (reached by the test on the gateway address), answers `exec` (with
+//! and without `-t`), `top`, `pause`/`unpause`, and stops on `docker
+//! stop`'s SIGTERM. Nothing is left behind.
 
 mod image_support;
 mod support;
@@ -231,16 +232,18 @@ fn docker_runs_containers_in_micro_vms() {
          httpd -p 80 -h /www; while :; do sleep 1; done",
     ]);
     let web = std::thread::spawn(move || bounded(&mut web, vm_time));
+    // With -t: the container's terminal is a pty in the guest.
     let o = bounded(
         d.docker().args([
             "run",
             "--runtime",
             "husk",
             "--rm",
+            "-t",
             "husk-test:v1",
             "sh",
             "-c",
-            "echo hi from docker; ip -4 -o addr show eth0; grep -c . /etc/hosts; exit 3",
+            "echo hi from docker; tty; ip -4 -o addr show eth0; exit 3",
         ]),
         vm_time,
     );
@@ -251,7 +254,7 @@ fn docker_runs_containers_in_micro_vms() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.starts_with("hi from docker\n"), "{out}");
+    assert!(out.starts_with("hi from docker\r\n/dev/pts/"), "{out}");
     // Docker's address for the container is the guest's eth0's.
     assert!(
         out.contains("eth0") && out.contains("inet 172.17."),
@@ -274,6 +277,8 @@ fn docker_runs_containers_in_micro_vms() {
         vm_time,
     );
     assert_eq!(o.status.code(), Some(5));
+    let o = bounded(d.docker().args(["exec", "-t", "web", "tty"]), vm_time);
+    assert!(ok(o).starts_with("/dev/pts/"));
     assert!(ok(bounded(d.docker().args(["top", "web"]), vm_time)).contains("vmm-serve"));
 
     ok(bounded(d.docker().args(["pause", "web"]), vm_time));

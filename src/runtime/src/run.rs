@@ -262,6 +262,16 @@ impl Session {
                 None
             }
         };
+        let resizer = match self.pty {
+            true => match self.sandbox.control(self.deadline, self.budget) {
+                Ok(c) => Some(watch_winsize(c, None, done.clone())),
+                Err(e) => {
+                    tracing::warn!("terminal resizes will not be forwarded: {e}");
+                    None
+                }
+            },
+            false => None,
+        };
         let status = self
             .control
             .wait(ProcessRef {
@@ -280,8 +290,8 @@ impl Session {
         };
         self.relays.wait(drain);
         drop(self.raw_terminal);
-        if let Some(f) = forwarder {
-            let _ = f.join();
+        for t in [forwarder, resizer].into_iter().flatten() {
+            let _ = t.join();
         }
         // Nothing more is needed from the guest: end the VM now rather than
         // wait for it to reboot itself.
@@ -411,6 +421,41 @@ fn terminal_size() -> Option<(u16, u16)> {
     let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
     (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
 }
+
+/// Passes the size of the terminal at fd 1 on to the process's terminal
+/// in the guest whenever it changes (checked every [`WINSIZE_POLL`]: a
+/// caller's resize of a console socket's master raises no signal here),
+/// until `done`.
+pub(crate) fn watch_winsize(
+    mut client: husk_proto::Client<UnixStream>,
+    exec_id: Option<String>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut last = None;
+        while !done.load(Ordering::SeqCst) {
+            let now = terminal_size();
+            if now.is_some() && now != last {
+                let (rows, cols) = now.unwrap_or_default();
+                let r = client.resize_tty(ResizeTty {
+                    container_id: CONTAINER_ID.into(),
+                    exec_id: exec_id.clone(),
+                    rows,
+                    cols,
+                });
+                if let Err(e) = r {
+                    tracing::debug!("terminal resize: {e}");
+                    return;
+                }
+                last = now;
+            }
+            std::thread::sleep(WINSIZE_POLL);
+        }
+    })
+}
+
+/// How often a terminal's size is checked.
+const WINSIZE_POLL: Duration = Duration::from_millis(200);
 
 /// Forwards signals from `fd` to the container until `done`.
 fn forward_signals(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 
 use super::bundle;
+use super::console;
 use super::detach;
 use super::hooks::{self, HookState};
 use super::query::OCI_VERSION;
@@ -43,13 +44,13 @@ pub struct CreateOptions {
 /// Creates container `o.id` under the state root `root`.
 pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
     let b = bundle::load(&o.bundle)?;
-    if o.console_socket.is_some() {
-        return Err(RuntimeError::Invalid(
-            "--console-socket: terminals for runtime containers are not supported yet".into(),
-        ));
-    }
     let plan = bundle::guest_spec(&b, o.console_socket.is_some())?;
     let spec = plan.spec;
+    let tty = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     let image = husk_image::ext4::image_for_dir(&b.rootfs, &paths::image_cache())?;
     // Fail early on what the VMM process would fail on.
     paths::agent_binary(o.agent.as_deref())?;
@@ -69,9 +70,10 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         vcpus: vcpus_for(cpus),
         spec,
         rootfs_image: image,
-        // The VMM's stdio is the caller's: no terminal of ours to manage.
+        // The VMM's stdio is the caller's, or with a terminal the pty
+        // whose master went to the console socket.
         interactive: true,
-        host_terminal: false,
+        host_terminal: tty,
         kernel: o.kernel.clone(),
         agent: o.agent.clone(),
         boot_timeout: o.boot_timeout,
@@ -144,7 +146,15 @@ fn start_vmm(c: &Container, cfg: &VmmConfig, o: &CreateOptions) -> Result<i32, R
     let mut args: Vec<OsString> = o.vmm_args.iter().map(OsString::from).collect();
     args.push("vmm-serve".into());
     args.push(c.dir.clone().into());
+    let terminal = match (&o.console_socket, cfg.session.host_terminal) {
+        (Some(socket), true) => Some(console::hand_over(socket)?),
+        _ => None,
+    };
     // The VMM boots the guest and creates the container: the boot timeout
     // bounds it, with room for building the VM.
-    detach::spawn(&args, o.boot_timeout + Duration::from_secs(10))
+    detach::spawn(
+        &args,
+        o.boot_timeout + Duration::from_secs(10),
+        terminal.as_ref(),
+    )
 }

@@ -29,15 +29,26 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Starts the VMM process and waits for its report; returns its pid.
 /// Starts `husk ARGS...` detached and waits, up to `timeout`, for its
-/// report; returns its pid (the process is left running).
-pub fn spawn(args: &[OsString], timeout: Duration) -> Result<i32, RuntimeError> {
+/// report; returns its pid (the process is left running). `terminal`: a
+/// pty slave to be its stdin, stdout and stderr instead of ours.
+pub fn spawn(
+    args: &[OsString],
+    timeout: Duration,
+    terminal: Option<&OwnedFd>,
+) -> Result<i32, RuntimeError> {
     let exe = std::env::current_exe().map_err(|e| RuntimeError::Io("current exe".into(), e))?;
     let (r, w) = pipe()?;
     let w_fd = w.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.args(args).env(READY_FD_ENV, w_fd.to_string());
+    if let Some(t) = terminal {
+        let dup = |t: &OwnedFd| {
+            t.try_clone()
+                .map_err(|e| RuntimeError::Io("dup the terminal".into(), e))
+        };
+        cmd.stdin(dup(t)?).stdout(dup(t)?).stderr(dup(t)?);
+    }
     // SAFETY: between fork and exec only async-signal-safe calls: setsid
     // and fcntl on an fd we own.
     unsafe {

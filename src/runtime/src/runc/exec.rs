@@ -4,15 +4,18 @@
 //! goes to `--pid-file`, so that a shim reaping it learns the status.
 
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_proto::{Exec, ProcessRef, StreamHello, PROTOCOL_VERSION, STDIO_PORT};
 use oci_spec::runtime::Process;
 
 use super::store::{write_atomic, Container, Status};
-use super::{bundle, detach, lifecycle};
-use crate::run::{attach_stdio, CONTAINER_ID, UNDRAINED_GRACE};
+use super::{bundle, console, detach, lifecycle};
+use crate::run::{attach_stdio, watch_winsize, CONTAINER_ID, UNDRAINED_GRACE};
 use crate::sandbox::attach_stream;
 use crate::{spec, uds, RuntimeError};
 
@@ -115,12 +118,7 @@ pub fn exec(root: &Path, o: &ExecOptions) -> Result<i32, RuntimeError> {
         .and_then(|b| b.spec.process().clone());
     let process = process_from(o, base.as_ref())?;
     let tty = process.terminal().unwrap_or(false);
-    if tty && o.console_socket.is_some() {
-        return Err(RuntimeError::Invalid(
-            "--console-socket: terminals for runtime containers are not supported yet".into(),
-        ));
-    }
-    if tty && o.detach {
+    if tty && o.detach && o.console_socket.is_none() {
         return Err(RuntimeError::Invalid(
             "cannot allocate tty if husk will detach without setting console socket".into(),
         ));
@@ -128,7 +126,23 @@ pub fn exec(root: &Path, o: &ExecOptions) -> Result<i32, RuntimeError> {
     // Long-lived from here on: do not hold the container's lock.
     let dir = c.dir.clone();
     drop(c);
+    let terminal = match &o.console_socket {
+        Some(socket) if tty => Some(console::hand_over(socket)?),
+        _ => None,
+    };
     if !o.detach {
+        if let Some(t) = &terminal {
+            // The caller's pty becomes our stdio.
+            for fd in 0..3 {
+                // SAFETY: dup2(2) of a descriptor we own onto fds 0-2.
+                if unsafe { libc::dup2(t.as_raw_fd(), fd) } < 0 {
+                    return Err(RuntimeError::Io(
+                        "dup the terminal".into(),
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+            }
+        }
         return run_process(&dir, process, Mode::Foreground);
     }
     let file = dir.join(format!("exec-{}.json", unique()));
@@ -140,7 +154,7 @@ pub fn exec(root: &Path, o: &ExecOptions) -> Result<i32, RuntimeError> {
         dir.into_os_string(),
         file.clone().into(),
     ]);
-    let spawned = detach::spawn(&args, START_TIMEOUT);
+    let spawned = detach::spawn(&args, START_TIMEOUT, terminal.as_ref());
     let _ = std::fs::remove_file(&file);
     let pid = spawned?;
     if let Some(p) = &o.pid_file {
@@ -188,6 +202,7 @@ enum Mode {
 fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeError> {
     let tty = process.terminal().unwrap_or(false);
     let exec_id = format!("exec-{}", unique());
+    let done = Arc::new(AtomicBool::new(false));
     let started = (|| {
         let mut client = lifecycle::agent(dir)?;
         client.exec(Exec {
@@ -208,11 +223,23 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
             };
             attach_stream(s, &hello)
         };
-        let host_terminal = tty && matches!(mode, Mode::Foreground);
+        // A terminal of ours: the user's (foreground), or the pty whose
+        // master went to the console socket (a detached helper's stdio).
+        // SAFETY: isatty(3) of fd 0.
+        let host_terminal =
+            tty && (matches!(mode, Mode::Foreground) || unsafe { libc::isatty(0) } == 1);
         let (relays, raw) = attach_stdio(&open, tty, true, host_terminal)?;
-        Ok((client, relays, raw))
+        let resizer = match host_terminal {
+            true => Some(watch_winsize(
+                lifecycle::agent(dir)?,
+                Some(exec_id.clone()),
+                done.clone(),
+            )),
+            false => None,
+        };
+        Ok((client, relays, (raw, resizer)))
     })();
-    let (mut client, relays, raw) = match (started, mode) {
+    let (mut client, relays, (raw, resizer)) = match (started, mode) {
         (Ok(v), Mode::Detached(r)) => {
             detach::report(r, "ok");
             v
@@ -234,6 +261,10 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
         UNDRAINED_GRACE
     });
     drop(raw);
+    done.store(true, Ordering::SeqCst);
+    if let Some(t) = resizer {
+        let _ = t.join();
+    }
     if !(0..=255).contains(&status.exit_code) {
         return Err(RuntimeError::Invalid(format!(
             "the agent reported exit code {} (out of range)",
