@@ -20,7 +20,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use image_support::{test_image, tmpdir};
-use support::{boot_timeout, pids_naming};
+use support::{boot_timeout, pids_naming, TestNetns};
 
 /// A private dockerd in its own network namespace; dropping it stops it
 /// and removes every process, mount and namespace it made.
@@ -28,17 +28,13 @@ struct Dockerd {
     child: Child,
     dir: PathBuf,
     sock: PathBuf,
-    netns: String,
+    netns: TestNetns,
 }
 
 impl Dockerd {
     fn start(dir: &Path, runtime: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let netns = format!("husk-docker-{}", std::process::id());
-        ok(Command::new("ip")
-            .args(["netns", "add", &netns])
-            .output()
-            .unwrap());
+        let netns = TestNetns::new("docker");
         let sock = dir.join("docker.sock");
         let config = serde_json::json!({
             "data-root": dir.join("data"),
@@ -51,9 +47,8 @@ impl Dockerd {
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
         // `ip netns exec` remounts /sys, which dockerd cannot live with;
         // nsenter only joins (and execs dockerd: the child is dockerd).
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .arg("dockerd")
+        let child = netns
+            .command("dockerd")
             .arg("--config-file")
             .arg(dir.join("daemon.json"))
             .stdout(Stdio::null())
@@ -97,7 +92,7 @@ impl Dockerd {
     /// An HTTP GET of `addr` from inside dockerd's namespace, retried until
     /// the answer holds `needle` or `timeout` passes.
     fn http_get(&self, addr: &str, needle: &str, timeout: Duration) -> String {
-        let ns = format!("/run/netns/{}", self.netns);
+        let ns = format!("/run/netns/{}", self.netns.0);
         let addr = addr.to_string();
         let needle = needle.to_string();
         std::thread::spawn(move || {
@@ -148,23 +143,7 @@ impl Drop for Dockerd {
             // SAFETY: kill(2) of processes this test's dockerd started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        // Overlay and namespace mounts under the data and exec roots.
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let prefix = self.dir.display().to_string();
-        let mut targets: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|t| t.starts_with(&prefix))
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let c = std::ffi::CString::new(t).unwrap();
-            // SAFETY: umount2(2) of a path under the test's directory.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .output();
+        support::unmount_under(&self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

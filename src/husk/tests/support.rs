@@ -157,3 +157,51 @@ pub fn pids_naming(needle: &str) -> Vec<i32> {
     }
     out
 }
+
+/// Lazily unmounts every mount below `dir` (a container engine's overlay
+/// and namespace mounts), deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let prefix = format!("{}/", dir.display());
+    let mut targets: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|t| t.starts_with(&prefix))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let c = std::ffi::CString::new(t).unwrap();
+        // SAFETY: umount2(2) of a path under the test's directory.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A network namespace of the test's own (`ip netns add`), deleted when
+/// dropped: container engines started in it keep their bridges and
+/// iptables rules off the host's.
+pub struct TestNetns(pub String);
+
+impl TestNetns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("husk-{tag}-{}", std::process::id());
+        let o = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "ip netns add: {o:?}");
+        TestNetns(name)
+    }
+
+    /// `nsenter` into the namespace, running `program`.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.0)).arg(program);
+        c
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
