@@ -147,6 +147,7 @@ impl Agent {
             Request::ResizeTty(r) => self.resize(&r).map(|()| Response::TtyResized),
             Request::Stats(r) => self.stats(&r.container_id).map(Response::Stats),
             Request::Wait(r) => self.wait(&r).map(|(_, s)| Response::Exited(s)),
+            Request::UpdateResources(u) => self.update(&u).map(|()| Response::ResourcesUpdated),
             Request::ConfigureNetwork(n) => crate::net::configure(&n)
                 .map(|()| Response::NetworkConfigured)
                 .map_err(|e| err(ErrorCode::SetupFailed, format!("network: {e}"))),
@@ -517,6 +518,18 @@ impl Agent {
             .ok_or_else(|| err(ErrorCode::InvalidState, "the process has no terminal"))?;
         sys::set_winsize(master.as_raw_fd(), r.rows, r.cols)
             .map_err(|e| err(ErrorCode::Internal, format!("resize: {e}")))
+    }
+
+    fn update(&self, u: &husk_proto::UpdateResources) -> Result<(), ErrorBody> {
+        let c = self.container(&u.container_id)?;
+        let Some(cg) = &c.cgroup else {
+            return Err(err(
+                ErrorCode::Unsupported,
+                "the guest has no cgroups to apply limits with",
+            ));
+        };
+        cg.apply(&u.resources)
+            .map_err(|e| err(ErrorCode::SetupFailed, e.to_string()))
     }
 
     fn stats(&self, id: &str) -> Result<husk_proto::Stats, ErrorBody> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use husk_runtime::runc::{create, exec, lifecycle, query, vmm, DEFAULT_STATE_ROOT};
+use husk_runtime::runc::{create, exec, lifecycle, query, update, vmm, DEFAULT_STATE_ROOT};
 use husk_runtime::RuntimeError;
 
 /// runc's global flags.
@@ -66,6 +66,9 @@ pub enum RuncCommand {
     /// The host processes of a container: its VMM process (standing for the container's
     /// init) and exec helpers (runc ps). `husk exec ID ps` shows the guest's own.
     Ps(PsArgs),
+    /// Change a running container's limits (runc update): memory, CPU and pids apply to
+    /// its cgroup in the guest; the VM keeps the size it was created with.
+    Update(UpdateArgs),
     /// The helper of a detached exec (started by exec --detach).
     #[command(hide = true)]
     ExecServe {
@@ -179,6 +182,53 @@ pub struct KillArgs {
     /// Signal, by number or name (with or without SIG).
     #[arg(default_value = "SIGTERM")]
     signal: String,
+}
+
+/// `update` flags (runc's; they override --resources).
+#[derive(Args)]
+pub struct UpdateArgs {
+    /// linux.resources JSON: a file, or - for stdin.
+    #[arg(short, long, value_name = "FILE")]
+    resources: Option<String>,
+    /// Memory limit in bytes (k, m, g suffixes; -1: none).
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    memory: Option<String>,
+    /// Memory plus swap limit.
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    memory_swap: Option<String>,
+    /// Memory soft limit.
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    memory_reservation: Option<String>,
+    /// Accepted for runc compatibility; kernel memory limits are not applied.
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    kernel_memory: Option<String>,
+    /// Accepted for runc compatibility; kernel TCP memory limits are not applied.
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
+    kernel_memory_tcp: Option<String>,
+    /// CPU shares (relative weight).
+    #[arg(long)]
+    cpu_share: Option<u64>,
+    /// CPU CFS quota in microseconds per period (-1: none).
+    #[arg(long, allow_hyphen_values = true)]
+    cpu_quota: Option<i64>,
+    /// CPU CFS period in microseconds.
+    #[arg(long)]
+    cpu_period: Option<u64>,
+    /// CPUs the container may use (0-3, 0,1).
+    #[arg(long)]
+    cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    #[arg(long)]
+    cpuset_mems: Option<String>,
+    /// Most processes (-1 or 0: none).
+    #[arg(long, allow_hyphen_values = true)]
+    pids_limit: Option<i64>,
+    /// Block IO weight: accepted for runc compatibility, not applied (the VM's disk is
+    /// its own).
+    #[arg(long)]
+    blkio_weight: Option<u16>,
+    /// Container id.
+    id: String,
 }
 
 /// `delete` flags.
@@ -298,6 +348,23 @@ fn dispatch(
             println!("{}", query::state(root, &a.id)?);
             Ok(0)
         }
+        RuncCommand::Update(a) => update::update(
+            root,
+            &a.id,
+            &update::UpdateFlags {
+                resources: a.resources,
+                memory: a.memory,
+                memory_swap: a.memory_swap,
+                memory_reservation: a.memory_reservation,
+                cpu_share: a.cpu_share,
+                cpu_quota: a.cpu_quota,
+                cpu_period: a.cpu_period,
+                cpuset_cpus: a.cpuset_cpus,
+                cpuset_mems: a.cpuset_mems,
+                pids_limit: a.pids_limit,
+            },
+        )
+        .map(|()| 0),
         RuncCommand::Kill(a) => lifecycle::kill(root, &a.id, &a.signal, a.all).map(|()| 0),
         RuncCommand::Delete(a) => {
             lifecycle::delete(root, &a.id, a.force, hook_timeout()?).map(|()| 0)

@@ -6,8 +6,8 @@
 //! output of `run --rm -t` (a pty in the guest); a detached container on
 //! Docker's bridge that pings the gateway, serves a port published with
 //! `-p` (reached by the test on the gateway address), answers `exec` (with
-//! and without `-t`), `top`, `pause`/`unpause`, and stops on `docker
-//! stop`'s SIGTERM. Nothing is left behind.
+//! and without `-t`), `top`, `update --memory`, `pause`/`unpause`, and
+//! stops on `docker stop`'s SIGTERM. Nothing is left behind.
 
 mod image_support;
 mod support;
@@ -259,6 +259,25 @@ fn docker_runs_containers_in_micro_vms() {
     let o = bounded(d.docker().args(["exec", "-t", "web", "tty"]), vm_time);
     assert!(ok(o).starts_with("/dev/pts/"));
     assert!(ok(bounded(d.docker().args(["top", "web"]), vm_time)).contains("vmm-serve"));
+
+    // docker update sends linux.resources on stdin; the guest's cgroup
+    // takes the new limit.
+    ok(bounded(
+        d.docker()
+            .args(["update", "--memory", "64m", "--memory-swap", "128m", "web"]),
+        vm_time,
+    ));
+    let limit = ok(bounded(
+        d.docker().args([
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/memory.max",
+        ]),
+        vm_time,
+    ));
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
 
     ok(bounded(d.docker().args(["pause", "web"]), vm_time));
     assert_eq!(inspect(&d, "web", "{{.State.Status}}"), "paused");

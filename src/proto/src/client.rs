@@ -8,7 +8,7 @@ use crate::frame::{read_frame, write_frame, FrameError};
 use crate::messages::{
     ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Network, Outcome,
     ProcessInfo, ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal,
-    Stats,
+    Stats, UpdateResources,
 };
 
 /// Protocol-level errors.
@@ -192,6 +192,14 @@ impl<S: Read + Write> Client<S> {
         match self.call(req)? {
             Response::Stats(stats) => Ok(stats),
             other => Err(unexpected("stats", other)),
+        }
+    }
+
+    /// `UpdateResources`.
+    pub fn update_resources(&mut self, req: UpdateResources) -> Result<(), ProtoError> {
+        match self.call(Request::UpdateResources(req))? {
+            Response::ResourcesUpdated => Ok(()),
+            other => Err(unexpected("update_resources", other)),
         }
     }
 

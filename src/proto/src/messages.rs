@@ -73,6 +73,9 @@ pub enum Request {
     ResizeTty(ResizeTty),
     /// Resource usage of a container's cgroup. Answered with [`Response::Stats`].
     Stats(ContainerRef),
+    /// Change a container's cgroup limits (`linux.resources`). Answered
+    /// with [`Response::ResourcesUpdated`].
+    UpdateResources(UpdateResources),
     /// Configure the guest's network interfaces and routes (before the
     /// container is created). Answered with [`Response::NetworkConfigured`].
     ConfigureNetwork(Network),
@@ -103,6 +106,8 @@ pub enum Response {
     ShuttingDown,
     /// Interfaces and routes are set up.
     NetworkConfigured,
+    /// The container's limits are changed.
+    ResourcesUpdated,
 }
 
 /// `CreateContainer` parameters.
@@ -131,6 +136,16 @@ pub struct CreateContainer {
     /// container).
     #[serde(default)]
     pub files: Vec<GuestFile>,
+}
+
+/// `UpdateResources` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateResources {
+    /// The container.
+    pub container_id: String,
+    /// The new limits; what is absent stays as it is.
+    pub resources: Box<oci_spec::runtime::LinuxResources>,
 }
 
 /// Where the agent writes a container's [`GuestFile`]s.

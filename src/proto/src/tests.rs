@@ -78,6 +78,10 @@ fn all_requests() -> Vec<Request> {
         Request::Stats(ContainerRef {
             container_id: "c1".into(),
         }),
+        Request::UpdateResources(UpdateResources {
+            container_id: "c1".into(),
+            resources: Box::default(),
+        }),
         Request::ConfigureNetwork(Network {
             interfaces: vec![Interface {
                 mac: "02:42:ac:11:00:02".into(),
@@ -123,6 +127,7 @@ fn all_responses() -> Vec<Outcome> {
         })),
         Outcome::Ok(Response::ShuttingDown),
         Outcome::Ok(Response::NetworkConfigured),
+        Outcome::Ok(Response::ResourcesUpdated),
         Outcome::Error(ErrorBody {
             code: ErrorCode::NotFound,
             message: "no container c2".into(),

@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod lifecycle;
 pub mod query;
 pub mod store;
+pub mod update;
 pub mod vmm;
 
 /// The default state root (runc's is /run/runc).
