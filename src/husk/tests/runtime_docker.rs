@@ -259,6 +259,18 @@ fn docker_runs_containers_in_micro_vms() {
     let o = bounded(d.docker().args(["exec", "-t", "web", "tty"]), vm_time);
     assert!(ok(o).starts_with("/dev/pts/"));
     assert!(ok(bounded(d.docker().args(["top", "web"]), vm_time)).contains("vmm-serve"));
+    // The VMM process is in the container's cgroup on the host (where
+    // docker stats looks).
+    let id = inspect(&d, "web", "{{.Id}}");
+    let pid = inspect(&d, "web", "{{.State.Pid}}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory_cgroup = format!("/sys/fs/cgroup/memory/docker/{id}");
+    if Path::new("/sys/fs/cgroup/memory").exists() {
+        assert!(
+            cgroups.contains(&format!(":memory:/docker/{id}")),
+            "{cgroups}"
+        );
+    }
 
     // docker update sends linux.resources on stdin; the guest's cgroup
     // takes the new limit.
@@ -293,6 +305,7 @@ fn docker_runs_containers_in_micro_vms() {
     ));
     assert_eq!(inspect(&d, "web", "{{.State.ExitCode}}"), "7");
     ok(bounded(d.docker().args(["rm", "web"]), vm_time));
+    assert!(!Path::new(&memory_cgroup).exists(), "{memory_cgroup} left");
 
     // Nothing of husk's is left: no VMM process, no state.
     let root = d.runtime_root();

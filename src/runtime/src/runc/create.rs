@@ -15,7 +15,7 @@ use super::detach;
 use super::hooks::{self, HookState};
 use super::query::OCI_VERSION;
 use super::store::{process_start, write_atomic, Container, ContainerState};
-use super::vmm::VmmConfig;
+use super::vmm::{self, VmmConfig};
 use crate::net::{HostNetwork, Netns};
 use crate::run::{vcpus_for, vm_mem_mib, SessionConfig};
 use crate::{paths, RuntimeError};
@@ -104,6 +104,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
     let pid = match start_vmm(&c, &cfg, o) {
         Ok(pid) => pid,
         Err(e) => {
+            // The VMM process is gone (spawn reaped it).
+            vmm::clean_up(&c.dir);
             let _ = c.remove();
             return Err(e);
         }
@@ -128,8 +130,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         }
     })();
     if result.is_err() {
-        // SAFETY: kill(2) of the child we just started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        super::lifecycle::kill_vmm(pid, process_start(pid).unwrap_or(0));
+        vmm::clean_up(&c.dir);
         let _ = c.remove();
     }
     result

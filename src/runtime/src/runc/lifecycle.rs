@@ -206,7 +206,7 @@ pub fn delete(
     if let Some(s) = &c.state {
         kill_vmm(s.pid, s.pid_start);
     }
-    vmm::disconnect(&c.dir);
+    vmm::clean_up(&c.dir);
     if let Some(s) = &c.state {
         let state = HookState::of(s, "stopped");
         // Failed poststop hooks are warnings (runtime spec).

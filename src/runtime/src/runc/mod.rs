@@ -3,6 +3,7 @@
 //! `vmm.rs`); state under the state root, runc-style (`store.rs`).
 
 pub mod bundle;
+pub mod cgroups;
 pub mod console;
 pub mod create;
 pub mod detach;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::Hooks;
 use serde::{Deserialize, Serialize};
 
+use super::cgroups;
 use super::detach;
 use super::hooks::{self, HookState, Stage};
 use super::store::write_atomic;
@@ -46,6 +47,21 @@ fn prepare(dir: &Path) -> Result<SessionConfig, RuntimeError> {
     let bytes = std::fs::read(&p).map_err(|e| RuntimeError::Io(p.display().to_string(), e))?;
     let cfg: VmmConfig = serde_json::from_slice(&bytes)
         .map_err(|e| RuntimeError::Invalid(format!("{}: {e}", p.display())))?;
+    let cgroups_path = cfg
+        .session
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone());
+    if let Some(path) = cgroups_path {
+        let mut created = Vec::new();
+        let placed = cgroups::place(&path.to_string_lossy(), std::process::id(), &mut created);
+        // Recorded even on failure: `create` removes them once we are gone.
+        let json =
+            serde_json::to_vec(&created).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        write_atomic(&cgroups_file(dir), &json)?;
+        placed?;
+    }
     let host_ns = cfg.netns.enter()?;
     let mut state = cfg.state.clone();
     state.pid = std::process::id() as i32;
@@ -87,9 +103,25 @@ fn prepare(dir: &Path) -> Result<SessionConfig, RuntimeError> {
     Ok(session)
 }
 
-/// Removes what the VMM process left in a namespace that outlives it (a
-/// path the caller gave); a new namespace went with the process.
-pub fn disconnect(dir: &Path) {
+/// Where the VMM process records the host cgroups it made.
+fn cgroups_file(dir: &Path) -> PathBuf {
+    dir.join("cgroups.json")
+}
+
+/// Removes what a VMM process, once gone, left on the host: its cgroups,
+/// and its filters in a network namespace that outlives it (a path the
+/// caller gave; a new namespace went with the process).
+pub fn clean_up(dir: &Path) {
+    let cgroups = std::fs::read(cgroups_file(dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<PathBuf>>(&b).ok());
+    if let Some(dirs) = cgroups {
+        cgroups::remove(&dirs);
+    }
+    disconnect(dir);
+}
+
+fn disconnect(dir: &Path) {
     let cfg = std::fs::read(dir.join("vmm.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<VmmConfig>(&b).ok());
