@@ -90,6 +90,7 @@ impl Drop for Containerd {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.runc_root);
         let _ = std::fs::remove_dir_all(&self.dir);
+        support::remove_empty_cgroups(&self.ns, &[]);
     }
 }
 

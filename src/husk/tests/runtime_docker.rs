@@ -144,6 +144,7 @@ impl Drop for Dockerd {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         support::unmount_under(&self.dir);
+        support::remove_empty_cgroups("docker", &[]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

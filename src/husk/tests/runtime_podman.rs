@@ -83,6 +83,7 @@ impl Drop for Podman {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         support::unmount_under(&self.dir);
+        support::remove_empty_cgroups("libpod_parent", &["conmon"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -205,3 +205,163 @@ impl Drop for TestNetns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
     }
 }
+
+/// Driving husk's runc command line directly, as a shim does.
+pub mod runc_cli {
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Output, Stdio};
+    use std::time::{Duration, Instant};
+
+    use super::{boot_timeout, busybox_tree, husk, kernel};
+
+    /// The test's directory; on the way out (a failed assertion included)
+    /// every container under its state root is force-deleted, so no VM
+    /// outlives the test.
+    pub struct Scratch(pub PathBuf);
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let root = self.0.join("state");
+            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let _ = runc(&root)
+                    .args(["delete", "--force"])
+                    .arg(e.file_name())
+                    .output();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// husk with the state root `root` and the test's boot timeout.
+    pub fn runc(root: &Path) -> Command {
+        let mut c = husk();
+        c.env("HUSK_BOOT_TIMEOUT", boot_timeout().as_secs().to_string())
+            .arg("--root")
+            .arg(root);
+        c
+    }
+
+    pub fn ok(o: &Output) -> String {
+        assert!(
+            o.status.success(),
+            "exit {:?}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn state(root: &Path, id: &str) -> serde_json::Value {
+        let o = runc(root).args(["state", id]).output().unwrap();
+        serde_json::from_str(&ok(&o)).unwrap()
+    }
+
+    /// A bundle running `args` in a busybox tree.
+    pub fn bundle(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
+        let b = dir.join(name);
+        std::fs::create_dir_all(&b).unwrap();
+        let rootfs = busybox_tree(&b);
+        assert!(rootfs.ends_with("rootfs"));
+        ok(&husk().args(["spec", "--bundle"]).arg(&b).output().unwrap());
+        let path = b.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["process"]["terminal"] = false.into();
+        cfg["process"]["args"] = serde_json::json!(args);
+        cfg["annotations"] = serde_json::json!({"test": name});
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        b
+    }
+
+    pub struct Created {
+        pub pid: i32,
+        pub stdin: ChildStdin,
+        pub stdout: ChildStdout,
+        pub stderr: ChildStderr,
+    }
+
+    /// Starts `husk create` with stdio pipes, as a shim does.
+    pub fn spawn_create(root: &Path, bundle: &Path, id: &str) -> Child {
+        runc(root)
+            .args(["create", "--kernel"])
+            .arg(kernel())
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(bundle.join("pid"))
+            .arg(id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits for `create` to exit (its pipes stay with the VMM process).
+    pub fn created(mut child: Child, bundle: &Path) -> Created {
+        let deadline = Instant::now() + boot_timeout() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "create did not return");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut stderr = child.stderr.take().unwrap();
+        if !status.success() {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            panic!("create failed: {status}: {err}");
+        }
+        let pid: i32 = std::fs::read_to_string(bundle.join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Created {
+            pid,
+            stdin: child.stdin.take().unwrap(),
+            stdout: child.stdout.take().unwrap(),
+            stderr,
+        }
+    }
+
+    /// Reaps `pid` (a child of ours, as subreaper): its exit code, or 128+N.
+    pub fn reap(pid: i32) -> i32 {
+        let deadline = Instant::now() + boot_timeout();
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on a pid we are the (sub)reaper of.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+            if r == pid {
+                if libc::WIFEXITED(status) {
+                    return libc::WEXITSTATUS(status);
+                }
+                return 128 + libc::WTERMSIG(status);
+            }
+            if Instant::now() > deadline {
+                // SAFETY: kill of our own child so the test ends.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the VMM process {pid} did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Removes the cgroup `name` (and `name/sub` for each of `subs`) from
+/// every hierarchy when empty: parents that runc, podman or an earlier
+/// container made and left (rmdir fails on one that is in use).
+pub fn remove_empty_cgroups(name: &str, subs: &[&str]) {
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for s in subs {
+            let _ = std::fs::remove_dir(h.path().join(name).join(s));
+        }
+        let _ = std::fs::remove_dir(h.path().join(name));
+    }
+}

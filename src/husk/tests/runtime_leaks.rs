@@ -1,0 +1,211 @@
+//! Leak check of the runc command line: create/start/kill/delete cycles,
+//! and cycles whose VMM process is SIGKILLed from outside before `delete
+//! --force`, on bundles that name a network namespace with a veth in it
+//! (so each VM gets a tap and tc filters) and a cgroupsPath. Afterwards
+//! the test counts what could be left: processes, taps, tc filters,
+//! mounts, VM sockets and run dirs, state dirs, cgroups. Several slots run
+//! at once (one namespace each: a veth serves one VM at a time).
+//!
+//! `HUSK_LEAK_CYCLES=N,M` sets the counts (default 20 ordinary cycles and
+//! 5 with the VMM killed).
+
+mod support;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use support::runc_cli::{bundle, created, ok, reap, runc, spawn_create, state, Scratch};
+use support::{pids_naming, TestNetns};
+
+/// VMs booting at once.
+const SLOTS: usize = 3;
+
+fn cycles() -> (usize, usize) {
+    std::env::var("HUSK_LEAK_CYCLES")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .unwrap_or((20, 5))
+}
+
+/// Runs `args` in namespace `ns`; its stdout.
+fn in_ns(ns: &TestNetns, args: &[&str]) -> String {
+    let o = ns.command(args[0]).args(&args[1..]).output().unwrap();
+    assert!(o.status.success(), "{args:?}: {o:?}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A namespace with a veth (eth0, 10.77.N.2/24) for a container to take.
+fn slot_netns(n: usize) -> TestNetns {
+    let ns = TestNetns::new(&format!("leak{n}"));
+    in_ns(
+        &ns,
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ],
+    );
+    in_ns(
+        &ns,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.77.{n}.2/24"),
+            "dev",
+            "eth0",
+        ],
+    );
+    in_ns(&ns, &["ip", "link", "set", "eth0", "up"]);
+    in_ns(&ns, &["ip", "link", "set", "peer0", "up"]);
+    ns
+}
+
+/// What a container could leave behind in its namespace: interfaces
+/// beyond lo/eth0/peer0 (taps), and qdiscs/filters on eth0.
+fn netns_leftovers(ns: &TestNetns) -> Vec<String> {
+    let mut left: Vec<String> = in_ns(ns, &["ip", "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| !["lo", "eth0", "peer0"].contains(&n.as_str()))
+        .collect();
+    left.extend(
+        in_ns(ns, &["tc", "filter", "show", "dev", "eth0", "ingress"])
+            .lines()
+            .map(|l| format!("filter: {l}")),
+    );
+    left.extend(
+        in_ns(ns, &["tc", "qdisc", "show", "dev", "eth0"])
+            .lines()
+            .filter(|l| l.contains("ingress"))
+            .map(|l| format!("qdisc: {l}")),
+    );
+    left
+}
+
+/// One cycle on slot `ns`: create and start; then either kill (SIGTERM,
+/// which the container's trap turns into exit 0) and delete, or SIGKILL
+/// the VMM process from outside and delete --force.
+fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed: bool) {
+    let b = bundle(
+        dir,
+        id,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; echo ready; while :; do sleep 1; done",
+        ],
+    );
+    let path = b.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let nss = cfg["linux"]["namespaces"].as_array_mut().unwrap();
+    nss.retain(|n| n["type"] != "network");
+    nss.push(serde_json::json!({"type": "network", "path": format!("/run/netns/{}", ns.0)}));
+    cfg["linux"]["cgroupsPath"] = format!("/{cg}/{id}").into();
+    std::fs::write(&path, cfg.to_string()).unwrap();
+
+    let mut c = created(spawn_create(root, &b, id), &b);
+    ok(&runc(root).args(["start", id]).output().unwrap());
+    // PID 1 ignores a SIGTERM that comes before its trap is set: wait for
+    // the container to say it is (the VMM process relays its stdout).
+    let mut line = [0u8; 6];
+    c.stdout.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"ready\n");
+    assert_eq!(state(root, id)["status"], "running");
+    if vmm_killed {
+        // SAFETY: kill(2) of our own (reparented) child.
+        unsafe { libc::kill(c.pid, libc::SIGKILL) };
+        assert_eq!(reap(c.pid), 137);
+        ok(&runc(root).args(["delete", "--force", id]).output().unwrap());
+    } else {
+        ok(&runc(root).args(["kill", id, "TERM"]).output().unwrap());
+        assert_eq!(reap(c.pid), 0);
+        ok(&runc(root).args(["delete", id]).output().unwrap());
+    }
+    drop(c);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn cycles_leave_nothing_behind() {
+    // SAFETY: prctl with plain integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0);
+    let dir = Scratch(std::env::temp_dir().join(format!("husk-leaks-{}", std::process::id())));
+    let root = dir.0.join("state");
+    std::fs::create_dir_all(&root).unwrap();
+    let cg = format!("husk-leaks-{}", std::process::id());
+    let slots: Vec<TestNetns> = (0..SLOTS).map(slot_netns).collect();
+    let vm_dirs_before = vm_dirs();
+    let (plain, killed) = cycles();
+    let started = Instant::now();
+
+    std::thread::scope(|s| {
+        for (n, ns) in slots.iter().enumerate() {
+            let (root, dir, cg) = (&root, &dir.0, &cg);
+            s.spawn(move || {
+                for i in (n..plain + killed).step_by(SLOTS) {
+                    cycle(root, dir, ns, cg, &format!("c{i}"), i >= plain);
+                }
+            });
+        }
+    });
+    eprintln!(
+        "{plain} + {killed} cycles on {SLOTS} slots: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Counted after: nothing of any cycle is left.
+    assert!(
+        pids_naming(&root.display().to_string()).is_empty(),
+        "processes left"
+    );
+    let states: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(states.is_empty(), "state dirs left: {states:?}");
+    let new_vm_dirs: Vec<PathBuf> = vm_dirs()
+        .into_iter()
+        .filter(|d| !vm_dirs_before.contains(d))
+        .collect();
+    assert!(
+        new_vm_dirs.is_empty(),
+        "VM dirs (sockets) left: {new_vm_dirs:?}"
+    );
+    for ns in &slots {
+        assert_eq!(netns_leftovers(ns), Vec::<String>::new(), "in {}", ns.0);
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let ours: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&*dir.0.to_string_lossy()) || l.contains("/run/husk-vm"))
+        .collect();
+    assert!(ours.is_empty(), "mounts left: {ours:?}");
+    for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let parent = h.path().join(&cg);
+        let children: Vec<_> = std::fs::read_dir(&parent)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(children.is_empty(), "cgroups left: {children:?}");
+        // The shared parent stays when its last container was deleted
+        // while another was being made; remove it for the next run.
+        let _ = std::fs::remove_dir(&parent);
+    }
+}
+
+fn vm_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(husk_runtime::runc::store::VM_DIR_ROOT)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
