@@ -156,6 +156,19 @@ fn main() -> ExitCode {
         return ExitCode::from(runc::cmd(c, cli.root, &cli.runc, &cli.log_level) as u8);
     }
     init_logging(&cli.log_level, None);
+    // runc's `run` (with --bundle): --root is the state root, as for the
+    // other runc commands, so it must not become HUSK_ROOT.
+    if let Command::Run(args) = cli.cmd {
+        if args.bundle.is_some() {
+            return ExitCode::from(
+                runc::cmd_run_bundle(args, cli.root, &cli.runc, &cli.log_level) as u8,
+            );
+        }
+        if let Some(root) = &cli.root {
+            std::env::set_var("HUSK_ROOT", root);
+        }
+        return ExitCode::from(run::cmd_run(args, start_ns) as u8);
+    }
     if let Some(root) = &cli.root {
         // SAFETY-free: no other thread exists yet; every part of husk reads
         // the root through HUSK_ROOT, so the flag wins by setting it.
@@ -165,7 +178,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => cmd_vm(args, start_ns),
         Command::Initramfs(args) => cmd_initramfs(args),
         Command::Bench(args) => bench::run(args),
-        Command::Run(args) => return ExitCode::from(run::cmd_run(args, start_ns) as u8),
+        Command::Run(_) => unreachable!("handled above"),
         Command::Pull(a) => return ExitCode::from(image::cmd_pull(a) as u8),
         Command::Images(a) => return ExitCode::from(image::cmd_images(a) as u8),
         Command::Rmi(a) => return ExitCode::from(image::cmd_rmi(a) as u8),

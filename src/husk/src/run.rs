@@ -73,7 +73,7 @@ pub struct RunArgs {
     registry: RegistryArgs,
     /// Guest kernel (default: the one tools/build-guest-kernel built).
     #[arg(long)]
-    kernel: Option<PathBuf>,
+    pub kernel: Option<PathBuf>,
     /// Guest agent binary (default: $HUSK_AGENT or $HUSK_ROOT/agent/husk-agent).
     #[arg(long)]
     agent: Option<PathBuf>,
@@ -84,6 +84,34 @@ pub struct RunArgs {
     /// Print the startup split (VMM, kernel, agent, exec, exit) on stderr.
     #[arg(long)]
     timing: bool,
+    /// runc's `run`: run the OCI bundle in DIR as container ID (the one
+    /// positional argument), runc's flags below; `--root` is then runc's state root.
+    #[arg(short = 'b', long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// With --bundle: return once the container started.
+    #[arg(short = 'd', long, requires = "bundle")]
+    pub detach: bool,
+    /// With --bundle: where to write the VMM process's pid.
+    #[arg(long, requires = "bundle", value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// With --bundle: Unix socket to send the terminal's master to.
+    #[arg(long, requires = "bundle", value_name = "PATH")]
+    pub console_socket: Option<PathBuf>,
+    /// With --bundle: do not delete the container after it exits.
+    #[arg(long, requires = "bundle")]
+    pub keep: bool,
+    /// With --bundle: accepted for runc compatibility.
+    #[arg(long, requires = "bundle")]
+    pub no_subreaper: bool,
+    /// With --bundle: accepted for runc compatibility.
+    #[arg(long, requires = "bundle")]
+    pub no_pivot: bool,
+    /// With --bundle: accepted for runc compatibility.
+    #[arg(long, requires = "bundle")]
+    pub no_new_keyring: bool,
+    /// With --bundle: accepted for runc compatibility (no fds beyond stdio reach a VM).
+    #[arg(long, requires = "bundle", default_value_t = 0)]
+    pub preserve_fds: u32,
     /// IMAGE [CMD [ARG...]] (image: NAME[:TAG|@DIGEST], oci:DIR[:TAG],
     /// oci-archive:FILE[:TAG], docker-archive:FILE); with --rootfs: CMD [ARG...].
     #[arg(
@@ -92,7 +120,7 @@ pub struct RunArgs {
         allow_hyphen_values = true,
         value_name = "IMAGE [CMD]"
     )]
-    args: Vec<String>,
+    pub args: Vec<String>,
 }
 
 /// Runs a container; returns its exit code (125 for husk's own failures).

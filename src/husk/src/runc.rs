@@ -297,6 +297,47 @@ pub fn cmd(c: RuncCommand, root: Option<PathBuf>, g: &RuncGlobals, log_level: &s
     }
 }
 
+/// runc's `run` (`husk run --bundle DIR ID`); returns the exit code.
+pub fn cmd_run_bundle(
+    a: crate::run::RunArgs,
+    root: Option<PathBuf>,
+    g: &RuncGlobals,
+    log_level: &str,
+) -> i32 {
+    let root = root.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT));
+    let level = if g.debug { "debug" } else { log_level };
+    let result = (|| {
+        let [id] = a.args.as_slice() else {
+            return Err(RuntimeError::Invalid(
+                "run --bundle takes one argument, the container id".into(),
+            ));
+        };
+        // SAFETY: isatty(3) of fd 0.
+        let stdio_terminal = !a.detach && unsafe { libc::isatty(0) } == 1;
+        let o = create::CreateOptions {
+            id: id.clone(),
+            bundle: a.bundle.clone().unwrap_or_default(),
+            pid_file: a.pid_file.clone(),
+            console_socket: a.console_socket.clone(),
+            stdio_terminal,
+            kernel: a.kernel.clone(),
+            agent: None,
+            boot_timeout: hook_timeout()?,
+            vmm_args: vec!["--log-level".to_owned(), level.to_owned()],
+        };
+        husk_runtime::runc::run::run(&root, &o, a.detach, a.keep)
+    })();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("husk: {msg}");
+            log_error(g, &msg);
+            1
+        }
+    }
+}
+
 fn dispatch(
     c: RuncCommand,
     root: &Path,
@@ -333,6 +374,7 @@ fn dispatch(
                 bundle: a.bundle,
                 pid_file: a.pid_file,
                 console_socket: a.console_socket,
+                stdio_terminal: false,
                 kernel: a.kernel,
                 agent: None,
                 boot_timeout: hook_timeout()?,
@@ -449,7 +491,8 @@ fn features() -> String {
     let j = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": query::OCI_VERSION,
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
+                  "poststart", "poststop"],
         "mountOptions": ["ro", "rw", "nosuid", "nodev", "noexec", "relatime", "strictatime",
                           "rprivate", "private", "rslave", "slave", "rshared", "shared"],
         "linux": {
@@ -461,7 +504,9 @@ fn features() -> String {
         },
         "annotations": {
             "io.github.husk.sandbox": "micro-VM",
-            "io.github.husk.mounts": "host bind mounts are not supported yet"
+            "io.github.husk.mounts": "bind mounts of host files are copied into the VM; \
+                                      host directories are not supported yet",
+            "io.github.husk.hooks": "all run on the host, in the runtime's namespaces"
         }
     });
     serde_json::to_string_pretty(&j).unwrap_or_default()

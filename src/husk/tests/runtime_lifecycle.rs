@@ -10,6 +10,7 @@ mod support;
 use std::io::{Read, Write};
 use std::path::Path;
 
+use support::kernel;
 use support::runc_cli::{bundle, created, ok, reap, runc, spawn_create, state, Scratch};
 
 /// Runs a runc command that must fail with exit 1 and `needle` in its one
@@ -40,6 +41,7 @@ fn runc_lifecycle_on_real_vms() {
     );
     let b2 = bundle(&dir.0, "two", &["sleep", "1000"]);
     let b3 = bundle(&dir.0, "three", &["sleep", "1000"]);
+    let b4 = bundle(&dir.0, "four", &["sh", "-c", "echo via run; exit 4"]);
 
     // Errors that need no VM.
     fails(&root, &["start", "nope"], "container does not exist");
@@ -64,9 +66,30 @@ fn runc_lifecycle_on_real_vms() {
     let c1 = spawn_create(&root, &b1, "one");
     let c2 = spawn_create(&root, &b2, "two");
     let c3 = spawn_create(&root, &b3, "three");
+    // runc's run (husk run --bundle): create, start, wait, delete, in the
+    // foreground, with the container's exit code; a fourth VM at once.
+    let mut c4 = runc(&root);
+    c4.args(["run", "--kernel"])
+        .arg(kernel())
+        .arg("--bundle")
+        .arg(&b4)
+        .arg("four")
+        .stdin(std::process::Stdio::null());
+    let four = std::thread::spawn(move || {
+        support::run_with_timeout(c4, None, support::boot_timeout() * 3)
+    });
     let mut one = created(c1, &b1);
     let two = created(c2, &b2);
     let three = created(c3, &b3);
+    let four = four.join().unwrap();
+    assert_eq!(
+        four.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&four.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&four.stdout), "via run\n");
+    assert!(!root.join("four").exists(), "run deletes its container");
 
     let s = state(&root, "one");
     assert_eq!(s["status"], "created");

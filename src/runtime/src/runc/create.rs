@@ -31,6 +31,9 @@ pub struct CreateOptions {
     pub pid_file: Option<PathBuf>,
     /// Unix socket to send the terminal's master to.
     pub console_socket: Option<PathBuf>,
+    /// Our stdio is a terminal the container may use as its own (runc's
+    /// foreground `run`).
+    pub stdio_terminal: bool,
     /// Guest kernel; None: default.
     pub kernel: Option<PathBuf>,
     /// Agent binary; None: default.
@@ -44,7 +47,7 @@ pub struct CreateOptions {
 /// Creates container `o.id` under the state root `root`.
 pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
     let b = bundle::load(&o.bundle)?;
-    let plan = bundle::guest_spec(&b, o.console_socket.is_some())?;
+    let plan = bundle::guest_spec(&b, o.console_socket.is_some() || o.stdio_terminal)?;
     let spec = plan.spec;
     let tty = spec
         .process()

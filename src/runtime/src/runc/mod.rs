@@ -11,6 +11,7 @@ pub mod exec;
 pub mod hooks;
 pub mod lifecycle;
 pub mod query;
+pub mod run;
 pub mod store;
 pub mod update;
 pub mod vmm;
