@@ -208,9 +208,9 @@ impl Agent {
             );
         }
         let files_dir = Path::new(husk_proto::FILES_DIR).join(id);
-        if let Err(e) = write_files(&files_dir, &req.files) {
+        if let Err((code, msg)) = crate::container::files::write(&files_dir, &req.files) {
             let _ = fs::remove_dir_all(&files_dir);
-            return Err(e);
+            return Err(err(code, msg));
         }
         let cgroup = match self.make_cgroup(id, &req) {
             Ok(c) => c,
@@ -588,43 +588,6 @@ impl Drop for HostGuard {
     fn drop(&mut self) {
         self.0.hosts.end();
     }
-}
-
-/// Writes the host's files for a container's bind mounts into `dir`.
-fn write_files(dir: &Path, files: &[husk_proto::GuestFile]) -> Result<(), ErrorBody> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if files.is_empty() {
-        return Ok(());
-    }
-    let io_err =
-        |p: &Path, e: std::io::Error| err(ErrorCode::SetupFailed, format!("{}: {e}", p.display()));
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)
-        .map_err(|e| io_err(dir, e))?;
-    for f in files {
-        let plain = !f.name.is_empty()
-            && f.name != "."
-            && f.name != ".."
-            && !f.name.contains('/')
-            && !f.name.contains('\0');
-        if !plain {
-            return Err(err(
-                ErrorCode::InvalidRequest,
-                format!("file name {:?} is not a plain name", f.name),
-            ));
-        }
-        let p = dir.join(&f.name);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(f.mode & 0o7777)
-            .open(&p)
-            .map_err(|e| io_err(&p, e))?;
-        std::io::Write::write_all(&mut file, &f.content).map_err(|e| io_err(&p, e))?;
-    }
-    Ok(())
 }
 
 /// Ids become path components and cgroup names.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use husk_runtime::runc::{create, exec, lifecycle, query, update, vmm, DEFAULT_STATE_ROOT};
+use husk_runtime::runc::{create, events, exec, lifecycle, query, update, vmm, DEFAULT_STATE_ROOT};
 use husk_runtime::RuntimeError;
 
 /// runc's global flags.
@@ -66,6 +66,9 @@ pub enum RuncCommand {
     /// The host processes of a container: its VMM process (standing for the container's
     /// init) and exec helpers (runc ps). `husk exec ID ps` shows the guest's own.
     Ps(PsArgs),
+    /// The container's resource usage from its cgroup in the guest, as JSON lines (runc
+    /// events): once with --stats, else every --interval, until it stops.
+    Events(EventsArgs),
     /// Change a running container's limits (runc update): memory, CPU and pids apply to
     /// its cgroup in the guest; the VM keeps the size it was created with.
     Update(UpdateArgs),
@@ -182,6 +185,19 @@ pub struct KillArgs {
     /// Signal, by number or name (with or without SIG).
     #[arg(default_value = "SIGTERM")]
     signal: String,
+}
+
+/// `events` flags.
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Print the stats once and exit.
+    #[arg(long)]
+    stats: bool,
+    /// How often to print stats (5s, 500ms, 1m).
+    #[arg(long, default_value = "5s")]
+    interval: String,
+    /// Container id.
+    id: String,
 }
 
 /// `update` flags (runc's; they override --resources).
@@ -390,6 +406,14 @@ fn dispatch(
             println!("{}", query::state(root, &a.id)?);
             Ok(0)
         }
+        RuncCommand::Events(a) => events::events(
+            root,
+            &a.id,
+            a.stats,
+            events::parse_interval(&a.interval)?,
+            &mut std::io::stdout(),
+        )
+        .map(|()| 0),
         RuncCommand::Update(a) => update::update(
             root,
             &a.id,

@@ -175,6 +175,18 @@ fn runc_lifecycle_on_real_vms() {
     let table = ok(&runc(&root).args(["ps", "two"]).output().unwrap());
     assert!(table.starts_with("UID"), "{table}");
     assert!(table.contains("vmm-serve"), "{table}");
+    // events --stats: the container's cgroup in the guest, runc's JSON.
+    let ev = ok(&runc(&root)
+        .args(["events", "--stats", "two"])
+        .output()
+        .unwrap());
+    let ev: serde_json::Value = serde_json::from_str(ev.trim()).unwrap();
+    assert_eq!(ev["type"], "stats");
+    assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{ev}");
+    assert!(
+        ev["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0,
+        "{ev}"
+    );
     // delete --force of a paused container kills its VMM process.
     ok(&runc(&root).args(["pause", "two"]).output().unwrap());
     ok(&runc(&root)

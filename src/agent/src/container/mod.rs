@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod child;
+pub mod files;
 pub mod mounts;
 pub mod plan;
 

@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod console;
 pub mod create;
 pub mod detach;
+pub mod events;
 pub mod exec;
 pub mod hooks;
 pub mod lifecycle;
