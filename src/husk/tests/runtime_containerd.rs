@@ -199,17 +199,24 @@ fn ctr_runs_tasks_in_micro_vms() {
 
     // The detached task: exec (with and without a terminal), kill, delete.
     ok(bg.join().unwrap());
-    let o = bounded(
-        &mut tty_cmd("task exec -t --exec-id t1 bg sh -c 'tty; exit 6'"),
+    // Typed input reaches the process through the terminal (what
+    // `docker run -it` relies on): script(1) types what it reads.
+    let o = support::run_with_timeout(
+        tty_cmd("task exec -t --exec-id t1 bg sh -c 'tty; read x; echo got $x; exit 6'"),
+        Some(b"hello\n"),
         limit,
     );
+    let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
         o.status.code(),
         Some(6),
-        "{}",
+        "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(String::from_utf8_lossy(&o.stdout).contains("/dev/pts/"));
+    assert!(
+        out.contains("/dev/pts/") && out.contains("got hello"),
+        "{out}"
+    );
     let o = bounded(
         ctd.ctr().args([
             "task",
