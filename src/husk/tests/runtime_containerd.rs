@@ -9,11 +9,12 @@ mod image_support;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image_support::{test_image, tmpdir};
 use support::boot_timeout;
+use support::{bounded, ok_output as ok};
 
 /// A private containerd, killed (with every process that names its socket:
 /// shims, VMMs) when dropped.
@@ -92,22 +93,6 @@ impl Drop for Containerd {
         let _ = std::fs::remove_dir_all(&self.dir);
         support::remove_empty_cgroups(&self.ns, &[]);
     }
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `c`, killing it after `timeout`.
-fn bounded(c: &mut Command, timeout: Duration) -> Output {
-    support::run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
 }
 
 #[test]

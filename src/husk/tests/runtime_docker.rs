@@ -16,11 +16,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image_support::{test_image, tmpdir};
 use support::{boot_timeout, pids_naming, TestNetns};
+use support::{bounded, ok_output as ok};
 
 /// A private dockerd in its own network namespace; dropping it stops it
 /// and removes every process, mount and namespace it made.
@@ -147,22 +148,6 @@ impl Drop for Dockerd {
         support::remove_empty_cgroups("docker", &[]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `c`, killing it after `timeout`.
-fn bounded(c: &mut Command, timeout: Duration) -> Output {
-    support::run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
 }
 
 fn inspect(d: &Dockerd, name: &str, format: &str) -> String {

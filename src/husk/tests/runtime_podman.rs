@@ -10,11 +10,12 @@ mod image_support;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use image_support::{test_image, tmpdir};
 use support::{boot_timeout, pids_naming, TestNetns};
+use support::{bounded, ok_output as ok};
 
 /// A private podman setup; dropping it removes its containers, processes,
 /// mounts and namespace.
@@ -86,22 +87,6 @@ impl Drop for Podman {
         support::remove_empty_cgroups("libpod_parent", &["conmon"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `c`, killing it after `timeout`.
-fn bounded(c: &mut Command, timeout: Duration) -> Output {
-    support::run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
 }
 
 #[test]

@@ -121,6 +121,24 @@ pub fn busybox_tree(dir: &Path) -> PathBuf {
     root
 }
 
+/// The stdout of a command that must have succeeded (else both streams
+/// in the panic).
+pub fn ok_output(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `c`, killing it after `timeout`.
+pub fn bounded(c: &mut Command, timeout: Duration) -> Output {
+    run_with_timeout(std::mem::replace(c, Command::new("true")), None, timeout)
+}
+
 /// A script that runs the husk under test with the test's kernel, agent
 /// and boot timeout: containerd's shim and dockerd pass no environment
 /// through to the runtime binary.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use husk_proto::Stats;
 
 use super::lifecycle::agent;
-use super::store::{Container, Status};
+use super::store::Container;
 use crate::run::CONTAINER_ID;
 use crate::RuntimeError;
 
@@ -62,16 +62,7 @@ pub fn events(
     out: &mut dyn Write,
 ) -> Result<(), RuntimeError> {
     let c = Container::open(root, id)?;
-    c.state()?;
-    match c.status() {
-        Status::Created | Status::Running => {}
-        Status::Paused => {
-            return Err(RuntimeError::Invalid(
-                "container is paused: resume it first".into(),
-            ))
-        }
-        Status::Stopped => return Err(RuntimeError::Invalid("container not running".into())),
-    }
+    c.require_agent()?;
     let dir = c.dir.clone();
     drop(c);
     let mut client = agent(&dir)?;

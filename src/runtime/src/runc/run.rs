@@ -26,13 +26,7 @@ pub fn run(
 ) -> Result<i32, RuntimeError> {
     let timeout = o.boot_timeout;
     create::create(root, o)?;
-    let pid = match std::fs::read(root.join(&o.id).join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<super::store::ContainerState>(&b).ok())
-    {
-        Some(s) => s.pid,
-        None => return Err(RuntimeError::Invalid("the container has no state".into())),
-    };
+    let pid = super::store::Container::open(root, &o.id)?.state()?.pid;
     if let Err(e) = lifecycle::start(root, &o.id, timeout) {
         let _ = lifecycle::delete(root, &o.id, true, timeout);
         return Err(e);

@@ -187,6 +187,19 @@ impl Container {
         }
     }
 
+    /// Checks that the container's agent can answer: the container exists
+    /// and its VM is not paused or gone.
+    pub fn require_agent(&self) -> Result<(), RuntimeError> {
+        self.state()?;
+        match self.status() {
+            Status::Created | Status::Running => Ok(()),
+            Status::Paused => Err(RuntimeError::Invalid(
+                "container is paused: resume it first".into(),
+            )),
+            Status::Stopped => Err(RuntimeError::Invalid("container not running".into())),
+        }
+    }
+
     /// The VM's run directory: see [`vm_dir`].
     pub fn vm_dir(&self) -> PathBuf {
         vm_dir(&self.dir)

@@ -12,7 +12,7 @@ use oci_spec::runtime::{
 };
 
 use super::lifecycle::agent;
-use super::store::{Container, Status};
+use super::store::Container;
 use crate::run::CONTAINER_ID;
 use crate::RuntimeError;
 
@@ -166,16 +166,7 @@ pub fn resources(f: &UpdateFlags) -> Result<LinuxResources, RuntimeError> {
 pub fn update(root: &Path, id: &str, f: &UpdateFlags) -> Result<(), RuntimeError> {
     let res = resources(f)?;
     let c = Container::open(root, id)?;
-    c.state()?;
-    match c.status() {
-        Status::Created | Status::Running => {}
-        Status::Paused => {
-            return Err(RuntimeError::Invalid(
-                "container is paused: resume it first".into(),
-            ))
-        }
-        Status::Stopped => return Err(RuntimeError::Invalid("container not running".into())),
-    }
+    c.require_agent()?;
     agent(&c.dir)?.update_resources(UpdateResources {
         container_id: CONTAINER_ID.into(),
         resources: Box::new(res),
