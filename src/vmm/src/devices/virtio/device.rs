@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, Events};
 use virtio_queue::Queue;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::{InterruptKind, VirtioInterrupt};
@@ -107,6 +109,155 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// What the device holds while the driver runs it: the queues in index
+/// order and what came with them at DRIVER_OK.
+pub struct Active<const N: usize> {
+    /// Guest memory.
+    pub mem: GuestMem,
+    /// The driver's queues, in queue index order.
+    pub queues: [Queue; N],
+    /// The device's interrupt.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Puts the device in DEVICE_NEEDS_RESET.
+    pub failure: DeviceFailure,
+}
+
+/// The part every husk virtio device shares: the features it offers, one
+/// eventfd per queue (a KVM ioeventfd), the state eventfd that carries
+/// activation and reset from the vCPU thread to the event loop, the queues
+/// while the driver runs the device, and whether the event loop watches
+/// them. A device keeps one and adds only what is its own.
+pub struct DeviceCore<const N: usize> {
+    name: &'static str,
+    avail_features: u64,
+    queue_sizes: [u16; N],
+    queue_evts: Vec<EventFd>,
+    state_evt: EventFd,
+    /// The queues while the driver runs the device.
+    pub active: Option<Active<N>>,
+    queues_watched: bool,
+}
+
+impl<const N: usize> DeviceCore<N> {
+    /// A core for the device `name` (used in logs) offering
+    /// `avail_features`, with `N` queues of `queue_size` entries at most.
+    pub fn new(name: &'static str, avail_features: u64, queue_size: u16) -> std::io::Result<Self> {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK);
+        Ok(Self {
+            name,
+            avail_features,
+            queue_sizes: [queue_size; N],
+            queue_evts: (0..N).map(|_| evt()).collect::<Result<_, _>>()?,
+            state_evt: evt()?,
+            active: None,
+            queues_watched: false,
+        })
+    }
+
+    /// The device's name in logs.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Features offered to the driver.
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    /// Largest size of each queue.
+    pub fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// One eventfd per queue.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// Whether the driver runs the device.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Whether the driver runs the device and it has not failed.
+    pub fn running(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| !a.failure.failed())
+    }
+
+    /// Takes the driver's queues and wakes the event loop.
+    pub fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let queues: [Queue; N] = ctx
+            .queues
+            .try_into()
+            .map_err(|_| ActivateError::QueueCount { expected: N, got })?;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queues,
+            interrupt: ctx.interrupt,
+            failure: ctx.failure,
+        });
+        signal_state(&self.state_evt)
+    }
+
+    /// Drops the queues and wakes the event loop.
+    pub fn reset(&mut self) {
+        self.active = None;
+        if let Err(e) = signal_state(&self.state_evt) {
+            tracing::warn!("{}: {e}", self.name);
+        }
+    }
+
+    /// Asks the event loop to serve queue `index` again (work was left
+    /// over when a budget ran out).
+    pub fn requeue(&self, index: usize) {
+        if let Some(evt) = self.queue_evts.get(index) {
+            let _ = evt.write(1);
+        }
+    }
+
+    /// Watches the state eventfd under `token`, for `init`.
+    pub fn watch_state(&self, ops: &mut EventOps, token: u32) {
+        if let Err(e) = ops.add(Events::with_data(&self.state_evt, token, EventSet::IN)) {
+            tracing::error!("{}: cannot watch the state eventfd: {e:?}", self.name);
+        }
+    }
+
+    /// Consumes a state-eventfd wake-up.
+    pub fn take_state_event(&self) {
+        let _ = self.state_evt.read();
+    }
+
+    /// Consumes a wake-up of queue `index`.
+    pub fn take_queue_event(&self, index: usize) {
+        if let Some(evt) = self.queue_evts.get(index) {
+            let _ = evt.read();
+        }
+    }
+
+    /// Watches the queue eventfds (queue i under `first_token + i`) while
+    /// `want`, else stops watching them.
+    pub fn watch_queues(&mut self, ops: &mut EventOps, first_token: u32, want: bool) {
+        if want == self.queues_watched {
+            return;
+        }
+        for (index, evt) in self.queue_evts.iter().enumerate() {
+            let ev = Events::with_data(evt, first_token + index as u32, EventSet::IN);
+            let r = if want { ops.add(ev) } else { ops.remove(ev) };
+            if let Err(e) = r {
+                tracing::error!("{}: cannot (un)watch queue {index}: {e:?}", self.name);
+            }
+        }
+        self.queues_watched = want;
+    }
+
+    /// Watches the queue eventfds exactly while the driver runs the device.
+    pub fn sync_queues(&mut self, ops: &mut EventOps, first_token: u32) {
+        let want = self.active.is_some();
+        self.watch_queues(ops, first_token, want);
+    }
+}
+
 /// Copies the window of `config` at `offset` into `data`; bytes past the
 /// end read as 0.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
@@ -124,15 +275,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// Wakes the event loop after a state change (activation or reset).
 pub fn signal_state(evt: &EventFd) -> Result<(), ActivateError> {
     evt.write(1).map_err(ActivateError::Signal)
-}
-
-/// Checks that the transport handed over one queue per expected queue.
-pub fn check_queue_count(expected: usize, got: usize) -> Result<(), ActivateError> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(ActivateError::QueueCount { expected, got })
-    }
 }
 
 #[cfg(test)]

@@ -1,25 +1,20 @@
 //! The virtio-blk device: config space, features, and request execution
 //! on the event-loop thread.
 
-use std::sync::Arc;
-
-use virtio_queue::Queue;
 use vm_memory::Bytes;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
 use super::features::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use super::request::{self, Request, RequestType};
 use super::{status, BlockError, ID_BYTES, MAX_DESCRIPTORS, QUEUE_SIZE, SEG_MAX};
 use crate::devices::virtio::device::{
-    check_queue_count, read_config_bytes, signal_state, ActivateContext, ActivateError,
-    DeviceFailure, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
 };
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::devices::virtio::queue::{self, collect_chain, QueueError};
-use crate::devices::virtio::{device_type, feature, GuestMem, VirtioInterrupt};
+use crate::devices::virtio::{device_type, feature, GuestMem};
 
 /// Chains handled per wake-up before yielding to the rest of the event loop.
 const BUDGET: usize = 256;
@@ -37,25 +32,14 @@ pub struct BlockCounters {
     pub dropped: u64,
 }
 
-/// What the device holds while the driver runs it.
-pub(super) struct Active {
-    pub(super) mem: GuestMem,
-    pub(super) queue: Queue,
-    pub(super) interrupt: Arc<dyn VirtioInterrupt>,
-    pub(super) failure: DeviceFailure,
-}
+type Active = crate::devices::virtio::device::Active<1>;
 
 /// A virtio-blk device over a raw image.
 pub struct Block {
     disk: Disk,
     id: [u8; ID_BYTES],
-    avail_features: u64,
     config: [u8; CONFIG_LEN],
-    queue_evts: Vec<EventFd>,
-    pub(super) state_evt: EventFd,
-    pub(super) active: Option<Active>,
-    /// Whether the event loop watches the queue eventfd.
-    pub(super) registered: bool,
+    pub(super) core: DeviceCore<1>,
     counters: BlockCounters,
 }
 
@@ -73,16 +57,12 @@ impl Block {
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(Self {
             disk,
             id: request::id_bytes(id),
-            avail_features,
             config,
-            queue_evts: vec![evt()?],
-            state_evt: evt()?,
-            active: None,
-            registered: false,
+            core: DeviceCore::new("virtio-blk", avail_features, QUEUE_SIZE)
+                .map_err(BlockError::EventFd)?,
             counters: BlockCounters::default(),
         })
     }
@@ -96,7 +76,7 @@ impl Block {
     /// up on the next wake-up). A broken ring puts the device in
     /// DEVICE_NEEDS_RESET.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active.as_mut() else {
             return;
         };
         if active.failure.failed() {
@@ -110,7 +90,7 @@ impl Block {
         match drain(active, &mut ctx) {
             Ok(true) => {
                 // Budget spent: come back after the other event sources.
-                let _ = self.queue_evts[0].write(1);
+                self.core.requeue(0);
             }
             Ok(false) => {}
             Err(e) => active.failure.fail(&format!("virtio-blk queue: {e}")),
@@ -128,13 +108,19 @@ struct Exec<'a> {
 /// Returns true when the budget ran out with requests left.
 fn drain(a: &mut Active, ctx: &mut Exec<'_>) -> Result<bool, QueueError> {
     let mem = &a.mem;
-    let drained = queue::drain(&mut a.queue, mem, a.interrupt.as_ref(), BUDGET, |chain| {
-        queue::Served::written(handle_chain(
-            ctx,
-            mem,
-            collect_chain(chain, mem, MAX_DESCRIPTORS),
-        ))
-    })?;
+    let drained = queue::drain(
+        &mut a.queues[0],
+        mem,
+        a.interrupt.as_ref(),
+        BUDGET,
+        |chain| {
+            queue::Served::written(handle_chain(
+                ctx,
+                mem,
+                collect_chain(chain, mem, MAX_DESCRIPTORS),
+            ))
+        },
+    )?;
     Ok(drained == queue::Drained::BudgetSpent)
 }
 
@@ -223,15 +209,15 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.core.avail_features()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+        self.core.queue_max_sizes()
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn queue_events(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        self.core.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -239,25 +225,14 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        check_queue_count(1, ctx.queues.len())?;
-        let queue = ctx.queues.into_iter().next().expect("one queue checked");
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            failure: ctx.failure,
-        });
-        signal_state(&self.state_evt)
+        self.core.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.core.is_activated()
     }
 
     fn reset(&mut self) {
-        self.active = None;
-        if let Err(e) = signal_state(&self.state_evt) {
-            tracing::warn!("virtio-blk: {e}");
-        }
+        self.core.reset();
     }
 }

@@ -7,9 +7,8 @@
 //! queues, then drops, further frames) until the guest adds buffers.
 
 use std::io::ErrorKind;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::QueueOwnedT;
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,14 +16,13 @@ use super::features::VIRTIO_NET_F_MAC;
 use super::packet::{self, FrameError, MAX_PACKET_LEN};
 use super::{MacAddr, NetError, Tap, MAX_DESCRIPTORS, QUEUE_SIZE, RX_INDEX, TX_INDEX};
 use crate::devices::virtio::device::{
-    check_queue_count, read_config_bytes, signal_state, ActivateContext, ActivateError,
-    DeviceFailure, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
 };
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::devices::virtio::queue::{self, collect_chain, Chain, QueueError};
-use crate::devices::virtio::{device_type, feature, GuestMem, VirtioInterrupt};
+use crate::devices::virtio::{device_type, feature, GuestMem};
 
 /// Packets handled per wake-up and direction before yielding to the rest
 /// of the event loop (a flooding peer or guest cannot starve it).
@@ -45,27 +43,14 @@ pub struct NetCounters {
     pub tx_dropped: u64,
 }
 
-/// What the device holds while the driver runs it.
-pub(super) struct Active {
-    pub(super) mem: GuestMem,
-    pub(super) rx: Queue,
-    pub(super) tx: Queue,
-    pub(super) interrupt: Arc<dyn VirtioInterrupt>,
-    pub(super) failure: DeviceFailure,
-}
-
 /// A virtio-net device on a tap.
 pub struct Net {
     pub(super) tap: Tap,
     mac: MacAddr,
-    avail_features: u64,
-    queue_evts: Vec<EventFd>,
-    pub(super) state_evt: EventFd,
-    pub(super) active: Option<Active>,
+    pub(super) core: DeviceCore<2>,
     /// The guest had no receive buffer for `rx_packet`.
     pub(super) rx_stalled: bool,
-    /// Whether the event loop watches the queues / the tap.
-    pub(super) queues_registered: bool,
+    /// Whether the event loop watches the tap.
     pub(super) tap_registered: bool,
     /// The tap failed for good (e.g. the interface was deleted).
     pub(super) tap_broken: bool,
@@ -86,19 +71,15 @@ enum RxFail {
 impl Net {
     /// A device on `tap` with `mac`.
     pub fn new(tap: Tap, mac: MacAddr) -> Result<Self, NetError> {
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        let features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_RING_F_INDIRECT_DESC)
+            | feature(VIRTIO_NET_F_MAC);
         Ok(Self {
             tap,
             mac,
-            avail_features: feature(VIRTIO_F_VERSION_1)
-                | feature(VIRTIO_RING_F_EVENT_IDX)
-                | feature(VIRTIO_RING_F_INDIRECT_DESC)
-                | feature(VIRTIO_NET_F_MAC),
-            queue_evts: vec![evt()?, evt()?],
-            state_evt: evt()?,
-            active: None,
+            core: DeviceCore::new("virtio-net", features, QUEUE_SIZE).map_err(NetError::EventFd)?,
             rx_stalled: false,
-            queues_registered: false,
             tap_registered: false,
             tap_broken: false,
             rx_buf: vec![0u8; MAX_PACKET_LEN],
@@ -120,7 +101,7 @@ impl Net {
 
     /// Whether the device is running and healthy.
     pub(super) fn running(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| !a.failure.failed())
+        self.core.running()
     }
 
     /// Moves packets from the tap to the guest. Returns true when the tap
@@ -132,12 +113,12 @@ impl Net {
         match self.rx_loop() {
             Ok(true) => {
                 // Budget spent: come back after the other event sources.
-                let _ = self.queue_evts[RX_INDEX].write(1);
+                self.core.requeue(RX_INDEX);
                 true
             }
             Ok(false) => false,
             Err(e) => {
-                if let Some(a) = &self.active {
+                if let Some(a) = &self.core.active {
                     a.failure.fail(&format!("virtio-net RX queue: {e}"));
                 }
                 false
@@ -146,7 +127,7 @@ impl Net {
     }
 
     fn rx_loop(&mut self) -> Result<bool, QueueError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active.as_mut() else {
             return Ok(false);
         };
         let mem = &a.mem;
@@ -183,8 +164,8 @@ impl Net {
             let Some(len) = self.rx_packet else {
                 continue;
             };
-            let Some(chain) = queue::pop_chain(&mut a.rx, mem)? else {
-                if queue::enable_notification(&mut a.rx, mem)? {
+            let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
+                if queue::enable_notification(&mut a.queues[RX_INDEX], mem)? {
                     continue;
                 }
                 // No buffer: hold the packet and stop reading the tap until
@@ -196,18 +177,18 @@ impl Net {
             let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
             match write_packet(mem, &chain, &self.rx_buf[..len]) {
                 Ok(()) => {
-                    queue::add_used(&mut a.rx, mem, head, len as u32)?;
+                    queue::add_used(&mut a.queues[RX_INDEX], mem, head, len as u32)?;
                     used = true;
                     self.counters.rx_frames += 1;
                     self.rx_packet = None;
                 }
                 Err(RxFail::BadChain) => {
-                    queue::add_used(&mut a.rx, mem, head, 0)?;
+                    queue::add_used(&mut a.queues[RX_INDEX], mem, head, 0)?;
                     used = true;
                     self.counters.rx_bad_chains += 1;
                 }
                 Err(RxFail::TooSmall) => {
-                    a.rx.go_to_previous_position();
+                    a.queues[RX_INDEX].go_to_previous_position();
                     tracing::debug!(
                         "virtio-net: {len}-byte frame larger than the guest's buffers, dropped"
                     );
@@ -217,7 +198,7 @@ impl Net {
             }
         };
         if used {
-            queue::notify_used(&mut a.rx, mem, a.interrupt.as_ref())?;
+            queue::notify_used(&mut a.queues[RX_INDEX], mem, a.interrupt.as_ref())?;
         }
         Ok(more)
     }
@@ -235,12 +216,12 @@ impl Net {
         }
         match self.tx_loop() {
             Ok(true) => {
-                let _ = self.queue_evts[TX_INDEX].write(1);
+                self.core.requeue(TX_INDEX);
                 true
             }
             Ok(false) => false,
             Err(e) => {
-                if let Some(a) = &self.active {
+                if let Some(a) = &self.core.active {
                     a.failure.fail(&format!("virtio-net TX queue: {e}"));
                 }
                 false
@@ -249,28 +230,34 @@ impl Net {
     }
 
     fn tx_loop(&mut self) -> Result<bool, QueueError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active.as_mut() else {
             return Ok(false);
         };
         let mem = &a.mem;
         let (tap, tx_buf, counters) = (&mut self.tap, &mut self.tx_buf, &mut self.counters);
-        let drained = queue::drain(&mut a.tx, mem, a.interrupt.as_ref(), BUDGET, |chain| {
-            let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
-            match gather_packet(mem, &chain, tx_buf) {
-                Ok(()) => match tap.write(tx_buf) {
-                    Ok(_) => counters.tx_frames += 1,
+        let drained = queue::drain(
+            &mut a.queues[TX_INDEX],
+            mem,
+            a.interrupt.as_ref(),
+            BUDGET,
+            |chain| {
+                let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+                match gather_packet(mem, &chain, tx_buf) {
+                    Ok(()) => match tap.write(tx_buf) {
+                        Ok(_) => counters.tx_frames += 1,
+                        Err(e) => {
+                            tracing::debug!("virtio-net: writing tap {}: {e}", tap.name());
+                            counters.tx_dropped += 1;
+                        }
+                    },
                     Err(e) => {
-                        tracing::debug!("virtio-net: writing tap {}: {e}", tap.name());
+                        tracing::debug!("virtio-net: dropped a guest frame: {e}");
                         counters.tx_dropped += 1;
                     }
-                },
-                Err(e) => {
-                    tracing::debug!("virtio-net: dropped a guest frame: {e}");
-                    counters.tx_dropped += 1;
                 }
-            }
-            queue::Served::written(0)
-        })?;
+                queue::Served::written(0)
+            },
+        )?;
         Ok(drained == queue::Drained::BudgetSpent)
     }
 }
@@ -348,15 +335,15 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.core.avail_features()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        self.core.queue_max_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.core.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -365,37 +352,18 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        check_queue_count(2, ctx.queues.len())?;
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: 0,
-            });
-        };
-        debug_assert_eq!((RX_INDEX, TX_INDEX), (0, 1));
-        self.active = Some(Active {
-            mem: ctx.mem,
-            rx,
-            tx,
-            interrupt: ctx.interrupt,
-            failure: ctx.failure,
-        });
         self.rx_stalled = false;
-        signal_state(&self.state_evt)
+        self.core.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.core.is_activated()
     }
 
     fn reset(&mut self) {
-        self.active = None;
         self.rx_stalled = false;
         // A packet held for the old driver is stale.
         self.rx_packet = None;
-        if let Err(e) = signal_state(&self.state_evt) {
-            tracing::warn!("virtio-net: {e}");
-        }
+        self.core.reset();
     }
 }

@@ -12,55 +12,38 @@
 //! adds buffers (the RX queue notification).
 
 use std::path::Path;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT};
+use virtio_queue::QueueOwnedT;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
 use super::packet;
 use super::{
-    VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX,
-    TX_INDEX,
+    VsockCounters, VsockError, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX, TX_INDEX,
 };
 use crate::devices::virtio::device::{
-    check_queue_count, read_config_bytes, signal_state, ActivateContext, ActivateError,
-    DeviceFailure, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
 };
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::devices::virtio::queue::{self, collect_chain, QueueError};
-use crate::devices::virtio::{device_type, feature, GuestMem, VirtioInterrupt};
+use crate::devices::virtio::{device_type, feature};
 
 /// Packets handled per wake-up and direction before yielding to the rest
 /// of the event loop.
 const BUDGET: usize = 256;
-
-/// What the device holds while the driver runs it.
-pub(super) struct Active {
-    pub(super) mem: GuestMem,
-    pub(super) rx: Queue,
-    pub(super) tx: Queue,
-    // Kept (and never used: husk sends no events) so the driver's event
-    // buffers stay posted.
-    _event: Queue,
-    pub(super) interrupt: Arc<dyn VirtioInterrupt>,
-    pub(super) failure: DeviceFailure,
-}
 
 /// A virtio-vsock device whose host side is a Unix socket.
 pub struct Vsock {
     guest_cid: u64,
     // Boxed: the connection tables would make the device large to move.
     pub(super) muxer: Box<Muxer>,
-    avail_features: u64,
-    queue_evts: Vec<EventFd>,
-    pub(super) state_evt: EventFd,
-    pub(super) active: Option<Active>,
+    // The event queue is kept (and never used: husk sends no events) so
+    // the driver's event buffers stay posted.
+    pub(super) core: DeviceCore<3>,
     /// The driver was (re)activated or reset since the event loop last looked.
     pub(super) state_changed: bool,
-    pub(super) queues_registered: bool,
     /// TX waits for the guest to take queued resets.
     pub(super) tx_paused: bool,
     rx_buf: Vec<u8>,
@@ -70,19 +53,19 @@ pub struct Vsock {
 impl Vsock {
     /// A device for a guest with CID `guest_cid`, listening on `uds_path`.
     pub fn new(guest_cid: u32, uds_path: &Path) -> Result<Self, VsockError> {
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VsockError::Host("eventfd", e));
         let guest_cid = u64::from(guest_cid);
         Ok(Self {
             guest_cid,
             muxer: Box::new(Muxer::new(guest_cid, uds_path)?),
-            avail_features: feature(VIRTIO_F_VERSION_1)
-                | feature(VIRTIO_RING_F_EVENT_IDX)
-                | feature(VIRTIO_RING_F_INDIRECT_DESC),
-            queue_evts: vec![evt()?, evt()?, evt()?],
-            state_evt: evt()?,
-            active: None,
+            core: DeviceCore::new(
+                "virtio-vsock",
+                feature(VIRTIO_F_VERSION_1)
+                    | feature(VIRTIO_RING_F_EVENT_IDX)
+                    | feature(VIRTIO_RING_F_INDIRECT_DESC),
+                QUEUE_SIZE,
+            )
+            .map_err(|e| VsockError::Host("eventfd", e))?,
             state_changed: false,
-            queues_registered: false,
             tx_paused: false,
             rx_buf: vec![0u8; MAX_PAYLOAD],
             tx_buf: Vec::with_capacity(MAX_PAYLOAD),
@@ -111,7 +94,7 @@ impl Vsock {
 
     /// Whether the device is running and healthy.
     pub(super) fn running(&self) -> bool {
-        self.active.as_ref().is_some_and(|a| !a.failure.failed())
+        self.core.running()
     }
 
     /// Applies an activation or reset the vCPU thread announced: the
@@ -123,7 +106,7 @@ impl Vsock {
         self.state_changed = false;
         self.muxer.reset_all();
         self.tx_paused = false;
-        self.muxer.set_driver_ready(self.active.is_some());
+        self.muxer.set_driver_ready(self.core.active.is_some());
     }
 
     /// Moves guest packets to the muxer, then host packets to the guest.
@@ -150,7 +133,7 @@ impl Vsock {
         }
         match self.rx_loop() {
             Ok(true) => {
-                let _ = self.queue_evts[RX_INDEX].write(1);
+                self.core.requeue(RX_INDEX);
                 true
             }
             Ok(false) => false,
@@ -162,13 +145,13 @@ impl Vsock {
     }
 
     fn fail(&self, why: &str) {
-        if let Some(a) = &self.active {
+        if let Some(a) = &self.core.active {
             a.failure.fail(why);
         }
     }
 
     fn rx_loop(&mut self) -> Result<bool, QueueError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active.as_mut() else {
             return Ok(false);
         };
         let mem = &a.mem;
@@ -181,8 +164,8 @@ impl Vsock {
             if budget == 0 {
                 break true;
             }
-            let Some(chain) = queue::pop_chain(&mut a.rx, mem)? else {
-                if queue::enable_notification(&mut a.rx, mem)? {
+            let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
+                if queue::enable_notification(&mut a.queues[RX_INDEX], mem)? {
                     continue;
                 }
                 // Hold what is queued and stop reading Unix sockets until
@@ -198,19 +181,19 @@ impl Vsock {
                 Err(e) => {
                     tracing::debug!("virtio-vsock: bad receive chain: {e}");
                     self.muxer.counters.rx_bad_chains += 1;
-                    queue::add_used(&mut a.rx, mem, head, 0)?;
+                    queue::add_used(&mut a.queues[RX_INDEX], mem, head, 0)?;
                     used = true;
                     continue;
                 }
             };
             let Some(h) = self.muxer.next_rx(room, &mut self.rx_buf) else {
-                a.rx.go_to_previous_position();
+                a.queues[RX_INDEX].go_to_previous_position();
                 break false;
             };
             let payload = &self.rx_buf[..h.len as usize];
             match packet::write_rx(mem, &chain, &h, payload) {
                 Ok(n) => {
-                    queue::add_used(&mut a.rx, mem, head, n)?;
+                    queue::add_used(&mut a.queues[RX_INDEX], mem, head, n)?;
                     self.muxer.counters.rx_packets += 1;
                 }
                 Err(e) => {
@@ -218,14 +201,14 @@ impl Vsock {
                     // packet is lost, so is its connection's integrity.
                     tracing::warn!("virtio-vsock: cannot write a receive chain: {e}");
                     self.muxer.counters.rx_bad_chains += 1;
-                    queue::add_used(&mut a.rx, mem, head, 0)?;
+                    queue::add_used(&mut a.queues[RX_INDEX], mem, head, 0)?;
                     self.muxer.on_lost_rx(&h);
                 }
             }
             used = true;
         };
         if used {
-            queue::notify_used(&mut a.rx, mem, a.interrupt.as_ref())?;
+            queue::notify_used(&mut a.queues[RX_INDEX], mem, a.interrupt.as_ref())?;
         }
         Ok(more)
     }
@@ -243,7 +226,7 @@ impl Vsock {
         }
         match self.tx_loop() {
             Ok(true) => {
-                let _ = self.queue_evts[TX_INDEX].write(1);
+                self.core.requeue(TX_INDEX);
                 true
             }
             Ok(false) => false,
@@ -255,7 +238,7 @@ impl Vsock {
     }
 
     fn tx_loop(&mut self) -> Result<bool, QueueError> {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.core.active.as_mut() else {
             return Ok(false);
         };
         // Resumed by RX progress, not by a guest notification: checked
@@ -267,23 +250,29 @@ impl Vsock {
         }
         let mem = &a.mem;
         let (muxer, tx_buf) = (&mut self.muxer, &mut self.tx_buf);
-        let drained = queue::drain(&mut a.tx, mem, a.interrupt.as_ref(), BUDGET, |chain| {
-            let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
-            match packet::parse_tx(mem, &chain) {
-                Ok(p) => match packet::read_payload(mem, &p.payload, tx_buf) {
-                    Ok(()) => {
-                        muxer.counters.tx_packets += 1;
-                        muxer.on_guest_packet(&p.header, tx_buf);
-                    }
-                    Err(e) => muxer.on_bad_packet(Some(p.header), e),
-                },
-                Err(bad) => muxer.on_bad_packet(bad.header, bad.error),
-            }
-            queue::Served {
-                len: 0,
-                stop: muxer.rx_backlog_full(),
-            }
-        })?;
+        let drained = queue::drain(
+            &mut a.queues[TX_INDEX],
+            mem,
+            a.interrupt.as_ref(),
+            BUDGET,
+            |chain| {
+                let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
+                match packet::parse_tx(mem, &chain) {
+                    Ok(p) => match packet::read_payload(mem, &p.payload, tx_buf) {
+                        Ok(()) => {
+                            muxer.counters.tx_packets += 1;
+                            muxer.on_guest_packet(&p.header, tx_buf);
+                        }
+                        Err(e) => muxer.on_bad_packet(Some(p.header), e),
+                    },
+                    Err(bad) => muxer.on_bad_packet(bad.header, bad.error),
+                }
+                queue::Served {
+                    len: 0,
+                    stop: muxer.rx_backlog_full(),
+                }
+            },
+        )?;
         if drained == queue::Drained::Stopped {
             self.tx_paused = true;
         }
@@ -297,15 +286,15 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        self.avail_features
+        self.core.avail_features()
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+        self.core.queue_max_sizes()
     }
 
     fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+        self.core.queue_events()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -314,37 +303,16 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        check_queue_count(3, ctx.queues.len())?;
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
-        else {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: 0,
-            });
-        };
-        debug_assert_eq!((RX_INDEX, TX_INDEX, EVENT_INDEX), (0, 1, 2));
-        self.active = Some(Active {
-            mem: ctx.mem,
-            rx,
-            tx,
-            _event: event,
-            interrupt: ctx.interrupt,
-            failure: ctx.failure,
-        });
         self.state_changed = true;
-        signal_state(&self.state_evt)
+        self.core.activate(ctx)
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.core.is_activated()
     }
 
     fn reset(&mut self) {
-        self.active = None;
         self.state_changed = true;
-        if let Err(e) = signal_state(&self.state_evt) {
-            tracing::warn!("virtio-vsock: {e}");
-        }
+        self.core.reset();
     }
 }

@@ -5,39 +5,21 @@
 //! waits for it (the muxer decides, in `sync`).
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_sys_util::epoll::EventSet;
 
 use super::muxer::{LISTENER_TOKEN, SOCKET_TOKEN, TIMER_TOKEN};
 use super::{Vsock, EVENT_INDEX, RX_INDEX, TX_INDEX};
-use crate::devices::virtio::VirtioDevice;
 
 const STATE: u32 = 0;
-const RX_QUEUE: u32 = 1;
-const TX_QUEUE: u32 = 2;
-const EVENT_QUEUE: u32 = 3;
+/// Queue i is watched under `QUEUE_BASE + i`.
+const QUEUE_BASE: u32 = 1;
+const RX_QUEUE: u32 = QUEUE_BASE + RX_INDEX as u32;
+const TX_QUEUE: u32 = QUEUE_BASE + TX_INDEX as u32;
+const EVENT_QUEUE: u32 = QUEUE_BASE + EVENT_INDEX as u32;
 
 impl Vsock {
     /// Makes the watched fds match the device state.
     fn sync_registration(&mut self, ops: &mut EventOps) {
-        let want_queues = self.active.is_some();
-        if want_queues != self.queues_registered {
-            for (index, token) in [
-                (RX_INDEX, RX_QUEUE),
-                (TX_INDEX, TX_QUEUE),
-                (EVENT_INDEX, EVENT_QUEUE),
-            ] {
-                let ev = Events::with_data(&self.queue_events()[index], token, EventSet::IN);
-                let r = if want_queues {
-                    ops.add(ev)
-                } else {
-                    ops.remove(ev)
-                };
-                if let Err(e) = r {
-                    tracing::error!("virtio-vsock: cannot (un)watch a queue: {e:?}");
-                }
-            }
-            self.queues_registered = want_queues;
-        }
+        self.core.sync_queues(ops, QUEUE_BASE);
         self.muxer.sync(ops);
     }
 }
@@ -46,23 +28,23 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             STATE => {
-                let _ = self.state_evt.read();
+                self.core.take_state_event();
                 self.apply_state_change();
                 // Packets the driver queued before we watched the queues.
                 self.process_queues();
             }
             RX_QUEUE => {
-                let _ = self.queue_events()[RX_INDEX].read();
+                self.core.take_queue_event(RX_INDEX);
                 self.rx_buffers_added();
                 self.process_queues();
             }
             TX_QUEUE => {
-                let _ = self.queue_events()[TX_INDEX].read();
+                self.core.take_queue_event(TX_INDEX);
                 self.process_queues();
             }
             EVENT_QUEUE => {
                 // Event buffers stay posted for events husk never sends.
-                let _ = self.queue_events()[EVENT_INDEX].read();
+                self.core.take_queue_event(EVENT_INDEX);
             }
             LISTENER_TOKEN => self.muxer.accept_clients(),
             TIMER_TOKEN => {
@@ -79,9 +61,7 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.state_evt, STATE, EventSet::IN)) {
-            tracing::error!("virtio-vsock: cannot watch the state eventfd: {e:?}");
-        }
+        self.core.watch_state(ops, STATE);
         self.sync_registration(ops);
     }
 }
