@@ -207,6 +207,7 @@ impl Agent {
                 plan.shared_namespaces.join(", ")
             );
         }
+        crate::container::shares::mount(&req.shares).map_err(|(code, msg)| err(code, msg))?;
         let files_dir = Path::new(husk_proto::FILES_DIR).join(id);
         if let Err((code, msg)) = crate::container::files::write(&files_dir, &req.files) {
             let _ = fs::remove_dir_all(&files_dir);

@@ -83,6 +83,7 @@ fn debug_server_runs_a_container_and_shuts_down() {
                 scratch: Scratch::default(),
                 stdin: false,
                 files: Vec::new(),
+                shares: Vec::new(),
             })
             .unwrap();
         assert!(info.timestamps.agent_ready_ns >= info.timestamps.agent_started_ns);

@@ -170,6 +170,7 @@ impl Harness {
             },
             stdin,
             files: Vec::new(),
+            shares: Vec::new(),
         };
         self.client.create_container(req).map(|info| info.pid)
     }
@@ -706,6 +707,7 @@ fn containers_created_concurrently_all_finish() {
                             scratch: Scratch::default(),
                             stdin: false,
                             files: Vec::new(),
+                            shares: Vec::new(),
                         })
                         .unwrap();
                     let (mut out, sb) = UnixStream::pair().unwrap();

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use husk_vmm::config::{Console, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use husk_vmm::config::{Console, DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 use husk_vmm::exit::code;
 use husk_vmm::{ConsoleInputSource, VmExit};
 
@@ -104,6 +104,10 @@ struct VmArgs {
     /// write "CONNECT <port>\n"; guest connections to host port P reach PATH_P).
     #[arg(long, value_name = "SPEC")]
     vsock: Option<VsockConfig>,
+    /// Share a host directory through virtio-fs: tag=TAG,dir=DIR[,ro]
+    /// (repeatable; the guest runs `mount -t virtiofs TAG MOUNTPOINT`).
+    #[arg(long = "fs", value_name = "SPEC")]
+    fs: Vec<FsConfig>,
     /// Do not add guest command-line workarounds on kvm_pvm hosts.
     #[arg(long)]
     no_pvm_workarounds: bool,
@@ -252,6 +256,9 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     }
     if let Some(v) = &args.vsock {
         cfg.vsock = Some(v.clone());
+    }
+    if !args.fs.is_empty() {
+        cfg.fs = args.fs.clone();
     }
     if args.no_pvm_workarounds {
         cfg.pvm_workarounds = false;

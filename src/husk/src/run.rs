@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// CPU limit (fractions allowed); the VM gets ceil(N) vCPUs.
     #[arg(long)]
     cpus: Option<f64>,
+    /// Bind a host directory into the container, shared live through
+    /// virtio-fs: HOST_DIR:CONTAINER_PATH[:ro] (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CTR[:ro]")]
+    volumes: Vec<husk_runtime::shares::Volume>,
     /// Container hostname.
     #[arg(long, default_value = "husk")]
     hostname: String,
@@ -221,6 +225,7 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         kernel: a.kernel.clone(),
         agent: a.agent.clone(),
         boot_timeout: Duration::from_secs(boot_timeout(a.boot_timeout)?),
+        volumes: a.volumes.clone(),
     };
     let outcome = run::run(&opts)?;
     let st = &outcome.status;

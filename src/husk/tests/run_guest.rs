@@ -225,6 +225,7 @@ fn one_sandbox_serves_every_process_check() {
         vcpus: 1,
         run_dir,
         network: Default::default(),
+        shares: Vec::new(),
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();
@@ -250,6 +251,7 @@ fn one_sandbox_serves_every_process_check() {
             scratch: husk_proto::Scratch::Tmpfs { size_bytes: None },
             stdin: false,
             files: Vec::new(),
+            shares: Vec::new(),
         })
         .unwrap();
     control.start("c").unwrap();

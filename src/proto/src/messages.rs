@@ -136,6 +136,11 @@ pub struct CreateContainer {
     /// container).
     #[serde(default)]
     pub files: Vec<GuestFile>,
+    /// Host directories shared through virtio-fs that the agent mounts at
+    /// [`SHARES_DIR`]`/<tag>` before it creates the container; the spec's
+    /// bind mounts name them there.
+    #[serde(default)]
+    pub shares: Vec<Share>,
 }
 
 /// `UpdateResources` parameters.
@@ -150,6 +155,20 @@ pub struct UpdateResources {
 
 /// Where the agent writes a container's [`GuestFile`]s.
 pub const FILES_DIR: &str = "/run/husk/files";
+
+/// Where the agent mounts the VM's virtio-fs shares, one directory per tag.
+pub const SHARES_DIR: &str = "/run/husk/shares";
+
+/// A virtio-fs device the agent mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    /// The device's tag (1 to 36 printable bytes, no `/`).
+    pub tag: String,
+    /// Mount it read-only (the host's backend enforces it too).
+    #[serde(default)]
+    pub read_only: bool,
+}
 
 /// A file the host hands to the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -50,6 +50,7 @@ fn all_requests() -> Vec<Request> {
             },
             stdin: true,
             files: Vec::new(),
+            shares: Vec::new(),
         }),
         Request::Start(ContainerRef {
             container_id: "c1".into(),

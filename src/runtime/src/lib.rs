@@ -7,6 +7,7 @@ pub mod paths;
 pub mod run;
 pub mod runc;
 pub mod sandbox;
+pub mod shares;
 pub mod spec;
 pub mod uds;
 

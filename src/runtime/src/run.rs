@@ -17,6 +17,7 @@ use husk_proto::{
 
 use crate::net::HostNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::shares::{self, ShareSet, Volume};
 use crate::spec::{self, RunSpec};
 use crate::{paths, RuntimeError};
 
@@ -54,6 +55,8 @@ pub struct RunOptions {
     pub agent: Option<PathBuf>,
     /// How long the guest may take to boot and answer.
     pub boot_timeout: Duration,
+    /// Host directories bound into the container (`-v`).
+    pub volumes: Vec<Volume>,
 }
 
 /// What happened to the container.
@@ -76,7 +79,15 @@ pub fn vm_mem_mib(limit: Option<u64>) -> u64 {
 
 /// Runs the container; returns its exit status.
 pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
-    let spec = spec::build(&o.spec)?;
+    let mut spec = spec::build(&o.spec)?;
+    let mut share_set = ShareSet::default();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for v in &o.volumes {
+        let what = format!("volume {}", v.container);
+        let source = share_set.add(&v.host, v.read_only, &what)?;
+        mounts.push(shares::bind_mount(&v.container, &source, v.read_only)?);
+    }
+    spec.set_mounts(Some(mounts));
     let image = match &o.root {
         Root::Dir(dir) => husk_image::ext4::image_for_dir(dir, &paths::image_cache())?,
         Root::Disk(disk) => disk.clone(),
@@ -102,6 +113,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         run_dir,
         network: HostNetwork::default(),
         files: Vec::new(),
+        shares: share_set,
     })?;
     session.start()?;
     let status = session.wait()?;
@@ -147,6 +159,9 @@ pub struct SessionConfig {
     /// Files for the spec's bind mounts of host files.
     #[serde(default)]
     pub files: Vec<GuestFile>,
+    /// Host directories for the spec's bind mounts of host directories.
+    #[serde(default)]
+    pub shares: ShareSet,
 }
 
 /// A container created in its VM, stdio attached; `start`, then `wait`.
@@ -180,6 +195,7 @@ impl Session {
             vcpus: c.vcpus,
             run_dir: c.run_dir.clone(),
             network: c.network.clone(),
+            shares: c.shares.vm_config(),
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
@@ -207,6 +223,7 @@ impl Session {
                 scratch: Scratch::Tmpfs { size_bytes: None },
                 stdin: c.interactive,
                 files: c.files.clone(),
+                shares: c.shares.guest(),
             })
             .map_err(|e| sandbox.explain(e.into()))?;
         let (relays, raw_terminal) = attach_stdio(

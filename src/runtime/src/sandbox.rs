@@ -11,7 +11,7 @@ use husk_proto::Client;
 use husk_proto::{read_frame, write_frame};
 use husk_proto::{Hello, CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_proto::{StreamHello, StreamReply};
-use husk_vmm::config::{Console, DiskConfig, VmConfig, VsockConfig};
+use husk_vmm::config::{Console, DiskConfig, FsConfig, VmConfig, VsockConfig};
 use husk_vmm::vstate::vcpu::ExitLatch;
 use husk_vmm::{ConsoleInputSource, VmExit};
 
@@ -38,6 +38,8 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// Host interfaces the VM takes over (a NIC each).
     pub network: HostNetwork,
+    /// Host directories shared through virtio-fs.
+    pub shares: Vec<FsConfig>,
 }
 
 /// A running sandbox VM. Dropping it stops the VM and removes its run dir.
@@ -69,6 +71,7 @@ impl Sandbox {
                 uds_path: uds.clone(),
             }),
             net: cfg.network.nics()?,
+            fs: cfg.shares.clone(),
             ..Default::default()
         };
         let vm = husk_vmm::build(&vm_cfg)?;

@@ -166,7 +166,12 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     };
 
     let kvm = kvm::open()?;
-    let mem = memory::create(cfg.mem_mib)?;
+    // A vhost-user backend maps guest memory: it must live in a shareable file.
+    let mem = if cfg.fs.is_empty() {
+        memory::create(cfg.mem_mib)?
+    } else {
+        memory::create_shared(cfg.mem_mib)?
+    };
     let vm_fd = vm::create(&kvm, &mem)?;
 
     let loaded = boot::load_kernel(&mem, &kernel)?;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout;
 use crate::devices::virtio::block::ID_BYTES;
+use crate::devices::virtio::fs::TAG_LEN as FS_TAG_LEN;
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::vsock::{MAX_UDS_PATH, MIN_GUEST_CID};
 
@@ -117,6 +118,69 @@ pub struct VmConfig {
     /// A virtio-vsock device whose host side is a Unix socket.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Host directories shared through virtio-fs (a virtiofsd each).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+}
+
+/// One shared host directory: `tag=TAG,dir=DIR[,ro]` on the command line.
+/// The guest mounts it with `mount -t virtiofs TAG MOUNTPOINT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The tag the guest mounts (1 to 36 printable bytes, unique per VM).
+    pub tag: String,
+    /// The host directory.
+    pub dir: PathBuf,
+    /// The guest cannot change anything under `dir` (enforced by the
+    /// backend, not only by the guest's mount).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FromStr for FsConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut fs = FsConfig {
+            tag: String::new(),
+            dir: PathBuf::new(),
+            read_only: false,
+        };
+        for part in s.split(',') {
+            let (key, value) = match part.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (part, None),
+            };
+            match (key, value) {
+                ("tag", Some(t)) => fs.tag = t.to_string(),
+                ("dir", Some(d)) if !d.is_empty() => fs.dir = PathBuf::from(d),
+                ("ro" | "readonly", v) => fs.read_only = on_off(key, v)?,
+                _ => {
+                    return Err(format!(
+                        "invalid fs {s:?}: expected tag=TAG,dir=DIR[,ro], got {part:?}"
+                    ))
+                }
+            }
+        }
+        if fs.dir.as_os_str().is_empty() {
+            return Err(format!("invalid fs {s:?}: dir=DIR is required"));
+        }
+        fs.validate()?;
+        Ok(fs)
+    }
+}
+
+impl FsConfig {
+    /// Checks the tag.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.tag;
+        if t.is_empty() || t.len() > FS_TAG_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "invalid fs tag {t:?}: 1 to {FS_TAG_LEN} printable characters without spaces"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One virtio-blk disk: `path=IMG[,ro][,id=NAME][,direct]` on the command line.
@@ -290,6 +354,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             net: Vec::new(),
             vsock: None,
+            fs: Vec::new(),
         }
     }
 }
@@ -330,7 +395,7 @@ impl VmConfig {
 
     /// virtio devices the VM gets: disks, NICs, then vsock.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + self.net.len() + usize::from(self.vsock.is_some())
+        self.disks.len() + self.net.len() + usize::from(self.vsock.is_some()) + self.fs.len()
     }
 
     /// Checks ranges that serde cannot.
@@ -353,10 +418,19 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate().map_err(ConfigError::Invalid)?;
         }
+        for (i, f) in self.fs.iter().enumerate() {
+            f.validate().map_err(ConfigError::Invalid)?;
+            if self.fs[..i].iter().any(|g| g.tag == f.tag) {
+                return Err(ConfigError::Invalid(format!(
+                    "fs tag {:?} is used twice",
+                    f.tag
+                )));
+            }
+        }
         let devices = self.virtio_device_count();
         if devices > layout::VIRTIO_MMIO_SLOTS {
             return Err(ConfigError::Invalid(format!(
-                "at most {} virtio devices (disks + NICs + vsock), got {devices}",
+                "at most {} virtio devices (disks + NICs + vsock + shares), got {devices}",
                 layout::VIRTIO_MMIO_SLOTS
             )));
         }

@@ -7,6 +7,7 @@ use husk_proto::{GuestFile, FILES_DIR};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use crate::run::CONTAINER_ID;
+use crate::shares::ShareSet;
 use crate::RuntimeError;
 
 /// Largest config.json read.
@@ -74,6 +75,8 @@ pub struct GuestPlan {
     pub spec: Spec,
     /// Host files for its bind mounts.
     pub files: Vec<GuestFile>,
+    /// Host directories for its bind mounts.
+    pub shares: ShareSet,
 }
 
 /// The most host-file content a container takes into its VM (it travels
@@ -83,10 +86,11 @@ const MAX_FILES_BYTES: usize = 128 << 10;
 /// The spec the agent gets: the bundle's, with bind mounts of host files
 /// turned into files the agent writes (Docker's /etc/hosts, hostname,
 /// resolv.conf), a bind of a host directory on /dev/shm turned into the
-/// guest's own tmpfs, no network namespace (the container shares the
-/// guest's, where the VM's interfaces are), and no hooks (they run on the
-/// host). What a VM cannot do yet is refused: other host directories, a
-/// terminal without a console socket.
+/// guest's own tmpfs, other host directories shared through virtio-fs
+/// (`ro` honoured by the backend too), no network namespace (the container
+/// shares the guest's, where the VM's interfaces are), and no hooks (they
+/// run on the host). Refused: binds of sockets or devices, a terminal
+/// without a console socket.
 pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<GuestPlan, RuntimeError> {
     let mut spec = b.spec.clone();
     let process = spec
@@ -99,6 +103,7 @@ pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<GuestPlan, Runtime
         ));
     }
     let mut files = Vec::new();
+    let mut shares = ShareSet::default();
     let mut total = 0;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for m in mounts.iter_mut() {
@@ -121,10 +126,19 @@ pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<GuestPlan, Runtime
             ));
             continue;
         }
+        if meta.is_dir() {
+            let read_only = m
+                .options()
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|x| x == "ro"));
+            let what = format!("mount {}", m.destination().display());
+            m.set_source(Some(shares.add(&host, read_only, &what)?));
+            continue;
+        }
         if !meta.is_file() {
             return Err(RuntimeError::Invalid(format!(
-                "mount {} (bind of host path {}): host directories cannot reach the VM yet \
-                 (file sharing is not built); only regular files can",
+                "mount {} (bind of host path {}): only regular files and directories \
+                 can reach the VM",
                 m.destination().display(),
                 source.display(),
             )));
@@ -157,7 +171,11 @@ pub fn guest_spec(b: &Bundle, console_socket: bool) -> Result<GuestPlan, Runtime
         }
     }
     spec.set_hooks(None);
-    Ok(GuestPlan { spec, files })
+    Ok(GuestPlan {
+        spec,
+        files,
+        shares,
+    })
 }
 
 #[cfg(test)]
@@ -200,11 +218,12 @@ mod tests {
     }
 
     #[test]
-    fn host_files_travel_and_the_rest_is_refused_by_name() {
+    fn host_files_travel_and_directories_are_shared() {
         let mut c = base();
         c["mounts"] = serde_json::json!([
             {"destination": "/etc/hosts", "type": "bind", "source": "hosts", "options": ["rbind", "ro"]},
             {"destination": "/dev/shm", "type": "bind", "source": "rootfs", "options": ["rbind"]},
+            {"destination": "/data", "type": "none", "source": "rootfs", "options": ["rbind", "ro"]},
         ]);
         c["linux"] = serde_json::json!({"namespaces": [{"type": "network"}, {"type": "pid"}]});
         c["hooks"] = serde_json::json!({"prestart": [{"path": "/usr/bin/hook"}]});
@@ -219,6 +238,16 @@ mod tests {
             Some(Path::new("/run/husk/files/run/f0"))
         );
         assert_eq!(mounts[1].typ().as_deref(), Some("tmpfs"));
+        assert_eq!(
+            mounts[2].source().as_deref(),
+            Some(Path::new("/run/husk/shares/husk0"))
+        );
+        assert_eq!(plan.shares.0.len(), 1);
+        assert!(plan.shares.0[0].read_only);
+        assert_eq!(
+            plan.shares.0[0].dir,
+            std::fs::canonicalize(dir.join("rootfs")).unwrap()
+        );
         let ns = plan
             .spec
             .linux()
@@ -235,11 +264,11 @@ mod tests {
     #[test]
     fn refusals_name_what_is_refused() {
         let mut c = base();
-        c["mounts"] = serde_json::json!([{"destination": "/data", "type": "none",
-            "source": "rootfs", "options": ["rbind", "ro"]}]);
+        c["mounts"] = serde_json::json!([{"destination": "/dev/nul", "type": "bind",
+            "source": "/dev/null", "options": ["rbind"]}]);
         let (dir, b) = bundle(&c);
         let e = guest_spec(&b.unwrap(), false).unwrap_err().to_string();
-        assert!(e.contains("/data") && e.contains("rootfs"), "{e}");
+        assert!(e.contains("/dev/nul") && e.contains("/dev/null"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
 
         let mut c = base();

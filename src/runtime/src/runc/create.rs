@@ -83,6 +83,7 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         run_dir: c.vm_dir(),
         network: HostNetwork::default(),
         files: plan.files,
+        shares: plan.shares,
     };
     let annotations: BTreeMap<String, String> = b
         .spec

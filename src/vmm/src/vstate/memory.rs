@@ -39,6 +39,44 @@ pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Mmap(mem_mib, e.to_string()))
 }
 
+/// Like [`create`], but backed by one memfd that another process (a
+/// vhost-user backend such as virtiofsd) can map: each region maps its
+/// part of the file MAP_SHARED. Pages are still only backed when touched.
+pub fn create_shared(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    use std::os::fd::FromRawFd;
+    use vm_memory::FileOffset;
+    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) {
+        return Err(MemoryError::BadSize {
+            got: mem_mib,
+            min: layout::MIN_MEM_MIB,
+            max: layout::MAX_MEM_MIB,
+        });
+    }
+    let fail = |what: &str, e: std::io::Error| MemoryError::Mmap(mem_mib, format!("{what}: {e}"));
+    // SAFETY: a static C string and flags; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"husk-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(fail("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(mem_mib << 20)
+        .map_err(|e| fail("sizing the memfd", e))?;
+    let mut offset = 0u64;
+    let mut ranges = Vec::new();
+    for (start, size) in layout::ram_ranges(mem_mib << 20) {
+        let f = file.try_clone().map_err(|e| fail("dup", e))?;
+        ranges.push((
+            GuestAddress(start),
+            size as usize,
+            Some(FileOffset::new(f, offset)),
+        ));
+        offset += size;
+    }
+    GuestMemoryMmap::from_ranges_with_files(ranges)
+        .map_err(|e| MemoryError::Mmap(mem_mib, e.to_string()))
+}
+
 /// Asks for transparent huge pages on `[start, start + len)` of guest RAM,
 /// rounded out to 2 MiB. Used for ranges the guest will touch in full
 /// anyway (kernel image, initrd): loading them then takes a few 2 MiB
@@ -93,6 +131,22 @@ mod tests {
         use vm_memory::Bytes;
         mem.write_obj(7u64, GuestAddress(17 << 20)).unwrap();
         assert_eq!(mem.read_obj::<u64>(GuestAddress(17 << 20)).unwrap(), 7);
+    }
+
+    #[test]
+    fn shared_memory_is_file_backed_and_usable() {
+        use vm_memory::Bytes;
+        let mem = create_shared(64).unwrap();
+        for r in mem.iter() {
+            assert!(r.file_offset().is_some());
+        }
+        mem.write_obj(0x1234_5678u32, GuestAddress(60 << 20))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(60 << 20)).unwrap(),
+            0x1234_5678
+        );
+        assert!(create_shared(4).is_err());
     }
 
     #[test]

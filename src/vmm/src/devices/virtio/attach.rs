@@ -8,6 +8,7 @@ use event_manager::MutEventSubscriber;
 use kvm_ioctls::{IoEventAddress, VmFd};
 
 use super::block::{Block, BlockError, Disk};
+use super::fs::{Backend, Fs, FsError, DEFAULT_VIRTIOFSD};
 use super::mmio::{regs, MmioTransport};
 use super::net::{MacAddr, Net, NetError, Tap};
 use super::vsock::{Vsock, VsockError};
@@ -29,6 +30,12 @@ pub enum AttachError {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    /// A shared directory could not be set up.
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// No virtiofsd to serve a shared directory.
+    #[error("virtiofsd not found at {0} (install qemu-system-common, or set HUSK_VIRTIOFSD)")]
+    NoVirtiofsd(String),
     /// More devices than interrupt lines.
     #[error("no virtio-mmio slot left for device {0}")]
     NoSlot(usize),
@@ -51,12 +58,15 @@ pub enum PendingDevice {
     Net(Net),
     /// The vsock device.
     Vsock(Vsock),
+    /// A shared directory.
+    Fs(Fs),
 }
 
-/// Opens every disk, tap and vsock socket in `cfg`, in order: disks first
-/// (vda, vdb, ...), then NICs (eth0, ...), then vsock. Nothing is left
-/// behind on error: files close, taps husk created vanish and the vsock
-/// socket file is removed when dropped.
+/// Opens every disk, tap, vsock socket and shared directory in `cfg`, in
+/// order: disks first (vda, vdb, ...), then NICs (eth0, ...), then vsock,
+/// then shares (a virtiofsd each). Nothing is left behind on error: files
+/// close, taps husk created vanish, the vsock socket file is removed and
+/// virtiofsd processes are killed when dropped.
 pub fn open_devices(cfg: &VmConfig) -> Result<Vec<PendingDevice>, AttachError> {
     let mut out = Vec::with_capacity(cfg.virtio_device_count());
     for d in &cfg.disks {
@@ -74,7 +84,25 @@ pub fn open_devices(cfg: &VmConfig) -> Result<Vec<PendingDevice>, AttachError> {
     if let Some(v) = &cfg.vsock {
         out.push(PendingDevice::Vsock(Vsock::new(v.guest_cid, &v.uds_path)?));
     }
+    if !cfg.fs.is_empty() {
+        let virtiofsd = virtiofsd_path();
+        if !virtiofsd.is_file() {
+            return Err(AttachError::NoVirtiofsd(virtiofsd.display().to_string()));
+        }
+        for f in &cfg.fs {
+            let backend = Backend::start(&virtiofsd, &f.dir, f.read_only)?;
+            out.push(PendingDevice::Fs(Fs::new(&f.tag, backend)?));
+        }
+    }
     Ok(out)
+}
+
+/// The virtiofsd husk starts: `$HUSK_VIRTIOFSD`, else Debian's.
+pub fn virtiofsd_path() -> std::path::PathBuf {
+    std::env::var_os("HUSK_VIRTIOFSD")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_VIRTIOFSD.into())
 }
 
 /// The kernel command-line entries announcing `count` devices.
@@ -102,6 +130,7 @@ pub fn attach_all(
             PendingDevice::Block(b) => attach(index, b, vm_fd, mem, mmio)?,
             PendingDevice::Net(n) => attach(index, n, vm_fd, mem, mmio)?,
             PendingDevice::Vsock(v) => attach(index, v, vm_fd, mem, mmio)?,
+            PendingDevice::Fs(f) => attach(index, f, vm_fd, mem, mmio)?,
         };
         subs.push(sub);
     }

@@ -2,7 +2,7 @@
 //!
 //! The transport (`mmio`) owns the register file, the status state machine
 //! and queue configuration; it talks to a device only through the
-//! [`VirtioDevice`] trait. Devices (`block`, `net`, `vsock`) own their
+//! [`VirtioDevice`] trait. Devices (`block`, `net`, `vsock`, `fs`) own their
 //! queues once activated and run on the event-loop thread; a vCPU thread
 //! never does device work: queue notifications reach the event loop
 //! through KVM ioeventfds, activation and reset through the device's
@@ -11,6 +11,7 @@
 pub mod attach;
 pub mod block;
 pub mod device;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
@@ -59,6 +60,8 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Socket device (vsock).
     pub const VSOCK: u32 = 19;
+    /// File system device (virtio-fs).
+    pub const FS: u32 = 26;
 }
 
 /// Largest queue any husk device offers.
