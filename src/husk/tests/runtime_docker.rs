@@ -3,9 +3,11 @@
 //! docker-proxy live there) with a private data root, exec root and socket,
 //! and `"runtimes": {"husk": ...}`; stopped by PID. `docker run --runtime
 //! husk` of an image `docker load`ed from a docker-archive: exit status and
-//! output of `run --rm -t` (a pty in the guest); a detached container on
-//! Docker's bridge that pings the gateway, serves a port published with
-//! `-p` (reached by the test on the gateway address), answers `exec` (with
+//! output of `run --rm -t` (a pty in the guest) with a `-v ...:ro` volume
+//! it cannot write; a detached container on Docker's bridge that pings the
+//! gateway, serves a host volume's page on a port published with `-p`
+//! (reached by the test on the gateway address), writes to that volume,
+//! answers `exec` (with
 //! and without `-t`), `top`, `update --memory`, `pause`/`unpause`, and
 //! stops on `docker stop`'s SIGTERM. Nothing is left behind.
 
@@ -179,6 +181,19 @@ fn docker_runs_containers_in_micro_vms() {
     ));
     let vm_time = boot_timeout() * 2 + Duration::from_secs(60);
 
+    // Host directories as volumes (virtio-fs): the server's pages come
+    // from one, the other is read-only.
+    let www = dir.join("www");
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        www.join("index.html"),
+        "served by husk from a host volume\n",
+    )
+    .unwrap();
+    std::fs::write(conf.join("app.conf"), "from the host\n").unwrap();
+
     // Two VMs boot at once: a detached server on the bridge, and run --rm.
     let mut web = d.docker();
     web.args([
@@ -190,26 +205,29 @@ fn docker_runs_containers_in_micro_vms() {
         "web",
         "-p",
         "8080:80",
+        "-v",
+    ])
+    .arg(format!("{}:/www", www.display()))
+    .args([
         "husk-test:v1",
         "sh",
         "-c",
-        "trap 'exit 7' TERM; mkdir -p /www; echo served by husk > /www/index.html; \
-         httpd -p 80 -h /www; while :; do sleep 1; done",
+        "trap 'exit 7' TERM; echo written in the VM > /www/from-vm.txt; \
+             httpd -p 80 -h /www; while :; do sleep 1; done",
     ]);
     let web = std::thread::spawn(move || bounded(&mut web, vm_time));
     // With -t: the container's terminal is a pty in the guest.
     let o = bounded(
-        d.docker().args([
-            "run",
-            "--runtime",
-            "husk",
-            "--rm",
-            "-t",
-            "husk-test:v1",
-            "sh",
-            "-c",
-            "echo hi from docker; tty; ip -4 -o addr show eth0; exit 3",
-        ]),
+        d.docker()
+            .args(["run", "--runtime", "husk", "--rm", "-t", "-v"])
+            .arg(format!("{}:/conf:ro", conf.display()))
+            .args([
+                "husk-test:v1",
+                "sh",
+                "-c",
+                "echo hi from docker; tty; ip -4 -o addr show eth0; cat /conf/app.conf; \
+                 touch /conf/new || echo RO-REFUSED; exit 3",
+            ]),
         vm_time,
     );
     let out = String::from_utf8_lossy(&o.stdout);
@@ -225,6 +243,9 @@ fn docker_runs_containers_in_micro_vms() {
         out.contains("eth0") && out.contains("inet 172.17."),
         "{out}"
     );
+    assert!(out.contains("from the host\r\n"), "{out}");
+    assert!(out.contains("RO-REFUSED"), "{out}");
+    assert!(!conf.join("new").exists());
     ok(web.join().unwrap());
 
     // The container reaches the bridge's gateway, and -p reaches the VM.
@@ -235,8 +256,16 @@ fn docker_runs_containers_in_micro_vms() {
         vm_time,
     );
     ok(ping);
-    let body = d.http_get("172.17.0.1:8080", "served by husk", vm_time);
+    let body = d.http_get(
+        "172.17.0.1:8080",
+        "served by husk from a host volume",
+        vm_time,
+    );
     assert!(body.starts_with("HTTP/1."), "{body}");
+    assert_eq!(
+        std::fs::read_to_string(www.join("from-vm.txt")).unwrap(),
+        "written in the VM\n"
+    );
     let o = bounded(
         d.docker().args(["exec", "web", "sh", "-c", "exit 5"]),
         vm_time,
