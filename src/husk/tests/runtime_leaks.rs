@@ -3,7 +3,8 @@
 //! --force`, on bundles that name a network namespace with a veth in it
 //! (so each VM gets a tap and tc filters) and a cgroupsPath. Afterwards
 //! the test counts what could be left: processes, taps, tc filters,
-//! mounts, VM sockets and run dirs, state dirs, cgroups. Several slots run
+//! mounts, VM sockets and run dirs, state dirs, cgroups, virtiofsd processes
+//! (each container has a host directory volume). Several slots run
 //! at once (one namespace each: a veth serves one VM at a time).
 //!
 //! `HUSK_LEAK_CYCLES=N,M` sets the counts (default 20 ordinary cycles and
@@ -96,7 +97,7 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; echo ready; while :; do sleep 1; done",
+            "trap 'exit 0' TERM; touch /vol/$HOSTNAME; echo ready; while :; do sleep 1; done",
         ],
     );
     let path = b.join("config.json");
@@ -106,6 +107,15 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
     nss.retain(|n| n["type"] != "network");
     nss.push(serde_json::json!({"type": "network", "path": format!("/run/netns/{}", ns.0)}));
     cfg["linux"]["cgroupsPath"] = format!("/{cg}/{id}").into();
+    // A host directory volume: a virtiofsd per VM, to be gone too.
+    cfg["hostname"] = id.into();
+    cfg["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "destination": "/vol", "type": "bind",
+            "source": dir.join("vol"), "options": ["rbind", "rw"]
+        }));
     std::fs::write(&path, cfg.to_string()).unwrap();
 
     let mut c = created(spawn_create(root, &b, id), &b);
@@ -130,6 +140,18 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
     let _ = std::fs::remove_dir_all(&b);
 }
 
+/// husk's transient virtio-fs socket directories.
+fn fs_socket_dirs() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/run")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("husk-fs-"))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn cycles_leave_nothing_behind() {
     // SAFETY: prctl with plain integer arguments.
@@ -139,6 +161,9 @@ fn cycles_leave_nothing_behind() {
     let root = dir.0.join("state");
     std::fs::create_dir_all(&root).unwrap();
     let cg = format!("husk-leaks-{}", std::process::id());
+    let vol = dir.0.join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let fs_dirs_before = fs_socket_dirs();
     let slots: Vec<TestNetns> = (0..SLOTS).map(slot_netns).collect();
     let vm_dirs_before = vm_dirs();
     let (plain, killed) = cycles();
@@ -164,6 +189,21 @@ fn cycles_leave_nothing_behind() {
         pids_naming(&root.display().to_string()).is_empty(),
         "processes left"
     );
+    assert!(
+        pids_naming(&format!("source={}", vol.display())).is_empty(),
+        "virtiofsd left"
+    );
+    assert_eq!(
+        fs_socket_dirs(),
+        fs_dirs_before,
+        "virtio-fs socket dirs left"
+    );
+    for i in 0..plain + killed {
+        assert!(
+            vol.join(format!("c{i}")).exists(),
+            "c{i} wrote to its volume"
+        );
+    }
     let states: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .flatten()
