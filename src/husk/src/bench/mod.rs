@@ -2,6 +2,7 @@
 //! guest kernel, printed as ratios. Benchmarks are programs, not tests.
 
 mod boot;
+mod fs;
 mod image;
 mod io;
 mod run;
@@ -23,6 +24,8 @@ enum BenchWhat {
     Boot(boot::BootArgs),
     /// virtio-blk read and virtio-net TCP throughput: husk vs QEMU microvm.
     Io(io::IoArgs),
+    /// Guest file I/O: virtio-fs share vs virtio-blk disk vs QEMU microvm's virtio-fs.
+    Fs(fs::FsArgs),
     /// `run -- true` start to exit: husk run (split by stage) vs runc run.
     Run(run::RunBenchArgs),
     /// An OCI image: cold pull, warm husk run vs runc run, disk per container.
@@ -34,6 +37,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
     match args.what {
         BenchWhat::Boot(b) => boot::boot(b),
         BenchWhat::Io(i) => io::io(i),
+        BenchWhat::Fs(f) => fs::fs(f),
         BenchWhat::Run(r) => run::run_bench(r),
         BenchWhat::Image(i) => image::image_bench(i),
     }
