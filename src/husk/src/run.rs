@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// read-only ext4 image, cached); then every positional argument is the command.
     #[arg(long, value_name = "DIR")]
     rootfs: Option<PathBuf>,
+    /// With --rootfs: share DIR with the VM through virtio-fs instead of
+    /// copying it into a disk image; the container's writes land in DIR.
+    #[arg(long, requires = "rootfs")]
+    rootfs_share: bool,
     /// Remove the container when it exits (its writable layer lives in the VM's memory and
     /// is always discarded with the VM; accepted for docker compatibility).
     #[arg(long)]
@@ -181,7 +185,12 @@ fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeE
         spec.env = env;
         spec.cwd = a.workdir.clone();
         spec.user = a.user.clone();
-        return Ok((Root::Dir(dir.clone()), spec));
+        let root = if a.rootfs_share {
+            Root::Share(dir.clone())
+        } else {
+            Root::Dir(dir.clone())
+        };
+        return Ok((root, spec));
     }
     let (reference, command) = a
         .args

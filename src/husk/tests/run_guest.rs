@@ -220,7 +220,7 @@ fn one_sandbox_serves_every_process_check() {
     let sandbox = Sandbox::boot(&SandboxConfig {
         kernel: None,
         initramfs,
-        rootfs_image: image,
+        rootfs_image: Some(image),
         mem_mib: 256,
         vcpus: 1,
         run_dir,

@@ -6,7 +6,8 @@
 //! output of `run --rm -t` (a pty in the guest) with a `-v ...:ro` volume
 //! it cannot write; a detached container on Docker's bridge that pings the
 //! gateway, serves a host volume's page on a port published with `-p`
-//! (reached by the test on the gateway address), writes to that volume,
+//! (reached by the test on the gateway address), writes to that volume
+//! and to its root (seen by `docker diff` and `docker cp`: the root is shared),
 //! answers `exec` (with
 //! and without `-t`), `top`, `update --memory`, `pause`/`unpause`, and
 //! stops on `docker stop`'s SIGTERM. Nothing is left behind.
@@ -213,7 +214,7 @@ fn docker_runs_containers_in_micro_vms() {
         "sh",
         "-c",
         "trap 'exit 7' TERM; echo written in the VM > /www/from-vm.txt; \
-             httpd -p 80 -h /www; while :; do sleep 1; done",
+         echo in the root > /made-in-vm; httpd -p 80 -h /www; while :; do sleep 1; done",
     ]);
     let web = std::thread::spawn(move || bounded(&mut web, vm_time));
     // With -t: the container's terminal is a pty in the guest.
@@ -266,6 +267,16 @@ fn docker_runs_containers_in_micro_vms() {
         std::fs::read_to_string(www.join("from-vm.txt")).unwrap(),
         "written in the VM\n"
     );
+    // The container's root is Docker's rootfs, shared: docker diff and
+    // docker cp see what the VM wrote there.
+    let diff = ok(bounded(d.docker().args(["diff", "web"]), vm_time));
+    assert!(diff.lines().any(|l| l == "A /made-in-vm"), "{diff}");
+    let copied = dir.join("copied");
+    ok(bounded(
+        d.docker().args(["cp", "web:/made-in-vm"]).arg(&copied),
+        vm_time,
+    ));
+    assert_eq!(std::fs::read_to_string(&copied).unwrap(), "in the root\n");
     let o = bounded(
         d.docker().args(["exec", "web", "sh", "-c", "exit 5"]),
         vm_time,

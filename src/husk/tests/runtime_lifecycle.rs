@@ -36,12 +36,24 @@ fn runc_lifecycle_on_real_vms() {
         &[
             "sh",
             "-c",
-            "echo out; echo err >&2; read x; echo got $x; exit 3",
+            "echo out; echo err >&2; echo kept > /in-root; read x; echo got $x; exit 3",
         ],
     );
     let b2 = bundle(&dir.0, "two", &["sleep", "1000"]);
     let b3 = bundle(&dir.0, "three", &["sleep", "1000"]);
-    let b4 = bundle(&dir.0, "four", &["sh", "-c", "echo via run; exit 4"]);
+    let b4 = bundle(
+        &dir.0,
+        "four",
+        &["sh", "-c", "echo via run; touch /in-vm-only; exit 4"],
+    );
+    // four's root is copied into an ext4 image (its writes stay in the
+    // VM); the others' are shared (the default: writes land in the
+    // bundle, as under runc).
+    let cfg_path = b4.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["annotations"]["io.husk.rootfs"] = "image".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
 
     // Errors that need no VM.
     fails(&root, &["start", "nope"], "container does not exist");
@@ -89,6 +101,10 @@ fn runc_lifecycle_on_real_vms() {
         String::from_utf8_lossy(&four.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&four.stdout), "via run\n");
+    assert!(
+        !b4.join("rootfs/in-vm-only").exists(),
+        "image mode keeps writes in the VM"
+    );
     assert!(!root.join("four").exists(), "run deletes its container");
 
     let s = state(&root, "one");
@@ -141,6 +157,11 @@ fn runc_lifecycle_on_real_vms() {
     one.stderr.read_to_string(&mut err).unwrap();
     assert_eq!(out, "out\ngot line\n");
     assert_eq!(err, "err\n", "only the container writes to its stderr");
+    assert_eq!(
+        std::fs::read_to_string(b1.join("rootfs/in-root")).unwrap(),
+        "kept\n",
+        "a shared root: the container's write is in the bundle"
+    );
     let s = state(&root, "one");
     assert_eq!(s["status"], "stopped");
     assert_eq!(s["pid"], 0);

@@ -36,6 +36,47 @@ pub enum Root {
     Dir(PathBuf),
     /// A read-only ext4 disk already built (an OCI image's, from the store).
     Disk(PathBuf),
+    /// A directory shared live through virtio-fs: the container writes
+    /// into it (as under runc).
+    Share(PathBuf),
+}
+
+/// The container's root as the VM gets it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestRoot {
+    /// A read-only ext4 disk (`/dev/vda`) under an overlay whose upper
+    /// layer is guest memory.
+    Disk(PathBuf),
+    /// A directory shared through virtio-fs (one of the session's shares),
+    /// given as its guest path: the writable root itself.
+    Share(PathBuf),
+}
+
+impl GuestRoot {
+    /// The disk the VM needs for it, if any.
+    fn disk(&self) -> Option<PathBuf> {
+        match self {
+            GuestRoot::Disk(p) => Some(p.clone()),
+            GuestRoot::Share(_) => None,
+        }
+    }
+
+    /// What the agent mounts.
+    fn rootfs(&self) -> Rootfs {
+        match self {
+            GuestRoot::Disk(_) => Rootfs {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                read_only: true,
+            },
+            GuestRoot::Share(dir) => Rootfs {
+                device: dir.clone(),
+                fstype: "bind".into(),
+                read_only: false,
+            },
+        }
+    }
 }
 
 /// `husk run` options.
@@ -81,6 +122,13 @@ pub fn vm_mem_mib(limit: Option<u64>) -> u64 {
 pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     let mut spec = spec::build(&o.spec)?;
     let mut share_set = ShareSet::default();
+    let root = match &o.root {
+        Root::Dir(dir) => {
+            GuestRoot::Disk(husk_image::ext4::image_for_dir(dir, &paths::image_cache())?)
+        }
+        Root::Disk(disk) => GuestRoot::Disk(disk.clone()),
+        Root::Share(dir) => GuestRoot::Share(share_set.add(dir, false, "rootfs")?),
+    };
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for v in &o.volumes {
         let what = format!("volume {}", v.container);
@@ -88,10 +136,6 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         mounts.push(shares::bind_mount(&v.container, &source, v.read_only)?);
     }
     spec.set_mounts(Some(mounts));
-    let image = match &o.root {
-        Root::Dir(dir) => husk_image::ext4::image_for_dir(dir, &paths::image_cache())?,
-        Root::Disk(disk) => disk.clone(),
-    };
     let (run_dir, _name_lock) = match &o.name {
         Some(n) => {
             let (dir, lock) = paths::claim_name(n)?;
@@ -102,7 +146,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     let started = husk_vmm::vstate::vcpu::monotonic_ns();
     let mut session = Session::create(&SessionConfig {
         spec,
-        rootfs_image: image,
+        root,
         mem_mib: vm_mem_mib(o.spec.memory),
         vcpus: vcpus_for(o.spec.cpus),
         interactive: o.interactive,
@@ -134,8 +178,8 @@ pub fn vcpus_for(cpus: Option<f64>) -> u8 {
 pub struct SessionConfig {
     /// The container's spec, as the agent gets it.
     pub spec: oci_spec::runtime::Spec,
-    /// Read-only ext4 disk of the container's root.
-    pub rootfs_image: PathBuf,
+    /// The container's root.
+    pub root: GuestRoot,
     /// Guest memory in MiB.
     pub mem_mib: u64,
     /// vCPUs.
@@ -190,7 +234,7 @@ impl Session {
         let sandbox = Sandbox::boot(&SandboxConfig {
             kernel: c.kernel.clone(),
             initramfs,
-            rootfs_image: c.rootfs_image.clone(),
+            rootfs_image: c.root.disk(),
             mem_mib: c.mem_mib,
             vcpus: c.vcpus,
             run_dir: c.run_dir.clone(),
@@ -215,11 +259,7 @@ impl Session {
             .create_container(CreateContainer {
                 container_id: CONTAINER_ID.into(),
                 spec: Box::new(c.spec.clone()),
-                rootfs: Rootfs {
-                    device: "/dev/vda".into(),
-                    fstype: "ext4".into(),
-                    read_only: true,
-                },
+                rootfs: c.root.rootfs(),
                 scratch: Scratch::Tmpfs { size_bytes: None },
                 stdin: c.interactive,
                 files: c.files.clone(),

@@ -28,8 +28,9 @@ pub struct SandboxConfig {
     pub kernel: Option<PathBuf>,
     /// Initramfs with the agent as /init.
     pub initramfs: PathBuf,
-    /// Read-only ext4 image of the container's root.
-    pub rootfs_image: PathBuf,
+    /// Read-only ext4 image of the container's root (`/dev/vda`); None when
+    /// the root is a share.
+    pub rootfs_image: Option<PathBuf>,
     /// Guest memory in MiB.
     pub mem_mib: u64,
     /// vCPUs.
@@ -60,12 +61,16 @@ impl Sandbox {
             mem_mib: cfg.mem_mib,
             vcpus: cfg.vcpus,
             console: Console::File(cfg.run_dir.join("console.log")),
-            disks: vec![DiskConfig {
-                path: cfg.rootfs_image.clone(),
-                read_only: true,
-                id: Some("rootfs".into()),
-                direct: false,
-            }],
+            disks: cfg
+                .rootfs_image
+                .iter()
+                .map(|path| DiskConfig {
+                    path: path.clone(),
+                    read_only: true,
+                    id: Some("rootfs".into()),
+                    direct: false,
+                })
+                .collect(),
             vsock: Some(VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: uds.clone(),

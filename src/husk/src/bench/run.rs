@@ -1,6 +1,7 @@
 //! `husk bench run`: `husk run --rootfs TREE -- true` from process start
-//! to exit, split by the agent's timestamps, next to `runc run` of the
-//! same tree.
+//! to exit, split by the agent's timestamps, with the root as a cached
+//! disk image and as a virtio-fs share, next to `runc run` of the same
+//! tree.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -82,6 +83,50 @@ pub fn run_bench(a: RunBenchArgs) -> Result<i32, String> {
     result
 }
 
+/// One `husk run --timing -- true`: wall seconds and the stage split (ms).
+fn husk_run(husk: &Path, rootfs: &Path, share: bool) -> Result<(f64, [f64; 6]), String> {
+    let t0 = Instant::now();
+    let mut c = Command::new(husk);
+    c.args(["run", "--timing", "--rootfs"]).arg(rootfs);
+    if share {
+        c.arg("--rootfs-share");
+    }
+    let o = c
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let wall = t0.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if o.status.code() != Some(0) {
+        return Err(format!(
+            "husk run failed: {}",
+            err.lines().last().unwrap_or("")
+        ));
+    }
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("husk-timing:"))
+        .ok_or("husk run printed no timing")?;
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok((
+        wall,
+        [
+            field("host_setup_ms="),
+            field("guest_kernel_ms="),
+            field("agent_ready_ms="),
+            field("create_ms="),
+            field("exec_ms="),
+            field("run_ms="),
+        ],
+    ))
+}
+
 fn run_in(a: &RunBenchArgs, tmp: &Path) -> Result<i32, String> {
     let rootfs = match &a.rootfs {
         Some(r) => r.clone(),
@@ -89,44 +134,22 @@ fn run_in(a: &RunBenchArgs, tmp: &Path) -> Result<i32, String> {
     };
     let bundle = runc_bundle(tmp, &rootfs, &a.runc)?;
     let husk = std::env::current_exe().map_err(|e| e.to_string())?;
-    let (mut walls, mut splits, mut runc_walls) = (Vec::new(), Vec::new(), Vec::new());
+    // [image, share]
+    let mut walls: [Vec<f64>; 2] = Default::default();
+    let mut splits: [Vec<[f64; 6]>; 2] = Default::default();
+    let mut runc_walls = Vec::new();
     for i in 0..a.runs {
-        eprintln!("run {}/{}: husk run", i + 1, a.runs);
-        let t0 = Instant::now();
-        let o = Command::new(&husk)
-            .args(["run", "--timing", "--rootfs"])
-            .arg(&rootfs)
-            .args(["--", "true"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let wall = t0.elapsed().as_secs_f64();
-        let err = String::from_utf8_lossy(&o.stderr);
-        if o.status.code() != Some(0) {
-            return Err(format!(
-                "husk run failed: {}",
-                err.lines().last().unwrap_or("")
-            ));
+        for (mode, share) in [(0, false), (1, true)] {
+            let what = if share {
+                "--rootfs-share"
+            } else {
+                "(disk image)"
+            };
+            eprintln!("run {}/{}: husk run {what}", i + 1, a.runs);
+            let (wall, split) = husk_run(&husk, &rootfs, share)?;
+            walls[mode].push(wall);
+            splits[mode].push(split);
         }
-        let line = err
-            .lines()
-            .find(|l| l.starts_with("husk-timing:"))
-            .ok_or("husk run printed no timing")?;
-        let field = |k: &str| -> f64 {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(k))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN)
-        };
-        walls.push(wall);
-        splits.push([
-            field("host_setup_ms="),
-            field("guest_kernel_ms="),
-            field("agent_ready_ms="),
-            field("create_ms="),
-            field("exec_ms="),
-            field("run_ms="),
-        ]);
         eprintln!("run {}/{}: runc run", i + 1, a.runs);
         let id = format!("husk-bench-{}-{i}", std::process::id());
         let t0 = Instant::now();
@@ -145,19 +168,25 @@ fn run_in(a: &RunBenchArgs, tmp: &Path) -> Result<i32, String> {
             ));
         }
     }
-    let hw = median(walls);
+    let hw = median(walls[0].clone());
+    let sw = median(walls[1].clone());
     let rw = median(runc_walls);
-    println!("`run -- true`, {} runs each (alternating), medians", a.runs);
     println!(
-        "{:<40} {:>12} {:>12} {:>10}",
-        "", "husk run", "runc run", "husk/runc"
+        "`run -- true`, {} runs each (alternating), medians; husk's root as a disk image or a virtio-fs share",
+        a.runs
     );
     println!(
-        "{:<40} {:>12.3} {:>12.3} {:>10.1}",
+        "{:<40} {:>12} {:>12} {:>12} {:>11} {:>12}",
+        "", "husk (disk)", "husk (share)", "runc run", "disk/runc", "share/disk"
+    );
+    println!(
+        "{:<40} {:>12.3} {:>12.3} {:>12.3} {:>11.1} {:>12.3}",
         "wall, start to exit (s)",
         hw,
+        sw,
         rw,
-        hw / rw
+        hw / rw,
+        sw / hw
     );
     let names = [
         "husk: host setup to first KVM_RUN (ms)",
@@ -168,10 +197,9 @@ fn run_in(a: &RunBenchArgs, tmp: &Path) -> Result<i32, String> {
         "husk: exec to exit (ms)",
     ];
     for (i, name) in names.iter().enumerate() {
-        println!(
-            "{name:<40} {:>12.1}",
-            median(splits.iter().map(|s| s[i]).collect())
-        );
+        let d = median(splits[0].iter().map(|s| s[i]).collect());
+        let sh = median(splits[1].iter().map(|s| s[i]).collect());
+        println!("{name:<40} {d:>12.1} {sh:>12.1}");
     }
     Ok(0)
 }

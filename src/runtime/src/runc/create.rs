@@ -1,5 +1,7 @@
-//! `husk create`: the bundle's root becomes a (cached) ext4 disk, a VMM
-//! process boots the VM and creates the container in it, and `create`
+//! `husk create`: the bundle's root is shared with the VM through
+//! virtio-fs (or, with annotation `io.husk.rootfs=image`, copied into a
+//! cached ext4 disk), a VMM process boots the VM and creates the container
+//! in it, and `create`
 //! returns once the container exists, leaving the VMM process behind for
 //! the caller's subreaper (its pid goes to `--pid-file`).
 
@@ -17,7 +19,7 @@ use super::query::OCI_VERSION;
 use super::store::{process_start, write_atomic, Container, ContainerState};
 use super::vmm::{self, VmmConfig};
 use crate::net::{HostNetwork, Netns};
-use crate::run::{vcpus_for, vm_mem_mib, SessionConfig};
+use crate::run::{vcpus_for, vm_mem_mib, GuestRoot, SessionConfig};
 use crate::{paths, RuntimeError};
 
 /// `create` options.
@@ -44,6 +46,42 @@ pub struct CreateOptions {
     pub vmm_args: Vec<String>,
 }
 
+/// The annotation that picks how the bundle's root reaches the VM.
+pub const ROOTFS_ANNOTATION: &str = "io.husk.rootfs";
+
+/// How the bundle's root reaches the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootMode {
+    /// Shared live through virtio-fs: the container writes into the
+    /// bundle's rootfs, as under runc (`docker diff`/`cp` see it).
+    Share,
+    /// Copied into a cached read-only ext4 image; writes stay in the VM.
+    Image,
+}
+
+/// The bundle's choice (annotation `io.husk.rootfs`), else
+/// `$HUSK_ROOTFS`, else sharing.
+pub fn root_mode(spec: &oci_spec::runtime::Spec) -> Result<RootMode, RuntimeError> {
+    let annotated = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(ROOTFS_ANNOTATION).cloned());
+    let (value, from) = match annotated {
+        Some(v) => (v, format!("annotation {ROOTFS_ANNOTATION}")),
+        None => match std::env::var("HUSK_ROOTFS") {
+            Ok(v) if !v.is_empty() => (v, "HUSK_ROOTFS".to_string()),
+            _ => return Ok(RootMode::Share),
+        },
+    };
+    match value.as_str() {
+        "share" => Ok(RootMode::Share),
+        "image" => Ok(RootMode::Image),
+        other => Err(RuntimeError::Invalid(format!(
+            "{from}: {other:?} is not share or image"
+        ))),
+    }
+}
+
 /// Creates container `o.id` under the state root `root`.
 pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
     let b = bundle::load(&o.bundle)?;
@@ -54,7 +92,17 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         .as_ref()
         .and_then(|p| p.terminal())
         .unwrap_or(false);
-    let image = husk_image::ext4::image_for_dir(&b.rootfs, &paths::image_cache())?;
+    let mut shares = plan.shares;
+    let guest_root = match root_mode(&b.spec)? {
+        RootMode::Share => {
+            let read_only = b.spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
+            GuestRoot::Share(shares.add(&b.rootfs, read_only, "root.path")?)
+        }
+        RootMode::Image => GuestRoot::Disk(husk_image::ext4::image_for_dir(
+            &b.rootfs,
+            &paths::image_cache(),
+        )?),
+    };
     // Fail early on what the VMM process would fail on.
     paths::agent_binary(o.agent.as_deref())?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
@@ -72,7 +120,7 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         mem_mib: vm_mem_mib(memory),
         vcpus: vcpus_for(cpus),
         spec,
-        rootfs_image: image,
+        root: guest_root,
         // The VMM's stdio is the caller's, or with a terminal the pty
         // whose master went to the console socket.
         interactive: true,
@@ -83,7 +131,7 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         run_dir: c.vm_dir(),
         network: HostNetwork::default(),
         files: plan.files,
-        shares: plan.shares,
+        shares,
     };
     let annotations: BTreeMap<String, String> = b
         .spec
@@ -163,4 +211,30 @@ fn start_vmm(c: &Container, cfg: &VmmConfig, o: &CreateOptions) -> Result<i32, R
         o.boot_timeout + Duration::from_secs(10),
         terminal.as_ref(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotation: Option<&str>) -> oci_spec::runtime::Spec {
+        let mut s = oci_spec::runtime::Spec::default();
+        if let Some(v) = annotation {
+            s.set_annotations(Some(
+                [(ROOTFS_ANNOTATION.to_string(), v.to_string())].into(),
+            ));
+        }
+        s
+    }
+
+    #[test]
+    fn the_annotation_picks_the_root_mode_and_bad_values_are_named() {
+        assert_eq!(root_mode(&spec(Some("image"))).unwrap(), RootMode::Image);
+        assert_eq!(root_mode(&spec(Some("share"))).unwrap(), RootMode::Share);
+        let e = root_mode(&spec(Some("disk"))).unwrap_err().to_string();
+        assert!(e.contains(ROOTFS_ANNOTATION) && e.contains("disk"), "{e}");
+        if std::env::var_os("HUSK_ROOTFS").is_none() {
+            assert_eq!(root_mode(&spec(None)).unwrap(), RootMode::Share);
+        }
+    }
 }
