@@ -49,11 +49,18 @@ fn runc_lifecycle_on_real_vms() {
     // four's root is copied into an ext4 image (its writes stay in the
     // VM); the others' are shared (the default: writes land in the
     // bundle, as under runc).
-    let cfg_path = b4.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["annotations"]["io.husk.rootfs"] = "image".into();
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let edit = |b: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = b.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut cfg);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+    };
+    edit(&b4, &|c| {
+        c["annotations"]["io.husk.rootfs"] = "image".into()
+    });
+    edit(&b4, &|c| c["root"]["readonly"] = false.into());
+    edit(&b1, &|c| c["root"]["readonly"] = false.into());
 
     // Errors that need no VM.
     fails(&root, &["start", "nope"], "container does not exist");

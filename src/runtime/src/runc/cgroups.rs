@@ -134,11 +134,13 @@ pub fn place(cgroups_path: &str, pid: u32, created: &mut Vec<PathBuf>) -> Result
             };
             if made {
                 created.push(dir.clone());
-                if h.cpuset {
-                    inherit_cpuset(&dir).map_err(|e| {
-                        RuntimeError::Io(format!("cpuset of cgroup {}", dir.display()), e)
-                    })?;
-                }
+            }
+            // Also when another container made it: it may not have given
+            // it its CPUs yet (writing the parent's values twice is fine).
+            if h.cpuset {
+                inherit_cpuset(&dir).map_err(|e| {
+                    RuntimeError::Io(format!("cpuset of cgroup {}", dir.display()), e)
+                })?;
             }
         }
         let procs = dir.join("cgroup.procs");
