@@ -97,7 +97,9 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
         &[
             "sh",
             "-c",
-            "trap 'exit 0' TERM; touch /vol/$HOSTNAME; echo ready; while :; do sleep 1; done",
+            // The root is read-only (runc spec's default), the volume not.
+            "trap 'exit 0' TERM; touch /vol/$HOSTNAME; touch /x 2>/dev/null && echo rw-root; \
+             echo ready; while :; do sleep 1; done",
         ],
     );
     let path = b.join("config.json");

@@ -94,10 +94,10 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         .unwrap_or(false);
     let mut shares = plan.shares;
     let guest_root = match root_mode(&b.spec)? {
-        RootMode::Share => {
-            let read_only = b.spec.root().as_ref().and_then(|r| r.readonly()) == Some(true);
-            GuestRoot::Share(shares.add(&b.rootfs, read_only, "root.path")?)
-        }
+        // Shared read-write even for root.readonly: as runc does, the
+        // agent makes missing mount points first and then remounts the
+        // root read-only for the container.
+        RootMode::Share => GuestRoot::Share(shares.add(&b.rootfs, false, "root.path")?),
         RootMode::Image => GuestRoot::Disk(husk_image::ext4::image_for_dir(
             &b.rootfs,
             &paths::image_cache(),

@@ -121,6 +121,18 @@ impl Drop for Virtiofsd {
     }
 }
 
+/// `struct mount_attr` (linux/mount.h), for mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// MOUNT_ATTR_RDONLY.
+const MOUNT_ATTR_RDONLY: u64 = 1;
+
 /// In the child, before exec: keep the listening socket open across exec,
 /// die with the parent, and make `dir` read-only in a private mount
 /// namespace when asked.
@@ -154,13 +166,35 @@ fn child_setup(fd: RawFd, dir: &CString, read_only: bool) -> std::io::Result<()>
                 libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))?;
-            check(libc::mount(
-                std::ptr::null(),
+            // Read-only all the way down: mounts under `dir` too.
+            let attr = MountAttr {
+                attr_set: MOUNT_ATTR_RDONLY,
+                attr_clr: 0,
+                propagation: 0,
+                userns_fd: 0,
+            };
+            let rc = libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
                 dir.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-                std::ptr::null(),
-            ))?;
+                libc::AT_RECURSIVE as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            );
+            if rc == -1 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENOSYS) {
+                    return Err(e);
+                }
+                // Before Linux 5.12: the top mount only.
+                check(libc::mount(
+                    std::ptr::null(),
+                    dir.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+            }
         }
     }
     Ok(())

@@ -350,3 +350,52 @@ fn error_replies_follow_the_header_and_survive_hostile_chains() {
     );
     assert_eq!(reply(&mem).2, 0xeeee_eeee_eeee_eeee, "untouched");
 }
+
+#[test]
+fn a_read_only_share_is_read_only_for_the_backend_submounts_included() {
+    let dir = Dir::new("ro");
+    let share = dir.0.join("share");
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    let sub = share.join("sub");
+    let csub = std::ffi::CString::new(sub.to_str().unwrap()).unwrap();
+    // SAFETY: mounting a tmpfs on a directory this test made.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            csub.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    // A stand-in backend that tries to write where virtiofsd would.
+    let script = dir.0.join("writer.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nfor f in '{0}/top' '{0}/sub/deep'; do\n  if touch \"$f\" 2>/dev/null; then echo \"wrote $f\"; exit 1; fi\ndone\nexit 0\n",
+            share.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.0.join("s.sock")).unwrap();
+    let mut d = Virtiofsd::spawn(&script, &share, true, &listener).unwrap();
+    let st = d.exited(std::time::Duration::from_secs(10));
+    // The same share read-write: both writes work.
+    let mut rw = Virtiofsd::spawn(&script, &share, false, &listener).unwrap();
+    let rw_st = rw.exited(std::time::Duration::from_secs(10));
+    // SAFETY: unmounting what this test mounted.
+    unsafe { libc::umount2(csub.as_ptr(), libc::MNT_DETACH) };
+    assert!(
+        st.expect("writer finished").success(),
+        "a write got through the ro share"
+    );
+    assert!(
+        !rw_st.expect("writer finished").success(),
+        "rw share refused a write"
+    );
+    assert!(share.join("top").exists());
+}
