@@ -13,7 +13,6 @@ use std::sync::OnceLock;
 use husk_vmm::devices::virtio::block::{request, Block, Disk};
 use husk_vmm::devices::virtio::Segment;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::GuestAddress;
 
 /// A 64 KiB in-memory image (memfd), opened again by path per run.
 fn image() -> PathBuf {
@@ -41,16 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let mem = common::memory(&data[1..]);
 
     // The parser alone, on segments described by the input.
-    let segs: Vec<Segment> = data[1..]
-        .chunks_exact(7)
-        .take(8)
-        .map(|c| Segment {
-            addr: GuestAddress(u64::from(u16::from_le_bytes([c[0], c[1]]))),
-            len: u32::from(u16::from_le_bytes([c[2], c[3]])) | (u32::from(c[4]) << 16),
-            writable: c[5] & 1 != 0,
-        })
-        .filter(|s| u64::from(s.len) + s.addr.0 <= common::MEM_SIZE as u64)
-        .collect();
+    let segs: Vec<Segment> = common::segments(&data[1..]);
     let _ = request::parse(&segs, &mem);
 
     // The whole device path.

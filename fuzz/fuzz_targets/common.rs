@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use husk_vmm::devices::virtio::{
-    ActivateContext, DeviceFailure, IrqfdInterrupt, VirtioDevice, VirtioInterrupt,
+    ActivateContext, DeviceFailure, IrqfdInterrupt, Segment, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -20,6 +20,21 @@ pub fn memory(data: &[u8]) -> GuestMemoryMmap {
     let n = data.len().min(MEM_SIZE);
     mem.write_slice(&data[..n], GuestAddress(0)).unwrap();
     mem
+}
+
+/// Up to 8 buffers described by 7-byte records of `data` (address,
+/// 24-bit length, writable bit), those that lie in guest memory.
+#[allow(dead_code)] // net_frame has no chains of buffers
+pub fn segments(data: &[u8]) -> Vec<Segment> {
+    data.chunks_exact(7)
+        .take(8)
+        .map(|c| Segment {
+            addr: GuestAddress(u64::from(u16::from_le_bytes([c[0], c[1]]))),
+            len: u32::from(u16::from_le_bytes([c[2], c[3]])) | (u32::from(c[4]) << 16),
+            writable: c[5] & 1 != 0,
+        })
+        .filter(|s| u64::from(s.len) + s.addr.0 <= MEM_SIZE as u64)
+        .collect()
 }
 
 /// Where a queue of `size` at `base` keeps its rings: the descriptor

@@ -17,7 +17,6 @@ use std::sync::OnceLock;
 use husk_vmm::devices::virtio::vsock::{packet, Header, Vsock};
 use husk_vmm::devices::virtio::{Chain, Segment};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::GuestAddress;
 
 /// A private directory for this process's sockets.
 fn dir() -> &'static PathBuf {
@@ -43,16 +42,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(Header::read(&h.bytes()), h);
     }
     let mem = common::memory(body);
-    let segments: Vec<Segment> = body
-        .chunks_exact(7)
-        .take(8)
-        .map(|c| Segment {
-            addr: GuestAddress(u64::from(u16::from_le_bytes([c[0], c[1]]))),
-            len: u32::from(u16::from_le_bytes([c[2], c[3]])) | (u32::from(c[4]) << 16),
-            writable: c[5] & 1 != 0,
-        })
-        .filter(|s| u64::from(s.len) + s.addr.0 <= common::MEM_SIZE as u64)
-        .collect();
+    let segments: Vec<Segment> = common::segments(body);
     let chain = Chain {
         last: segments.last().copied(),
         segments,
