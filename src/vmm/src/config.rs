@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::x86_64::layout;
 use crate::devices::virtio::block::ID_BYTES;
-use crate::devices::virtio::fs::TAG_LEN as FS_TAG_LEN;
+use crate::devices::virtio::fs::{valid_tag, TAG_LEN as FS_TAG_LEN};
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::vsock::{MAX_UDS_PATH, MIN_GUEST_CID};
 
@@ -174,7 +174,7 @@ impl FsConfig {
     /// Checks the tag.
     pub fn validate(&self) -> Result<(), String> {
         let t = &self.tag;
-        if t.is_empty() || t.len() > FS_TAG_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        if !valid_tag(t) {
             return Err(format!(
                 "invalid fs tag {t:?}: 1 to {FS_TAG_LEN} printable characters without spaces"
             ));

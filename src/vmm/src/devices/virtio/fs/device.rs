@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::Backend;
-use super::{request, FsError, MAX_DESCRIPTORS, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
+use super::{request, valid_tag, FsError, MAX_DESCRIPTORS, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
 };
@@ -53,7 +53,7 @@ pub struct Fs {
 impl Fs {
     /// A device the guest mounts as `tag`, served by `backend`.
     pub fn new(tag: &str, backend: Backend) -> Result<Self, FsError> {
-        if tag.is_empty() || tag.len() > TAG_LEN || !tag.bytes().all(|b| b.is_ascii_graphic()) {
+        if !valid_tag(tag) {
             return Err(FsError::Tag(tag.to_string()));
         }
         let mut config = [0u8; CONFIG_LEN];

@@ -20,6 +20,12 @@ pub use device::{Fs, FsCounters};
 
 /// Bytes of the `tag` field in config space (the guest mounts by tag).
 pub const TAG_LEN: usize = 36;
+/// Whether `tag` fits the config space and the guest's mount: 1 to
+/// `TAG_LEN` printable ASCII bytes, no spaces.
+pub fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.len() <= TAG_LEN && tag.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Queue size offered to the driver.
 pub const QUEUE_SIZE: u16 = 256;
 /// The high-priority queue (FORGET, INTERRUPT) and one request queue.
