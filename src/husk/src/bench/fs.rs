@@ -5,7 +5,6 @@
 //! (/proc/uptime, 10 ms steps), so runs must last seconds; on a kvm_pvm
 //! host (guest kernel emulated) the defaults take ~20 minutes a run.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::{kernel_or_error, median, write_busybox_initrd, QEMU_MICROVM};
+use super::{console_lines, kernel_or_error, median, stop_vm, write_busybox_initrd, QEMU_MICROVM};
 
 /// `husk bench fs` arguments.
 #[derive(Args)]
@@ -134,17 +133,7 @@ fn run_vm(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    let stdout = child.stdout.take();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        if let Some(out) = stdout {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if line.starts_with("RESULT ") || line.contains("HUSK-BENCH-DONE") {
-                    let _ = tx.send(line);
-                }
-            }
-        }
-    });
+    let rx = console_lines(&mut child, "RESULT ");
     let deadline = Instant::now() + timeout;
     let mut results = Vec::new();
     let outcome = loop {
@@ -163,7 +152,7 @@ fn run_vm(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     };
-    stop(&mut child);
+    stop_vm(&mut child);
     outcome.map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
     if results.len() != 2 {
         return Err(format!(
@@ -173,16 +162,6 @@ fn run_vm(
         ));
     }
     Ok(results)
-}
-
-/// Gives a VM whose guest rebooted a moment to exit, then kills it.
-fn stop(child: &mut Child) {
-    let grace = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A fresh share directory and an empty ext4 disk for one run.

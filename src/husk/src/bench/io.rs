@@ -2,7 +2,7 @@
 //! guest) and guest-to-host TCP over virtio-net, husk vs QEMU microvm on
 //! the same kernel, disk image and tap.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::{kernel_or_error, median, write_busybox_initrd, QEMU_MICROVM};
+use super::{console_lines, kernel_or_error, median, stop_vm, write_busybox_initrd, QEMU_MICROVM};
 
 /// `husk bench io` arguments.
 #[derive(Args)]
@@ -295,21 +295,7 @@ fn run_one(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
-    let stdout = child.stdout.take();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        if let Some(out) = stdout {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let done = line.contains("HUSK-BENCH-DONE");
-                if line.starts_with("BLK: ") || done {
-                    let _ = tx.send(line);
-                }
-                if done {
-                    break;
-                }
-            }
-        }
-    });
+    let rx = console_lines(&mut child, "BLK: ");
     let deadline = Instant::now() + timeout;
     let mut blk = None;
     let mut done = false;
@@ -321,12 +307,7 @@ fn run_one(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    let grace = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_vm(&mut child);
     let blk =
         blk.ok_or_else(|| format!("{:?}: the guest printed no BLK result", cmd.get_program()))?;
     let field = |k: &str| -> Option<f64> {

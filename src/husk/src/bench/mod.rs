@@ -7,7 +7,11 @@ mod image;
 mod io;
 mod run;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
@@ -41,6 +45,40 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         BenchWhat::Run(r) => run::run_bench(r),
         BenchWhat::Image(i) => image::image_bench(i),
     }
+}
+
+/// The guest's marker that the benchmark's work is done.
+const DONE_MARKER: &str = "HUSK-BENCH-DONE";
+
+/// Forwards the child's console lines that start with `prefix`, then the
+/// done marker's line, and stops reading there.
+fn console_lines(child: &mut Child, prefix: &'static str) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        if let Some(out) = stdout {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let done = line.contains(DONE_MARKER);
+                if line.starts_with(prefix) || done {
+                    let _ = tx.send(line);
+                }
+                if done {
+                    break;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Gives a VM whose guest rebooted a moment to exit, then kills it.
+fn stop_vm(child: &mut Child) {
+    let grace = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The median (upper median for even counts); NaN when empty.
