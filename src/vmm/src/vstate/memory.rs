@@ -107,6 +107,101 @@ pub fn hint_hugepages(mem: &GuestMemoryMmap, start: u64, len: u64) {
     }
 }
 
+const PAGE_SIZE: u64 = 4096;
+
+/// Maps `len` bytes of `file` from `offset` at guest address `gpa`,
+/// copy-on-write (MAP_PRIVATE): the guest reads the page cache's pages
+/// (shared with every VM that maps the same file) until it writes one, so
+/// nothing is copied before the first KVM_RUN. The rest of the last page is
+/// zeroed, as a copy would leave it. The file must not shrink while mapped:
+/// callers map files that are only ever replaced by rename.
+///
+/// Returns Ok(false), with guest memory unchanged, when the range cannot be
+/// mapped and must be copied instead: `gpa` or `offset` not page-aligned,
+/// not inside one region, or the region is shared memory (a vhost-user
+/// backend maps the memfd and would not see private pages).
+pub fn map_file(
+    mem: &GuestMemoryMmap,
+    gpa: u64,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> Result<bool, MemoryError> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    if len == 0 {
+        return Ok(true);
+    }
+    if gpa % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 {
+        return Ok(false);
+    }
+    let Some(span) = len.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1)) else {
+        return Ok(false);
+    };
+    let Some(region) = mem.find_region(GuestAddress(gpa)) else {
+        return Ok(false);
+    };
+    let r_start = region.start_addr().0;
+    if region.file_offset().is_some() || gpa + span > r_start + region.len() {
+        return Ok(false);
+    }
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(gpa - r_start)) else {
+        return Ok(false);
+    };
+    let (Ok(span_usize), Ok(off)) = (usize::try_from(span), libc::off_t::try_from(offset)) else {
+        return Ok(false);
+    };
+    // SAFETY: [host, host + span) lies inside this region's mapping, which
+    // husk owns and which no Rust reference points into; nothing has run in
+    // the guest yet. MAP_FIXED replaces those pages in place, so the region
+    // stays one contiguous, writable mapping of the same size.
+    let p = unsafe {
+        libc::mmap(
+            host.cast(),
+            span_usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let err = std::io::Error::last_os_error();
+        // A failed MAP_FIXED may have unmapped the range: put anonymous
+        // memory back so the region has no hole, then let the caller copy.
+        // SAFETY: as above, the range is ours and unreferenced.
+        let back = unsafe {
+            libc::mmap(
+                host.cast(),
+                span_usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if back == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap(
+                mem_mib_of(mem),
+                format!("restoring guest memory after a failed file mapping ({err})"),
+            ));
+        }
+        tracing::debug!("mapping a file into guest memory failed ({err}); copying instead");
+        return Ok(false);
+    }
+    if span > len {
+        let zeros = vec![0u8; (span - len) as usize];
+        mem.write_slice(&zeros, GuestAddress(gpa + len))
+            .map_err(|e| MemoryError::Mmap(mem_mib_of(mem), e.to_string()))?;
+    }
+    Ok(true)
+}
+
+fn mem_mib_of(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| r.len()).sum::<u64>() >> 20
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +242,41 @@ mod tests {
             0x1234_5678
         );
         assert!(create_shared(4).is_err());
+    }
+
+    #[test]
+    fn mapped_file_reads_like_a_copy_and_writes_stay_private() {
+        use std::io::Write;
+        use vm_memory::Bytes;
+        let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let mut f = tmp.as_file();
+        let data: Vec<u8> = (0..3 * PAGE_SIZE as usize + 100)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        f.write_all(&data).unwrap();
+        let mem = create(64).unwrap();
+        // The tail of the last page is zeroed even where the file goes on.
+        mem.write_slice(&[0xaa; 4096], GuestAddress((8 << 20) + 3 * PAGE_SIZE))
+            .unwrap();
+        assert!(map_file(&mem, 8 << 20, f, PAGE_SIZE, 2 * PAGE_SIZE + 50).unwrap());
+        let mut back = vec![0u8; 3 * PAGE_SIZE as usize];
+        mem.read_slice(&mut back, GuestAddress(8 << 20)).unwrap();
+        let want_len = 2 * PAGE_SIZE as usize + 50;
+        assert_eq!(
+            back[..want_len],
+            data[PAGE_SIZE as usize..PAGE_SIZE as usize + want_len]
+        );
+        assert!(back[want_len..].iter().all(|&b| b == 0));
+        // Guest writes are copy-on-write: the file is unchanged.
+        mem.write_obj(0x55u8, GuestAddress(8 << 20)).unwrap();
+        let on_disk = std::fs::read(tmp.as_path()).unwrap();
+        assert_eq!(on_disk, data);
+        // Unaligned, shared memory or outside RAM: not mapped, nothing changed.
+        assert!(!map_file(&mem, (8 << 20) + 1, f, 0, 10).unwrap());
+        assert!(!map_file(&mem, 8 << 20, f, 1, 10).unwrap());
+        assert!(!map_file(&mem, 63 << 20, f, 0, 2 << 20).unwrap());
+        let shared = create_shared(64).unwrap();
+        assert!(!map_file(&shared, 8 << 20, f, 0, 10).unwrap());
     }
 
     #[test]

@@ -8,8 +8,6 @@ use std::path::Path;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use linux_loader::loader::elf::Elf;
-use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout;
@@ -92,51 +90,22 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         path: shown.clone(),
         source,
     })?;
-    hint_kernel_range(mem, &mut file);
-    let res = Elf::load(
-        mem,
-        None,
-        &mut file,
-        Some(GuestAddress(layout::HIMEM_START)),
-    );
-    let res = match res {
-        Ok(r) => r,
-        Err(loader::Error::Elf(loader::elf::Error::ReadKernelImage))
-        | Err(loader::Error::MemoryOverflow) => {
-            return Err(BootError::KernelTooBig {
-                path: shown,
-                mem_mib: mem_size(mem) >> 20,
+    match super::elf::load(mem, &mut file, layout::HIMEM_START, low_ram_end(mem)) {
+        Ok(l) => {
+            tracing::debug!("kernel: {} segment(s) mapped from the page cache", l.mapped);
+            Ok(LoadedKernel {
+                entry: GuestAddress(l.entry),
+                end: l.end,
             })
         }
-        Err(e) => {
-            return Err(BootError::NotElf {
-                path: shown,
-                reason: e.to_string(),
-            })
-        }
-    };
-    if res.kernel_end > low_ram_end(mem) {
-        return Err(BootError::KernelTooBig {
+        Err(super::elf::ElfError::TooBig(..)) => Err(BootError::KernelTooBig {
             path: shown,
             mem_mib: mem_size(mem) >> 20,
-        });
-    }
-    Ok(LoadedKernel {
-        entry: res.kernel_load,
-        end: res.kernel_end,
-    })
-}
-
-/// Hints huge pages for where the kernel will land: from its entry point
-/// (the lowest loaded address of a vmlinux) for the file's length, which
-/// covers text, data and bss of any real kernel.
-fn hint_kernel_range(mem: &GuestMemoryMmap, file: &mut File) {
-    use std::io::Read;
-    let mut ehdr = [0u8; 32];
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    if file.read_exact(&mut ehdr).is_ok() && ehdr[..4] == *b"\x7fELF" {
-        let entry = u64::from_le_bytes(ehdr[24..32].try_into().unwrap_or_default());
-        crate::vstate::memory::hint_hugepages(mem, entry, len);
+        }),
+        Err(super::elf::ElfError::Invalid(reason)) => Err(BootError::NotElf {
+            path: shown,
+            reason,
+        }),
     }
 }
 
@@ -163,12 +132,17 @@ pub fn load_initrd(
             path: shown.clone(),
             size,
         })?;
-    crate::vstate::memory::hint_hugepages(mem, addr.raw_value(), size);
-    mem.read_exact_volatile_from(addr, &mut file, size as usize)
-        .map_err(|e| BootError::ReadInitrd {
-            path: shown,
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    let fail = |e: String| BootError::ReadInitrd {
+        path: shown.clone(),
+        source: std::io::Error::other(e),
+    };
+    let mapped = crate::vstate::memory::map_file(mem, addr.raw_value(), &file, 0, size)
+        .map_err(|e| fail(e.to_string()))?;
+    if !mapped {
+        crate::vstate::memory::hint_hugepages(mem, addr.raw_value(), size);
+        mem.read_exact_volatile_from(addr, &mut file, size as usize)
+            .map_err(|e| fail(e.to_string()))?;
+    }
     Ok((addr, size))
 }
 
