@@ -114,6 +114,13 @@ struct VmArgs {
     /// Print boot timing (CLOCK_MONOTONIC ns of process start and first KVM_RUN) on stderr.
     #[arg(long)]
     boot_timing: bool,
+    /// Sample the guest's instruction pointer and write the samples to FILE
+    /// when the VM stops (`husk bench profile` reads it).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Samples per second for --profile.
+    #[arg(long, default_value_t = 1000)]
+    profile_hz: u32,
 }
 
 #[derive(Args)]
@@ -276,7 +283,16 @@ fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
         _ => ConsoleInputSource::None,
     };
     let timing = args.boot_timing.then(|| vm.first_run_probe());
+    let profiler = args.profile.as_ref().map(|_| vm.profiler());
+    if let Some(p) = &profiler {
+        p.enable(args.profile_hz);
+    }
     let exit = vm.run(input);
+    if let (Some(p), Some(path)) = (&profiler, &args.profile) {
+        std::fs::File::create(path)
+            .and_then(|mut f| p.write_to(&mut f))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     if let Some(probe) = timing {
         if let Some(first) = probe.get() {
             eprintln!(

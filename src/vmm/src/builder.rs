@@ -21,6 +21,7 @@ use crate::devices::virtio::attach::{self as virtio, AttachError, Subscriber};
 use crate::event_loop::{self, ConsoleInput, ExitWatcher, RawTerminal, SignalWatcher};
 use crate::exit::VmExit;
 use crate::vstate::bus::Bus;
+use crate::vstate::profile::{Profiler, Sampler};
 use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo};
 use crate::vstate::{kvm, memory, vm};
 
@@ -114,6 +115,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     fifo_drained: EventFd,
     io: Arc<VcpuIo>,
+    profiler: Arc<Profiler>,
     cmdline: String,
     // Device event handlers for the event loop (virtio devices).
     devices: Vec<Subscriber>,
@@ -220,6 +222,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     let msr_list = kvm
         .get_msr_index_list()
         .map_err(|e| vm::VmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
+    let profiler = Arc::new(Profiler::default());
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for index in 0..cfg.vcpus {
         let vcpu = Vcpu::new(
@@ -233,6 +236,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
             io.clone(),
             mem.clone(),
             latch.clone(),
+            profiler.clone(),
         )?;
         vcpus.push(vcpu);
     }
@@ -269,6 +273,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         serial,
         fifo_drained,
         io,
+        profiler,
         cmdline,
         devices,
     })
@@ -285,6 +290,11 @@ impl Vm {
         FirstRunProbe(self.latch.clone())
     }
 
+    /// The guest RIP sampler (off until `Profiler::enable`; see `husk vm --profile`).
+    pub fn profiler(&self) -> Arc<Profiler> {
+        self.profiler.clone()
+    }
+
     /// A handle that can stop the VM from another thread.
     pub fn stop_handle(&self) -> Arc<ExitLatch> {
         self.latch.clone()
@@ -299,7 +309,18 @@ impl Vm {
     /// SIGTERM and SIGHUP stop the VM; without, the caller handles them
     /// (`husk run` forwards them to the container).
     pub fn run_with(self, input: ConsoleInputSource, stop_on_signals: bool) -> VmExit {
+        let hz = self.profiler.hz();
+        let sampler = if hz > 0 {
+            let threads: Vec<_> = self.vcpus.iter().map(|v| &v.thread).collect();
+            Sampler::start(hz, &threads)
+                .map_err(|e| tracing::warn!("no profile: cannot start the sampler: {e}"))
+                .ok()
+        } else {
+            None
+        };
         let result = self.run_inner(input, stop_on_signals);
+        // Before the vCPU threads are joined: the sampler signals them.
+        drop(sampler);
         for v in &self.vcpus {
             v.send(VcpuCommand::Exit);
         }

@@ -3,5 +3,6 @@
 pub mod bus;
 pub mod kvm;
 pub mod memory;
+pub mod profile;
 pub mod vcpu;
 pub mod vm;

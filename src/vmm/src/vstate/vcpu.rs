@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::bus::Bus;
+use super::profile::Profiler;
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::exit::VmExit;
 
@@ -230,6 +231,7 @@ pub struct Vcpu {
     io: Arc<VcpuIo>,
     mem: GuestMemoryMmap,
     latch: Arc<ExitLatch>,
+    profiler: Arc<Profiler>,
 }
 
 impl Vcpu {
@@ -247,6 +249,7 @@ impl Vcpu {
         io: Arc<VcpuIo>,
         mem: GuestMemoryMmap,
         latch: Arc<ExitLatch>,
+        profiler: Arc<Profiler>,
     ) -> Result<Self, VcpuError> {
         let err = |what| move |e| VcpuError::Ioctl(index, what, e);
         let fd = vm
@@ -272,6 +275,7 @@ impl Vcpu {
             io,
             mem,
             latch,
+            profiler,
         })
     }
 
@@ -319,6 +323,11 @@ impl Vcpu {
                 Ok(exit) => handle_exit(exit, &self.io, self.index),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if self.profiler.hz() > 0 {
+                        if let Ok(regs) = self.fd.get_regs() {
+                            self.profiler.record(self.index, regs.rip);
+                        }
+                    }
                     ExitAction::Continue
                 }
                 Err(e) => ExitAction::Stop(VmExit::VmmError(format!(
@@ -403,7 +412,7 @@ fn set_lapic_reg(l: &mut kvm_lapic_state, reg: usize, v: u32) {
 
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
-    thread: JoinHandle<()>,
+    pub(crate) thread: JoinHandle<()>,
     tx: Sender<VcpuCommand>,
 }
 
