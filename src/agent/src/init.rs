@@ -1,4 +1,4 @@
-//! PID 1 duties before serving: leave the initramfs root, mount the basic
+//! PID 1 duties before serving: leave the boot root, mount the basic
 //! filesystems and cgroups, bring up `lo`; and the kernel command-line
 //! options the agent reads.
 
@@ -66,7 +66,7 @@ const NOSUID_NODEV_NOEXEC: u64 = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOE
 
 /// Everything PID 1 sets up before it listens.
 pub fn init_system() -> Result<(), InitError> {
-    leave_initramfs()?;
+    leave_boot_root()?;
     for &(source, target, fstype, flags, data) in BASE_MOUNTS {
         let target = Path::new(target);
         ctx(fs::create_dir_all(target), "create", target)?;
@@ -90,10 +90,12 @@ pub fn init_system() -> Result<(), InitError> {
     Ok(())
 }
 
-/// The initramfs root (rootfs) cannot be pivot_root'ed away from, which
-/// containers need. Like switch_root: move a fresh tmpfs over `/` and chroot
-/// into it. The agent binary keeps running from the old root's pages.
-fn leave_initramfs() -> Result<(), InitError> {
+/// Leaves the boot root (the agent's read-only disk, or an initramfs under
+/// `husk vm --initrd`, which pivot_root cannot leave): like switch_root,
+/// move a fresh tmpfs over `/` and chroot into it, so containers get a
+/// writable root to make their mount points in. The agent binary keeps
+/// running from the old root's pages.
+fn leave_boot_root() -> Result<(), InitError> {
     let new_root = Path::new("/.root");
     ctx(fs::create_dir_all(new_root), "create", new_root)?;
     ctx(

@@ -82,7 +82,12 @@ fn pid1(started_ns: u64) -> ! {
     let stdio = VsockListener::bind(STDIO_PORT)
         .unwrap_or_else(|e| fatal(&format!("vsock port {STDIO_PORT}: {e}")));
     agent.set_ready();
-    log!("ready on vsock ports {CONTROL_PORT} (control) and {STDIO_PORT} (stdio)");
+    let now = sys::boottime_ns();
+    log!(
+        "ready on vsock ports {CONTROL_PORT} (control) and {STDIO_PORT} (stdio): {} ms after boot, {} ms in the agent",
+        now / 1_000_000,
+        now.saturating_sub(started_ns) / 1_000_000
+    );
     serve(agent, control, stdio)
 }
 

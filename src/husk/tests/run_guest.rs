@@ -215,11 +215,11 @@ fn one_sandbox_serves_every_process_check() {
     let rootfs = busybox_tree(&dir.0);
     let image = husk_image::ext4::image_for_dir(&rootfs, &dir.0.join("images")).unwrap();
     let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
-    let initramfs = husk_runtime::paths::agent_initramfs(&agent).unwrap();
+    let agent_disk = husk_runtime::paths::agent_disk(&agent).unwrap();
     let run_dir = husk_runtime::paths::new_run_dir("test").unwrap();
     let sandbox = Sandbox::boot(&SandboxConfig {
         kernel: None,
-        initramfs,
+        agent_disk,
         rootfs_image: Some(image),
         mem_mib: 256,
         vcpus: 1,

@@ -26,9 +26,6 @@ pub enum RuntimeError {
     /// An OCI image could not be pulled or used.
     #[error(transparent)]
     Oci(#[from] husk_image::oci::OciError),
-    /// The agent initramfs could not be written.
-    #[error(transparent)]
-    Initramfs(#[from] husk_image::initramfs::InitramfsError),
     /// The VM could not be built.
     #[error(transparent)]
     Vm(#[from] husk_vmm::builder::BuildError),

@@ -45,7 +45,7 @@ pub enum Root {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GuestRoot {
-    /// A read-only ext4 disk (`/dev/vda`) under an overlay whose upper
+    /// A read-only ext4 disk (`/dev/vdb`) under an overlay whose upper
     /// layer is guest memory.
     Disk(PathBuf),
     /// A directory shared through virtio-fs (one of the session's shares),
@@ -66,7 +66,7 @@ impl GuestRoot {
     fn rootfs(&self) -> Rootfs {
         match self {
             GuestRoot::Disk(_) => Rootfs {
-                device: "/dev/vda".into(),
+                device: crate::sandbox::ROOTFS_DEVICE.into(),
                 fstype: "ext4".into(),
                 read_only: true,
             },
@@ -226,14 +226,14 @@ impl Session {
     /// stdio to fds 0-2.
     pub fn create(c: &SessionConfig) -> Result<Self, RuntimeError> {
         let agent = paths::agent_binary(c.agent.as_deref())?;
-        let initramfs = paths::agent_initramfs(&agent)?;
+        let agent_disk = paths::agent_disk(&agent)?;
         // Forwarded signals are blocked before any VMM thread exists, so
         // only our signalfd sees them.
         let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)
             .map_err(|e| RuntimeError::Io("signalfd".into(), e))?;
         let sandbox = Sandbox::boot(&SandboxConfig {
             kernel: c.kernel.clone(),
-            initramfs,
+            agent_disk,
             rootfs_image: c.root.disk(),
             mem_mib: c.mem_mib,
             vcpus: c.vcpus,
