@@ -5,6 +5,7 @@ mod boot;
 mod fs;
 mod image;
 mod io;
+mod profile;
 mod run;
 
 use std::io::{BufRead, BufReader};
@@ -34,6 +35,8 @@ enum BenchWhat {
     Run(run::RunBenchArgs),
     /// An OCI image: cold pull, warm husk run vs runc run, disk per container.
     Image(image::ImageBenchArgs),
+    /// Where a sandbox boot spends its time: guest RIP samples by kernel function.
+    Profile(profile::ProfileArgs),
 }
 
 /// Runs a benchmark.
@@ -44,6 +47,7 @@ pub fn run(args: BenchArgs) -> Result<i32, String> {
         BenchWhat::Fs(f) => fs::fs(f),
         BenchWhat::Run(r) => run::run_bench(r),
         BenchWhat::Image(i) => image::image_bench(i),
+        BenchWhat::Profile(p) => profile::profile(p),
     }
 }
 
