@@ -244,7 +244,7 @@ fn one_sandbox_serves_every_process_check() {
             container_id: "c".into(),
             spec: Box::new(spec),
             rootfs: husk_proto::Rootfs {
-                device: "/dev/vda".into(),
+                device: husk_runtime::sandbox::ROOTFS_DEVICE.into(),
                 fstype: "ext4".into(),
                 read_only: true,
             },
