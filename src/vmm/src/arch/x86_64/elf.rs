@@ -40,7 +40,7 @@ pub struct Loaded {
 }
 
 /// Loads `file` at its segments' physical addresses, which must lie in
-/// `[min_addr, ram_end)`.
+/// RAM below `ram_end`; the entry point must be at or above `min_addr`.
 pub fn load(
     mem: &GuestMemoryMmap,
     file: &mut File,
@@ -79,7 +79,7 @@ pub fn load(
         .filter(|p| p.p_type == elf_gen::PT_LOAD && p.p_filesz > 0)
         .collect();
     for ph in &loads {
-        check_segment(ph, file_len, min_addr, ram_end)?;
+        check_segment(ph, file_len, ram_end)?;
         loaded.end = loaded.end.max(ph.p_paddr + ph.p_memsz);
     }
     for (i, ph) in loads.iter().enumerate() {
@@ -134,12 +134,9 @@ fn validate_header(e: &Elf64_Ehdr) -> Result<(), ElfError> {
     Ok(())
 }
 
-fn check_segment(
-    ph: &Elf64_Phdr,
-    file_len: u64,
-    min_addr: u64,
-    ram_end: u64,
-) -> Result<(), ElfError> {
+/// As linux-loader: segments may lie anywhere in RAM (only the entry point
+/// must be at or above the kernel load area).
+fn check_segment(ph: &Elf64_Phdr, file_len: u64, ram_end: u64) -> Result<(), ElfError> {
     let in_file = ph
         .p_offset
         .checked_add(ph.p_filesz)
@@ -149,11 +146,10 @@ fn check_segment(
             "a segment runs past the end of the file".into(),
         ));
     }
-    let fits = ph.p_paddr >= min_addr
-        && ph
-            .p_paddr
-            .checked_add(ph.p_memsz)
-            .is_some_and(|end| end <= ram_end);
+    let fits = ph
+        .p_paddr
+        .checked_add(ph.p_memsz)
+        .is_some_and(|end| end <= ram_end);
     if !fits {
         return Err(ElfError::TooBig(ph.p_paddr, ph.p_memsz));
     }
@@ -218,6 +214,7 @@ mod tests {
         // and one sharing a page with its neighbour (copied).
         let segs = [
             (0x1000, M, 0x1800, 0x3000),
+            (0x2800, 0x8000, 0x100, 0x100),
             (0x3000, M + 0x5000, 0x1000, 0x1000),
             (0x4400, M + 0x10400, 0x200, 0x800),
             (0x5000, M + 0x20000, 0x900, 0x900),
@@ -240,7 +237,7 @@ mod tests {
         // linux-loader leaves bss untouched; the zeroed page tails are the
         // one intended difference, so compare with those zeroed there too.
         let mut expect = snapshot(&theirs);
-        for &(_, paddr, filesz, _) in &segs[..2] {
+        for &(_, paddr, filesz, _) in [segs[0], segs[2]].iter() {
             let (a, b) = (paddr + filesz - M, ((paddr + filesz + 4095) & !4095) - M);
             expect[a as usize..b as usize].fill(0);
         }
