@@ -3,6 +3,7 @@
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout;
+use crate::arch::x86_64::layout::PAGE_SIZE;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +108,6 @@ pub fn hint_hugepages(mem: &GuestMemoryMmap, start: u64, len: u64) {
     }
 }
 
-const PAGE_SIZE: u64 = 4096;
-
 /// Maps `len` bytes of `file` from `offset` at guest address `gpa`,
 /// copy-on-write (MAP_PRIVATE): the guest reads the page cache's pages
 /// (shared with every VM that maps the same file) until it writes one, so
@@ -182,7 +181,7 @@ pub fn map_file(
         };
         if back == libc::MAP_FAILED {
             return Err(MemoryError::Mmap(
-                mem_mib_of(mem),
+                size(mem) >> 20,
                 format!("restoring guest memory after a failed file mapping ({err})"),
             ));
         }
@@ -192,14 +191,15 @@ pub fn map_file(
     if span > len {
         let zeros = vec![0u8; (span - len) as usize];
         mem.write_slice(&zeros, GuestAddress(gpa + len))
-            .map_err(|e| MemoryError::Mmap(mem_mib_of(mem), e.to_string()))?;
+            .map_err(|e| MemoryError::Mmap(size(mem) >> 20, e.to_string()))?;
     }
     Ok(true)
 }
 
-fn mem_mib_of(mem: &GuestMemoryMmap) -> u64 {
+/// Bytes of guest RAM (all regions).
+pub fn size(mem: &GuestMemoryMmap) -> u64 {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    mem.iter().map(|r| r.len()).sum::<u64>() >> 20
+    mem.iter().map(|r| r.len()).sum()
 }
 
 #[cfg(test)]

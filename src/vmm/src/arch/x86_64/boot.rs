@@ -21,7 +21,6 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 /// The initrd must stay below 2 GiB: a vmlinux has no setup header to tell
 /// us its `initrd_addr_max`, and 0x7fffffff is the protocol's 64-bit default.
 const INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
-const PAGE_SIZE: u64 = 0x1000;
 
 /// Errors while loading the guest kernel and boot data.
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +99,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         }
         Err(super::elf::ElfError::TooBig(..)) => Err(BootError::KernelTooBig {
             path: shown,
-            mem_mib: mem_size(mem) >> 20,
+            mem_mib: crate::vstate::memory::size(mem) >> 20,
         }),
         Err(super::elf::ElfError::Invalid(reason)) => Err(BootError::NotElf {
             path: shown,
@@ -150,7 +149,7 @@ pub fn load_initrd(
 /// top of low RAM, if it fits above the kernel.
 pub fn initrd_address(low_ram_end: u64, kernel_end: u64, size: u64) -> Option<GuestAddress> {
     let top = low_ram_end.min(INITRD_ADDR_MAX + 1);
-    let start = top.checked_sub(size)? & !(PAGE_SIZE - 1);
+    let start = top.checked_sub(size)? & !(layout::PAGE_SIZE - 1);
     (start >= kernel_end).then_some(GuestAddress(start))
 }
 
@@ -234,14 +233,9 @@ pub fn write_boot_params(mem: &GuestMemoryMmap, params: &boot_params) -> Result<
         .map_err(|_| BootError::GuestWrite("boot_params"))
 }
 
-fn mem_size(mem: &GuestMemoryMmap) -> u64 {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    mem.iter().map(|r| r.len()).sum()
-}
-
 /// First byte past RAM below the MMIO gap.
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
-    mem_size(mem).min(layout::MMIO_GAP_START)
+    crate::vstate::memory::size(mem).min(layout::MMIO_GAP_START)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use linux_loader::elf::{self as elf_gen, Elf64_Ehdr, Elf64_Phdr};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::layout::PAGE_SIZE;
 use crate::vstate::memory;
 
 /// Most program headers accepted (a vmlinux has about five).
@@ -85,7 +86,7 @@ pub fn load(
     for (i, ph) in loads.iter().enumerate() {
         // The zeroed tail of a mapped segment's last page must not belong
         // to another segment.
-        let page_end = (ph.p_paddr + ph.p_filesz + 4095) & !4095;
+        let page_end = (ph.p_paddr + ph.p_filesz + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
         let shares_page = loads
             .iter()
             .enumerate()
@@ -238,7 +239,10 @@ mod tests {
         // one intended difference, so compare with those zeroed there too.
         let mut expect = snapshot(&theirs);
         for &(_, paddr, filesz, _) in [segs[0], segs[2]].iter() {
-            let (a, b) = (paddr + filesz - M, ((paddr + filesz + 4095) & !4095) - M);
+            let (a, b) = (
+                paddr + filesz - M,
+                ((paddr + filesz + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)) - M,
+            );
             expect[a as usize..b as usize].fill(0);
         }
         assert!(

@@ -16,6 +16,9 @@
 //! ```
 
 /// Start of the GDT the vCPUs are entered with.
+/// Guest page size (4 KiB).
+pub const PAGE_SIZE: u64 = 0x1000;
+
 pub const GDT_START: u64 = 0x500;
 /// Start of the (empty) IDT the vCPUs are entered with.
 pub const IDT_START: u64 = 0x520;
