@@ -50,12 +50,14 @@ pub struct SandboxConfig {
 /// per boot); warnings, errors and panics still reach console.log.
 pub fn sandbox_cmdline() -> String {
     format!(
-        "{} quiet root=/dev/vda ro rootfstype=ext4 init={}",
+        "{} quiet root={AGENT_DEVICE} ro rootfstype=ext4 init={}",
         husk_vmm::config::DEFAULT_CMDLINE,
         crate::paths::AGENT_IN_DISK
     )
 }
 
+/// The guest device of the agent's disk (the first disk).
+pub const AGENT_DEVICE: &str = "/dev/vda";
 /// The guest device of the container's root disk (after the agent's).
 pub const ROOTFS_DEVICE: &str = "/dev/vdb";
 

@@ -229,8 +229,10 @@ impl Symbols {
             .filter_map(|l| {
                 let mut f = l.split_whitespace();
                 let (addr, kind, name) = (f.next()?, f.next()?, f.next()?);
-                matches!(kind, "t" | "T" | "w" | "W")
-                    .then(|| Some((u64::from_str_radix(addr, 16).ok()?, name.to_string())))?
+                if !matches!(kind, "t" | "T" | "w" | "W") {
+                    return None;
+                }
+                Some((u64::from_str_radix(addr, 16).ok()?, name.to_string()))
             })
             .collect();
         v.sort();
