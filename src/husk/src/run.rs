@@ -89,7 +89,7 @@ pub struct RunArgs {
     /// $HUSK_BOOT_TIMEOUT].
     #[arg(long)]
     boot_timeout: Option<u64>,
-    /// Print the startup split (VMM, kernel, agent, exec, exit) on stderr.
+    /// Print the startup split (VMM, kernel, agent, create, exec, exit, teardown) on stderr.
     #[arg(long)]
     timing: bool,
     /// runc's `run`: run the OCI bundle in DIR as container ID (the one
@@ -214,6 +214,42 @@ fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeE
     Ok((Root::Disk(store.disk_path(&rec.config_digest)?), spec))
 }
 
+/// `husk run --timing`'s stages, in ms, which add up to the total: process
+/// start → first KVM_RUN (image, agent disk, VM build) → agent started
+/// (guest kernel boot; the guest's CLOCK_BOOTTIME is ~0 at the first
+/// KVM_RUN) → agent ready → container created → exec → exit → this line
+/// (output drained, VM torn down).
+fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
+    let t = &outcome.status.timestamps;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let now = husk_vmm::vstate::vcpu::monotonic_ns();
+    let first = outcome.first_run_ns.unwrap_or(process_start_ns);
+    let created = t.created_ns.unwrap_or(t.agent_ready_ns);
+    let exec = t.exec_ns.unwrap_or(created);
+    let exited = t.exited_ns.unwrap_or(exec);
+    let guest = [
+        t.agent_started_ns,
+        t.agent_ready_ns.saturating_sub(t.agent_started_ns),
+        created.saturating_sub(t.agent_ready_ns),
+        exec.saturating_sub(created),
+        exited.saturating_sub(exec),
+    ];
+    let host_start = first.saturating_sub(process_start_ns);
+    let total = now.saturating_sub(process_start_ns);
+    let teardown = total.saturating_sub(host_start + guest.iter().sum::<u64>());
+    format!(
+        "husk-timing: first_kvm_run_ms={:.1} guest_kernel_ms={:.1} agent_ready_ms={:.1} create_ms={:.1} exec_ms={:.1} run_ms={:.1} teardown_ms={:.1} total_ms={:.1}",
+        ms(host_start),
+        ms(guest[0]),
+        ms(guest[1]),
+        ms(guest[2]),
+        ms(guest[3]),
+        ms(guest[4]),
+        ms(teardown),
+        ms(total),
+    )
+}
+
 fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
     // The writable layer is a tmpfs in the guest: it always goes with the VM.
     let _always_removed = a.rm;
@@ -242,20 +278,7 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         eprintln!("husk: the container was killed: out of memory");
     }
     if a.timing {
-        let t = &st.timestamps;
-        let ms = |ns: u64| ns as f64 / 1e6;
-        let now = husk_vmm::vstate::vcpu::monotonic_ns();
-        // Guest times are CLOCK_BOOTTIME in the guest: ~0 at the first KVM_RUN.
-        eprintln!(
-            "husk-timing: host_setup_ms={:.1} guest_kernel_ms={:.1} agent_ready_ms={:.1} create_ms={:.1} exec_ms={:.1} run_ms={:.1} total_ms={:.1}",
-            ms(outcome.vm_started_ns.saturating_sub(process_start_ns)),
-            ms(t.agent_started_ns),
-            ms(t.agent_ready_ns.saturating_sub(t.agent_started_ns)),
-            ms(t.created_ns.unwrap_or(0).saturating_sub(t.agent_ready_ns)),
-            ms(t.exec_ns.unwrap_or(0).saturating_sub(t.created_ns.unwrap_or(0))),
-            ms(t.exited_ns.unwrap_or(0).saturating_sub(t.exec_ns.unwrap_or(0))),
-            ms(now.saturating_sub(process_start_ns)),
-        );
+        eprintln!("{}", timing_line(&outcome, process_start_ns));
     }
     Ok(st.exit_code)
 }

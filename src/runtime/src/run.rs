@@ -105,8 +105,9 @@ pub struct RunOptions {
 pub struct RunOutcome {
     /// Its exit status (128+N for signal N).
     pub status: ExitStatus,
-    /// CLOCK_MONOTONIC ns when the VM was built and started.
-    pub vm_started_ns: u64,
+    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN (the guest's boot
+    /// clock starts about there); None if it never ran.
+    pub first_run_ns: Option<u64>,
 }
 
 /// Guest memory for a container with `limit` bytes: the limit plus room
@@ -143,7 +144,6 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         }
         None => (paths::new_run_dir("run")?, None),
     };
-    let started = husk_vmm::vstate::vcpu::monotonic_ns();
     let mut session = Session::create(&SessionConfig {
         spec,
         root,
@@ -160,10 +160,11 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         shares: share_set,
     })?;
     session.start()?;
+    let first_run_ns = session.first_run_ns();
     let status = session.wait()?;
     Ok(RunOutcome {
         status,
-        vm_started_ns: started,
+        first_run_ns,
     })
 }
 
@@ -283,6 +284,11 @@ impl Session {
             budget,
             boot_timeout: c.boot_timeout,
         })
+    }
+
+    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN, once it happened.
+    pub fn first_run_ns(&self) -> Option<u64> {
+        self.sandbox.first_run_ns()
     }
 
     /// The VM's vsock socket: other host processes reach the agent there.

@@ -11,6 +11,7 @@ use husk_proto::Client;
 use husk_proto::{read_frame, write_frame};
 use husk_proto::{Hello, CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_proto::{StreamHello, StreamReply};
+use husk_vmm::builder::FirstRunProbe;
 use husk_vmm::config::{Console, DiskConfig, FsConfig, VmConfig, VsockConfig};
 use husk_vmm::vstate::vcpu::ExitLatch;
 use husk_vmm::{ConsoleInputSource, VmExit};
@@ -65,6 +66,7 @@ pub const ROOTFS_DEVICE: &str = "/dev/vdb";
 pub struct Sandbox {
     thread: Option<JoinHandle<VmExit>>,
     latch: Arc<ExitLatch>,
+    first_run: FirstRunProbe,
     uds: PathBuf,
     run_dir: PathBuf,
 }
@@ -100,6 +102,7 @@ impl Sandbox {
         // The taps exist now; the guest's NICs reach the host's links.
         cfg.network.connect()?;
         let latch = vm.stop_handle();
+        let first_run = vm.first_run_probe();
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || vm.run_with(ConsoleInputSource::None, false))
@@ -107,9 +110,15 @@ impl Sandbox {
         Ok(Self {
             thread: Some(thread),
             latch,
+            first_run,
             uds,
             run_dir: cfg.run_dir.clone(),
         })
+    }
+
+    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN, once it happened.
+    pub fn first_run_ns(&self) -> Option<u64> {
+        self.first_run.get()
     }
 
     /// The VM's vsock socket (host clients write `CONNECT <port>`).
