@@ -103,28 +103,33 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
     let mut husk_samples = Vec::new();
     let mut qemu_samples = Vec::new();
     for i in 0..a.runs {
-        eprintln!("run {}/{}: husk", i + 1, a.runs);
-        let mut c = Command::new(&husk);
-        c.args(["vm", "--boot-timing", "--console", "stdout"])
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--cmdline")
-            .arg(config::DEFAULT_CMDLINE)
-            .args(["--mem", &a.mem.to_string(), "--vcpus", &a.vcpus.to_string()]);
-        husk_samples.push(measure(c, &a.marker, a.mem, timeout)?);
-        eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
-        let mut q = Command::new(&a.qemu);
-        q.args(super::QEMU_MICROVM)
-            .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
-            .arg("-kernel")
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&cmdline);
-        qemu_samples.push(measure(q, &a.marker, a.mem, timeout)?);
+        for peer in super::stats::round_order(i, 2) {
+            if peer == 0 {
+                eprintln!("run {}/{}: husk", i + 1, a.runs);
+                let mut c = Command::new(&husk);
+                c.args(["vm", "--boot-timing", "--console", "stdout"])
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .arg("--initrd")
+                    .arg(&initrd)
+                    .arg("--cmdline")
+                    .arg(config::DEFAULT_CMDLINE)
+                    .args(["--mem", &a.mem.to_string(), "--vcpus", &a.vcpus.to_string()]);
+                husk_samples.push(measure(c, &a.marker, a.mem, timeout)?);
+            } else {
+                eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
+                let mut q = Command::new(&a.qemu);
+                q.args(super::QEMU_MICROVM)
+                    .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
+                    .arg("-kernel")
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .arg("-append")
+                    .arg(&cmdline);
+                qemu_samples.push(measure(q, &a.marker, a.mem, timeout)?);
+            }
+        }
     }
     print_table(a, kernel, &husk_samples, &qemu_samples);
     if let Some(path) = &a.json {
@@ -251,8 +256,8 @@ fn measure(
         if let Ok(hit) = rx.recv_timeout(Duration::from_millis(20)) {
             break Some(hit);
         }
-        if let Some(g) = guest_ram_rss_kib(pid, mem_mib) {
-            guest_rss = guest_rss.max(g);
+        if let Some(g) = super::peers::guest_ram(pid, mem_mib) {
+            guest_rss = guest_rss.max(g.rss_kib);
         }
         if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
             break None;
@@ -315,102 +320,11 @@ impl ProcStats {
         let peak = status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
-            .map(kib)?;
+            .map(super::peers::kib)?;
         Some(Self {
             cpu_s: (utime + stime) / hz,
             peak_rss_kib: peak,
-            guest_rss_kib: guest_ram_rss_kib(pid, mem_mib).unwrap_or(0),
+            guest_rss_kib: super::peers::guest_ram(pid, mem_mib).map_or(0, |g| g.rss_kib),
         })
-    }
-}
-
-/// Resident KiB of the process's guest RAM: runs of adjacent anonymous
-/// mappings whose total size is about the guest memory size (madvise may
-/// split husk's mapping; QEMU adds a little alignment).
-fn guest_ram_rss_kib(pid: u32, mem_mib: u64) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    Some(guest_ram_rss_from_smaps(&smaps, mem_mib))
-}
-
-fn guest_ram_rss_from_smaps(smaps: &str, mem_mib: u64) -> u64 {
-    let want = mem_mib * 1024;
-    let mut total = 0;
-    // Current run: (end address, size KiB, rss KiB).
-    let mut run: Option<(u64, u64, u64)> = None;
-    let mut current_anon = false;
-    let mut flush = |run: &mut Option<(u64, u64, u64)>| {
-        if let Some((_, size, rss)) = run.take() {
-            if size >= want && size <= want + 4096 {
-                total += rss;
-            }
-        }
-    };
-    for line in smaps.lines() {
-        let mut parts = line.split_whitespace();
-        let first = parts.next().unwrap_or("");
-        if let Some((a, b)) = first
-            .split_once('-')
-            .filter(|(a, _)| a.chars().all(|c| c.is_ascii_hexdigit()))
-        {
-            let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
-            else {
-                continue;
-            };
-            // Anonymous: no path (6th column) and inode 0.
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            current_anon = fields.len() == 5 && fields[4] == "0";
-            match run {
-                Some((prev_end, _, _)) if current_anon && prev_end == start => {
-                    if let Some(r) = run.as_mut() {
-                        r.0 = end;
-                    }
-                }
-                _ => {
-                    flush(&mut run);
-                    if current_anon {
-                        run = Some((end, 0, 0));
-                    }
-                }
-            }
-        } else if current_anon {
-            if let Some(r) = run.as_mut() {
-                if let Some(v) = line.strip_prefix("Size:") {
-                    r.1 += kib(v);
-                } else if let Some(v) = line.strip_prefix("Rss:") {
-                    r.2 += kib(v);
-                }
-            }
-        }
-    }
-    flush(&mut run);
-    total
-}
-
-fn kib(v: &str) -> u64 {
-    v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guest_ram_is_found_across_split_mappings() {
-        let smaps = "\
-7f0000000000-7f0001000000 rw-p 00000000 00:00 0
-Size:              16384 kB
-Rss:                1000 kB
-7f0001000000-7f0008000000 rw-p 00000000 00:00 0
-Size:             114688 kB
-Rss:                 500 kB
-7f0008000000-7f0008001000 r--p 00000000 fe:01 1234    /usr/bin/husk
-Size:                  4 kB
-Rss:                   4 kB
-7f0009000000-7f0009100000 rw-p 00000000 00:00 0
-Size:               1024 kB
-Rss:                1024 kB
-";
-        assert_eq!(guest_ram_rss_from_smaps(smaps, 128), 1500);
-        assert_eq!(guest_ram_rss_from_smaps(smaps, 64), 0);
     }
 }

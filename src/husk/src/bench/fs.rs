@@ -245,71 +245,76 @@ fn fs_in(a: &FsArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
     let timeout = Duration::from_secs(a.timeout);
     let mut samples: Vec<(&str, Phases)> = Vec::new();
     for i in 0..a.runs {
-        eprintln!(
-            "run {}/{}: husk (virtio-fs share, virtio-blk ext4 disk)",
-            i + 1,
-            a.runs
-        );
-        let (share, disk) = fresh_targets(tmp, a.mib)?;
-        let mut c = Command::new(&husk);
-        c.args(["vm", "--mem", &a.mem.to_string(), "--kernel"])
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--disk")
-            .arg(format!("path={}", disk.display()))
-            .arg("--fs")
-            .arg(format!("tag=share,dir={}", share.display()));
-        for (target, p) in run_vm(c, timeout, a.files)? {
-            samples.push((
-                if target == "fs" {
-                    "husk fs"
-                } else {
-                    "husk blk"
-                },
-                p,
-            ));
-        }
-        eprintln!("run {}/{}: qemu microvm (same virtiofsd)", i + 1, a.runs);
-        let (share, disk) = fresh_targets(tmp, a.mib)?;
-        let sock = tmp.join("virtiofsd.sock");
-        let mut daemon = start_virtiofsd(&virtiofsd, &share, &sock)?;
-        let mut flags: Vec<String> = QEMU_MICROVM.iter().map(|s| s.to_string()).collect();
-        // vhost-user needs guest memory the backend can map.
-        if let Some(m) = flags.iter_mut().find(|f| f.starts_with("microvm,")) {
-            m.push_str(",memory-backend=mem");
-        }
-        let mut c = Command::new(&a.qemu);
-        c.args(&flags)
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                a.mem
-            ))
-            .args(["-m", &a.mem.to_string(), "-kernel"])
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&cmdline)
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
-            .args(["-device", "virtio-blk-device,drive=d0"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vfs,path={}", sock.display()))
-            .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=share"]);
-        let r = run_vm(c, timeout, a.files);
-        let _ = daemon.kill();
-        let _ = daemon.wait();
-        for (target, p) in r? {
-            samples.push((
-                if target == "fs" {
-                    "qemu fs"
-                } else {
-                    "qemu blk"
-                },
-                p,
-            ));
+        for peer in super::stats::round_order(i, 2) {
+            if peer == 0 {
+                eprintln!(
+                    "run {}/{}: husk (virtio-fs share, virtio-blk ext4 disk)",
+                    i + 1,
+                    a.runs
+                );
+                let (share, disk) = fresh_targets(tmp, a.mib)?;
+                let mut c = Command::new(&husk);
+                c.args(["vm", "--mem", &a.mem.to_string(), "--kernel"])
+                    .arg(kernel)
+                    .arg("--initrd")
+                    .arg(&initrd)
+                    .arg("--disk")
+                    .arg(format!("path={}", disk.display()))
+                    .arg("--fs")
+                    .arg(format!("tag=share,dir={}", share.display()));
+                for (target, p) in run_vm(c, timeout, a.files)? {
+                    samples.push((
+                        if target == "fs" {
+                            "husk fs"
+                        } else {
+                            "husk blk"
+                        },
+                        p,
+                    ));
+                }
+            } else {
+                eprintln!("run {}/{}: qemu microvm (same virtiofsd)", i + 1, a.runs);
+                let (share, disk) = fresh_targets(tmp, a.mib)?;
+                let sock = tmp.join("virtiofsd.sock");
+                let mut daemon = start_virtiofsd(&virtiofsd, &share, &sock)?;
+                let mut flags: Vec<String> = QEMU_MICROVM.iter().map(|s| s.to_string()).collect();
+                // vhost-user needs guest memory the backend can map.
+                if let Some(m) = flags.iter_mut().find(|f| f.starts_with("microvm,")) {
+                    m.push_str(",memory-backend=mem");
+                }
+                let mut c = Command::new(&a.qemu);
+                c.args(&flags)
+                    .arg("-object")
+                    .arg(format!(
+                        "memory-backend-memfd,id=mem,size={}M,share=on",
+                        a.mem
+                    ))
+                    .args(["-m", &a.mem.to_string(), "-kernel"])
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .arg("-append")
+                    .arg(&cmdline)
+                    .arg("-drive")
+                    .arg(format!("file={},format=raw,if=none,id=d0", disk.display()))
+                    .args(["-device", "virtio-blk-device,drive=d0"])
+                    .arg("-chardev")
+                    .arg(format!("socket,id=vfs,path={}", sock.display()))
+                    .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=share"]);
+                let r = run_vm(c, timeout, a.files);
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                for (target, p) in r? {
+                    samples.push((
+                        if target == "fs" {
+                            "qemu fs"
+                        } else {
+                            "qemu blk"
+                        },
+                        p,
+                    ));
+                }
+            }
         }
     }
     println!(

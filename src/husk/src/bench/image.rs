@@ -13,7 +13,6 @@ use husk_image::oci::store::StoreLock;
 use husk_image::oci::{disk, ImageRecord, ImageRef, Store};
 
 use super::median;
-use super::run::runc_bundle;
 
 /// `husk bench image` arguments.
 #[derive(Args)]
@@ -167,7 +166,7 @@ fn bench_in(a: &ImageBenchArgs, tmp: &Path) -> Result<i32, String> {
     pull(&warm, a)?;
     let tree = tmp.join("rootfs");
     unpack(&warm, &r, &tree)?;
-    let bundle = runc_bundle(tmp, &tree, &a.runc)?;
+    let bundle = super::peers::oci_bundle(&tmp.join("bundle"), &tree, &["true"], &[])?;
 
     let (mut pulls, mut builds, mut runs, mut runcs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

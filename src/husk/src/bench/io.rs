@@ -24,7 +24,7 @@ pub struct IoArgs {
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
     /// Runs per VMM (alternating).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     runs: usize,
     /// MiB the guest reads from the disk.
     #[arg(long, default_value_t = 256)]
@@ -56,10 +56,12 @@ $bb mount -t devtmpfs dev /dev
 $bb ip link set lo up
 $bb ip addr add {GUEST_IP}/24 dev eth0
 $bb ip link set eth0 up
-read t0 idle < /proc/uptime
+# CLOCK_MONOTONIC in ns (/proc/uptime has 10 ms resolution).
+now() {{ $bb head -n 3 /proc/timer_list | $bb sed -n 's/^now at \([0-9]*\) nsecs$/\1/p'; }}
+t0=$(now)
 $bb dd if=/dev/vda of=/dev/null bs=1M count={blk_mib} iflag=direct 2>/tmp/dd.err
 rc=$?
-read t1 idle < /proc/uptime
+t1=$(now)
 echo "BLK: start=$t0 end=$t1 rc=$rc err=$($bb tail -n1 /tmp/dd.err | $bb tr ' ' _)"
 $bb dd if=/dev/zero bs=64k count={net_count} 2>/dev/null | $bb nc {HOST_IP} {PORT}
 echo "NET: rc=$?"
@@ -207,49 +209,54 @@ fn io_in(a: &IoArgs, kernel: &Path, tmp: &Path, id: u32) -> Result<i32, String> 
     let timeout = Duration::from_secs(a.timeout);
     let (mut h, mut q) = (Vec::new(), Vec::new());
     for i in 0..a.runs {
-        eprintln!("run {}/{}: husk", i + 1, a.runs);
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns_name])
-            .arg(&husk)
-            .args(["vm", "--mem", &a.mem.to_string(), "--kernel"])
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(&initrd)
-            .arg("--disk")
-            .arg(format!("path={},ro", disk.display()))
-            .arg("--net")
-            .arg(format!("tap={tap}"));
-        h.push(run_one(
-            c,
-            &ns_name,
-            a.blk_mib << 20,
-            a.net_mib << 20,
-            timeout,
-        )?);
-        eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &ns_name, &a.qemu])
-            .args(QEMU_MICROVM)
-            .args(["-m", &a.mem.to_string(), "-kernel"])
-            .arg(kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .arg("-append")
-            .arg(&cmdline)
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=none,id=d0,readonly=on", disk.display()))
-            .args(["-device", "virtio-blk-device,drive=d0"])
-            .arg("-netdev")
-            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"))
-            // The same features husk's virtio-net offers: no offloads.
-            .args(["-device", "virtio-net-device,netdev=n0,csum=off,guest_csum=off,gso=off,host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off,host_ufo=off,guest_ufo=off,mrg_rxbuf=off"]);
-        q.push(run_one(
-            c,
-            &ns_name,
-            a.blk_mib << 20,
-            a.net_mib << 20,
-            timeout,
-        )?);
+        for peer in super::stats::round_order(i, 2) {
+            if peer == 0 {
+                eprintln!("run {}/{}: husk", i + 1, a.runs);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns_name])
+                    .arg(&husk)
+                    .args(["vm", "--mem", &a.mem.to_string(), "--kernel"])
+                    .arg(kernel)
+                    .arg("--initrd")
+                    .arg(&initrd)
+                    .arg("--disk")
+                    .arg(format!("path={},ro", disk.display()))
+                    .arg("--net")
+                    .arg(format!("tap={tap}"));
+                h.push(run_one(
+                    c,
+                    &ns_name,
+                    a.blk_mib << 20,
+                    a.net_mib << 20,
+                    timeout,
+                )?);
+            } else {
+                eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns_name, &a.qemu])
+                    .args(QEMU_MICROVM)
+                    .args(["-m", &a.mem.to_string(), "-kernel"])
+                    .arg(kernel)
+                    .arg("-initrd")
+                    .arg(&initrd)
+                    .arg("-append")
+                    .arg(&cmdline)
+                    .arg("-drive")
+                    .arg(format!("file={},format=raw,if=none,id=d0,readonly=on", disk.display()))
+                    .args(["-device", "virtio-blk-device,drive=d0"])
+                    .arg("-netdev")
+                    .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"))
+                    // The same features husk's virtio-net offers: no offloads.
+                    .args(["-device", "virtio-net-device,netdev=n0,csum=off,guest_csum=off,gso=off,host_tso4=off,host_tso6=off,guest_tso4=off,guest_tso6=off,host_ufo=off,guest_ufo=off,mrg_rxbuf=off"]);
+                q.push(run_one(
+                    c,
+                    &ns_name,
+                    a.blk_mib << 20,
+                    a.net_mib << 20,
+                    timeout,
+                )?);
+            }
+        }
     }
     println!(
         "virtio throughput: kernel {}, {} MiB guest, {} run(s) each (alternating), medians, MB/s",
@@ -323,7 +330,7 @@ fn run_one(
     }
     let (t0, t1) = (field("start="), field("end="));
     let blk_secs = match (t0, t1) {
-        (Some(a), Some(b)) if b > a => b - a,
+        (Some(a), Some(b)) if b > a => (b - a) / 1e9,
         _ => return Err(format!("bad BLK line: {blk}")),
     };
     let (net_bytes, net) = sink
