@@ -95,7 +95,7 @@ pub fn startup(series: &[Series], title: &str, path: &Path) -> Result<(), String
                 String::new()
             }
         })
-        .y_desc("seconds (median)")
+        .y_desc("seconds (each stage's median, stacked)")
         .label_style(("sans-serif", 15))
         .draw()
         .map_err(err(path))?;

@@ -371,12 +371,11 @@ pub fn guest_ram(pid: u32, mem_mib: u64) -> Option<GuestRam> {
     guest_ram_from_smaps(&smaps, mem_mib)
 }
 
-/// Finds guest RAM in an smaps text: a run of adjacent writable private
-/// mappings whose sizes add up to the guest memory size (QEMU adds up to
+/// Finds guest RAM in an smaps text: a run of adjacent writable mappings whose sizes add up to the guest memory size (QEMU adds up to
 /// 4 MiB of alignment). A run, not one mapping: madvise splits husk's
 /// mapping, and husk maps the kernel's segments from its file into it.
 fn guest_ram_from_smaps(smaps: &str, mem_mib: u64) -> Option<GuestRam> {
-    // (start, end, writable private, rss, pss)
+    // (start, end, writable, rss, pss)
     let mut maps: Vec<(u64, u64, bool, u64, u64)> = Vec::new();
     for line in smaps.lines() {
         let mut parts = line.split_whitespace();
@@ -389,9 +388,9 @@ fn guest_ram_from_smaps(smaps: &str, mem_mib: u64) -> Option<GuestRam> {
             else {
                 continue;
             };
-            let perms = parts.next().unwrap_or("");
-            let private = perms.ends_with('p') && perms.starts_with("rw");
-            maps.push((start, end, private, 0, 0));
+            // Private, or shared (memfd memory that virtiofsd maps too).
+            let writable = parts.next().unwrap_or("").starts_with("rw");
+            maps.push((start, end, writable, 0, 0));
         } else if let Some(m) = maps.last_mut() {
             if let Some(v) = line.strip_prefix("Rss:") {
                 m.3 = kib(v);
@@ -406,8 +405,8 @@ fn guest_ram_from_smaps(smaps: &str, mem_mib: u64) -> Option<GuestRam> {
         let mut size = 0;
         let mut ram = GuestRam::default();
         for j in i..maps.len() {
-            let (start, end, private, rss, pss) = maps[j];
-            if !private || (j > i && maps[j - 1].1 != start) {
+            let (start, end, writable, rss, pss) = maps[j];
+            if !writable || (j > i && maps[j - 1].1 != start) {
                 break;
             }
             size += end - start;
@@ -504,7 +503,7 @@ Pss:                 100 kB
 7f0002000000-7f0008000000 rw-p 00000000 00:00 0
 Rss:                 500 kB
 Pss:                 500 kB
-7f0008000000-7f0008001000 r--p 00000000 fe:01 1234    /usr/bin/husk
+7f0008000000-7f0008001000 r--s 00000000 fe:01 1234    /usr/bin/husk
 Rss:                   4 kB
 Pss:                   4 kB
 7f0009000000-7f0009100000 rw-p 00000000 00:00 0
