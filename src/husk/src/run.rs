@@ -142,17 +142,7 @@ pub fn cmd_run(a: RunArgs, process_start_ns: u64) -> i32 {
     }
 }
 
-/// The flag, else $HUSK_BOOT_TIMEOUT, else 30 s (ample on VT-x hosts,
-/// where a guest boots in well under a second).
-pub(crate) fn boot_timeout(flag: Option<u64>) -> Result<u64, RuntimeError> {
-    match (flag, std::env::var("HUSK_BOOT_TIMEOUT")) {
-        (Some(s), _) => Ok(s),
-        (None, Ok(v)) => v.trim().parse().map_err(|_| {
-            RuntimeError::Invalid(format!("invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"))
-        }),
-        (None, Err(_)) => Ok(30),
-    }
-}
+pub(crate) use husk_runtime::boot_timeout;
 
 /// `-e K` takes husk's own value of K (dropped when unset), as docker.
 fn env_flags(env: &[String]) -> Vec<String> {

@@ -229,7 +229,9 @@ fn one_sandbox_serves_every_process_check() {
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();
-    let mut control = sandbox.control(deadline, boot_timeout().as_secs()).unwrap();
+    let mut control = sandbox
+        .control(deadline, boot_timeout().as_secs(), None)
+        .unwrap();
     // The container's init only keeps it alive; each check is an exec.
     let mut spec = husk_runtime::spec::build(&husk_runtime::spec::RunSpec {
         args: vec!["sleep".into(), "100000".into()],

@@ -1,7 +1,7 @@
 //! The handshake and a blocking host-side client over any `Read + Write`
 //! stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 
 use crate::frame::{read_frame, write_frame, FrameError};
@@ -45,6 +45,25 @@ pub enum ProtoError {
         /// What came back.
         response: Box<Response>,
     },
+    /// The agent said something no agent may say (a response to a request
+    /// never sent, an exit code out of range): it is not trusted further.
+    #[error("invalid answer from the agent: {0}")]
+    Invalid(String),
+}
+
+/// An exit status as a process can have one (shell-style code 0-255,
+/// signal 1-64), or [`ProtoError::Invalid`].
+pub fn check_exit(status: ExitStatus) -> Result<ExitStatus, ProtoError> {
+    if !(0..=255).contains(&status.exit_code) {
+        return Err(ProtoError::Invalid(format!(
+            "exit code {} (out of range)",
+            status.exit_code
+        )));
+    }
+    if let Some(sig) = status.signal.filter(|s| !(1..=64).contains(s)) {
+        return Err(ProtoError::Invalid(format!("signal {sig} (out of range)")));
+    }
+    Ok(status)
 }
 
 /// Sends our `Hello`, reads the peer's and checks the versions match. Both
@@ -75,12 +94,17 @@ pub fn check_version(ours: &Hello, theirs: &Hello) -> Result<(), ProtoError> {
 
 /// A blocking control-connection client. Requests may be pipelined with
 /// [`Client::send`]; [`Client::receive`] returns the response to one id and
-/// keeps responses to other ids for later.
+/// keeps responses to other outstanding ids for later. A response to an id
+/// that is not outstanding (never sent, or already answered) is an error,
+/// so what the client keeps is bounded by what it sent.
 #[derive(Debug)]
 pub struct Client<S> {
     stream: S,
     peer: Hello,
     next_id: u64,
+    /// Sent, not yet answered.
+    outstanding: HashSet<u64>,
+    /// Answered, not yet received.
     pending: HashMap<u64, Outcome>,
 }
 
@@ -92,8 +116,14 @@ impl<S: Read + Write> Client<S> {
             stream,
             peer,
             next_id: 1,
+            outstanding: HashSet::new(),
             pending: HashMap::new(),
         })
+    }
+
+    /// The underlying stream (e.g. to change its read timeout).
+    pub fn get_ref(&self) -> &S {
+        &self.stream
     }
 
     /// The agent's `Hello`.
@@ -106,6 +136,7 @@ impl<S: Read + Write> Client<S> {
         let id = self.next_id;
         self.next_id += 1;
         write_frame(&mut self.stream, &RequestFrame { id, request })?;
+        self.outstanding.insert(id);
         Ok(id)
     }
 
@@ -114,7 +145,18 @@ impl<S: Read + Write> Client<S> {
         let outcome = match self.pending.remove(&id) {
             Some(outcome) => outcome,
             None => loop {
+                if !self.outstanding.contains(&id) {
+                    return Err(ProtoError::Invalid(format!(
+                        "no request {id} is waiting for an answer"
+                    )));
+                }
                 let frame: ResponseFrame = read_frame(&mut self.stream)?;
+                if !self.outstanding.remove(&frame.id) {
+                    return Err(ProtoError::Invalid(format!(
+                        "a response to request {}, which is not outstanding",
+                        frame.id
+                    )));
+                }
                 if frame.id == id {
                     break frame.result;
                 }
@@ -169,9 +211,10 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// `Wait` (blocks until the process exits).
+    /// The status is checked: an exit code 0-255, a signal 1-64.
     pub fn wait(&mut self, req: ProcessRef) -> Result<ExitStatus, ProtoError> {
         match self.call(Request::Wait(req))? {
-            Response::Exited(status) => Ok(status),
+            Response::Exited(status) => check_exit(status),
             other => Err(unexpected("wait", other)),
         }
     }

@@ -449,6 +449,89 @@ fn client_matches_out_of_order_responses_and_types_errors() {
     agent.join().unwrap();
 }
 
+/// An agent that answers every request with `answers` (id, result) in
+/// order, whatever was asked.
+fn scripted_agent(mut s: UnixStream, answers: Vec<(u64, Outcome)>) {
+    handshake(&mut s, &Hello::new("hostile-agent", "0")).unwrap();
+    for (id, result) in answers {
+        if read_frame::<_, RequestFrame>(&mut s).is_err() {
+            return;
+        }
+        if write_frame(&mut s, &ResponseFrame { id, result }).is_err() {
+            return;
+        }
+    }
+}
+
+fn exited(exit_code: i32, signal: Option<i32>) -> Outcome {
+    Outcome::Ok(Response::Exited(ExitStatus {
+        exit_code,
+        signal,
+        oom_killed: false,
+        output_drained: true,
+        timestamps: Timestamps::default(),
+    }))
+}
+
+fn wait_req() -> ProcessRef {
+    ProcessRef {
+        container_id: "c1".into(),
+        exec_id: None,
+    }
+}
+
+#[test]
+fn responses_to_requests_never_sent_are_refused_not_kept() {
+    // Each answer names an id the client never used: the client must not
+    // keep it (a flood of them would grow without bound) but fail.
+    for bogus in [0, 2, 99, u64::MAX] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || scripted_agent(b, vec![(bogus, exited(0, None))]));
+        let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+        let err = client.wait(wait_req()).unwrap_err();
+        assert!(matches!(err, ProtoError::Invalid(_)), "{bogus}: {err}");
+        drop(client);
+        agent.join().unwrap();
+    }
+    // An id answered twice: the second answer is refused too.
+    let (a, b) = UnixStream::pair().unwrap();
+    let agent =
+        thread::spawn(move || scripted_agent(b, vec![(1, exited(0, None)), (1, exited(0, None))]));
+    let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+    client.wait(wait_req()).unwrap();
+    let err = client.wait(wait_req()).unwrap_err();
+    assert!(matches!(err, ProtoError::Invalid(_)), "{err}");
+    // Receiving an id that is not outstanding fails without reading.
+    assert!(matches!(client.receive(7), Err(ProtoError::Invalid(_))));
+    drop(client);
+    agent.join().unwrap();
+}
+
+#[test]
+fn exit_statuses_out_of_range_are_errors() {
+    for (code, signal, ok) in [
+        (0, None, true),
+        (255, None, true),
+        (137, Some(9), true),
+        (256, None, false),
+        (-1, None, false),
+        (i32::MAX, None, false),
+        (128, Some(0), false),
+        (128, Some(65), false),
+    ] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || scripted_agent(b, vec![(1, exited(code, signal))]));
+        let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+        let got = client.wait(wait_req());
+        assert_eq!(got.is_ok(), ok, "{code} {signal:?}: {got:?}");
+        if let Err(e) = got {
+            assert!(matches!(e, ProtoError::Invalid(_)), "{e}");
+        }
+        drop(client);
+        agent.join().unwrap();
+    }
+}
+
 #[test]
 fn a_peer_closing_mid_frame_is_reported() {
     let (mut a, mut b) = UnixStream::pair().unwrap();

@@ -11,6 +11,19 @@ pub mod shares;
 pub mod spec;
 pub mod uds;
 
+/// Seconds a guest may take to boot and its agent to answer: the flag,
+/// else $HUSK_BOOT_TIMEOUT, else 30 s (ample on VT-x hosts, where a guest
+/// boots in well under a second).
+pub fn boot_timeout(flag: Option<u64>) -> Result<u64, RuntimeError> {
+    match (flag, std::env::var("HUSK_BOOT_TIMEOUT")) {
+        (Some(s), _) => Ok(s),
+        (None, Ok(v)) => v.trim().parse().map_err(|_| {
+            RuntimeError::Invalid(format!("invalid HUSK_BOOT_TIMEOUT {v:?}: expected seconds"))
+        }),
+        (None, Err(_)) => Ok(30),
+    }
+}
+
 /// Errors of the host side of a container. Each is one line for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

@@ -244,7 +244,8 @@ impl Session {
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
-        let mut control = sandbox.control(deadline, budget)?;
+        // Replies to set-up requests are bounded; `wait` lifts the bound.
+        let mut control = sandbox.control(deadline, budget, Some(c.boot_timeout))?;
         if !c.network.links.is_empty() {
             control
                 .configure_network(c.network.guest())
@@ -318,7 +319,10 @@ impl Session {
     /// output, ends the VM; returns the container's exit status.
     pub fn wait(mut self) -> Result<ExitStatus, RuntimeError> {
         let done = Arc::new(AtomicBool::new(false));
-        let forwarder = match self.sandbox.control(self.deadline, self.budget) {
+        // Signal and resize replies are quick; an agent that does not
+        // send one must not hang husk when the container ends.
+        let reply = Some(self.boot_timeout);
+        let forwarder = match self.sandbox.control(self.deadline, self.budget, reply) {
             Ok(c) => Some(forward_signals(self.sigfd, c, done.clone())),
             Err(e) => {
                 tracing::warn!("signals will not be forwarded: {e}");
@@ -326,7 +330,7 @@ impl Session {
             }
         };
         let resizer = match self.pty {
-            true => match self.sandbox.control(self.deadline, self.budget) {
+            true => match self.sandbox.control(self.deadline, self.budget, reply) {
                 Ok(c) => Some(watch_winsize(c, None, done.clone())),
                 Err(e) => {
                     tracing::warn!("terminal resizes will not be forwarded: {e}");
@@ -335,6 +339,10 @@ impl Session {
             },
             false => None,
         };
+        self.control
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| RuntimeError::Io("agent connection".into(), e))?;
         let status = self
             .control
             .wait(ProcessRef {

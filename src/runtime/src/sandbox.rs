@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use husk_proto::Client;
 use husk_proto::{read_frame, write_frame};
-use husk_proto::{Hello, CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_proto::{StreamHello, StreamReply};
+use husk_proto::{CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_vmm::builder::FirstRunProbe;
 use husk_vmm::config::{Console, DiskConfig, FsConfig, VmConfig, VsockConfig};
 use husk_vmm::vstate::vcpu::ExitLatch;
@@ -155,17 +155,17 @@ impl Sandbox {
         }
     }
 
-    /// A control connection to the agent, after the handshake.
+    /// A control connection to the agent, after the handshake (answered
+    /// by `deadline`); each later reply may take up to `reply` (None: no
+    /// bound, for `Wait`).
     pub fn control(
         &self,
         deadline: Instant,
         budget: u64,
+        reply: Option<Duration>,
     ) -> Result<Client<UnixStream>, RuntimeError> {
         let s = self.connect(CONTROL_PORT, deadline, budget)?;
-        Ok(Client::connect(
-            s,
-            &Hello::new("husk", env!("CARGO_PKG_VERSION")),
-        )?)
+        uds::client(s, deadline, reply)
     }
 
     /// A stdio stream of a process, attached.
@@ -175,7 +175,11 @@ impl Sandbox {
         deadline: Instant,
         budget: u64,
     ) -> Result<UnixStream, RuntimeError> {
-        attach_stream(self.connect(STDIO_PORT, deadline, budget)?, &hello)
+        uds::attach(
+            self.connect(STDIO_PORT, deadline, budget)?,
+            &hello,
+            deadline,
+        )
     }
 
     /// The StreamHello for a container's init process.

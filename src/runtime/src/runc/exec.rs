@@ -16,7 +16,6 @@ use oci_spec::runtime::Process;
 use super::store::{write_atomic, Container, Status};
 use super::{bundle, console, detach, lifecycle};
 use crate::run::{attach_stdio, watch_winsize, CONTAINER_ID, UNDRAINED_GRACE};
-use crate::sandbox::attach_stream;
 use crate::{spec, uds, RuntimeError};
 
 /// How long the process's output may take to arrive after it exited.
@@ -204,7 +203,7 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
     let exec_id = format!("exec-{}", unique());
     let done = Arc::new(AtomicBool::new(false));
     let started = (|| {
-        let mut client = lifecycle::agent(dir)?;
+        let mut client = lifecycle::agent_waiting(dir)?;
         client.exec(Exec {
             container_id: CONTAINER_ID.into(),
             exec_id: exec_id.clone(),
@@ -221,7 +220,8 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
                 exec_id: Some(exec_id.clone()),
                 stream: kind,
             };
-            attach_stream(s, &hello)
+            let answer = Duration::from_secs(crate::boot_timeout(None)?);
+            uds::attach(s, &hello, Instant::now() + answer)
         };
         // A terminal of ours: the user's (foreground), or the pty whose
         // master went to the console socket (a detached helper's stdio).
@@ -265,11 +265,6 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
     if let Some(t) = resizer {
         let _ = t.join();
     }
-    if !(0..=255).contains(&status.exit_code) {
-        return Err(RuntimeError::Invalid(format!(
-            "the agent reported exit code {} (out of range)",
-            status.exit_code
-        )));
-    }
+    // In range: the protocol client checked it.
     Ok(status.exit_code)
 }

@@ -6,7 +6,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_proto::{Client, Hello, Signal, CONTROL_PORT};
+use husk_proto::{Client, Signal, CONTROL_PORT};
 
 use super::hooks::{self, HookState, Stage};
 use super::store::{process_alive, Container, Status};
@@ -20,15 +20,25 @@ const AGENT_CONNECT: Duration = Duration::from_secs(10);
 /// How long a SIGKILLed VMM process may take to go away.
 const VMM_EXIT: Duration = Duration::from_secs(10);
 
-/// A control connection to the agent of the container in `dir`.
+/// A control connection to the agent of the container in `dir`; each
+/// reply may take up to the boot timeout ($HUSK_BOOT_TIMEOUT).
 pub fn agent(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
+    let reply = Duration::from_secs(crate::boot_timeout(None)?);
+    agent_with(dir, Some(reply))
+}
+
+/// As [`agent`], with replies unbounded: for `Wait`, which lasts as long
+/// as the process.
+pub fn agent_waiting(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
+    agent_with(dir, None)
+}
+
+fn agent_with(dir: &Path, reply: Option<Duration>) -> Result<Client<UnixStream>, RuntimeError> {
     let sock = super::store::vsock_path(dir);
-    let s = uds::connect(&sock, CONTROL_PORT, Instant::now() + AGENT_CONNECT)
+    let deadline = Instant::now() + AGENT_CONNECT;
+    let s = uds::connect(&sock, CONTROL_PORT, deadline)
         .map_err(|e| RuntimeError::Io(format!("the container's agent ({})", sock.display()), e))?;
-    Ok(Client::connect(
-        s,
-        &Hello::new("husk", env!("CARGO_PKG_VERSION")),
-    )?)
+    uds::client(s, deadline, reply)
 }
 
 fn id_of(c: &Container) -> String {

@@ -152,14 +152,8 @@ pub fn serve(dir: &Path) -> i32 {
     };
     detach::report(ready, "ok");
     match session.wait() {
-        Ok(st) if (0..=255).contains(&st.exit_code) => st.exit_code,
-        Ok(st) => {
-            tracing::error!(
-                "the agent reported exit code {} (out of range)",
-                st.exit_code
-            );
-            LOST
-        }
+        // In range: the protocol client checked it.
+        Ok(st) => st.exit_code,
         Err(e) => {
             tracing::error!("{e}");
             LOST
