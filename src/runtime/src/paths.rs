@@ -86,8 +86,18 @@ pub fn new_run_dir(tag: &str) -> Result<PathBuf, RuntimeError> {
     std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
     let dir = base.join(format!("{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
+    private_dir(&dir)?;
     Ok(dir)
+}
+
+/// Creates `dir` for this user only: it holds the VM's vsock socket,
+/// through which the agent's ports are reached.
+fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| RuntimeError::Io(dir.display().to_string(), e))
 }
 
 /// The run directory of a named container, with the name's lock held (a
@@ -122,6 +132,24 @@ pub fn claim_name(name: &str) -> Result<(PathBuf, std::fs::File), RuntimeError> 
     }
     let dir = base.join(format!("name-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).map_err(|e| RuntimeError::Io(dir.display().to_string(), e))?;
+    private_dir(&dir)?;
     Ok((dir, lock))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dirs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("husk-paths-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let d = base.join("run-x");
+        private_dir(&d).unwrap();
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(private_dir(&d).is_err(), "an existing dir is not reused");
+        std::fs::remove_dir_all(base).unwrap();
+    }
 }

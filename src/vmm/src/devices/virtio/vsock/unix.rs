@@ -5,7 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -33,8 +33,47 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 
 /// Connects a non-blocking stream socket to `path`. A listener whose
 /// backlog is full answers `WouldBlock` instead of stalling the caller.
+///
+/// The guest picks the port, and so the path: only a socket this process's
+/// user owns is connected to, never through a symlink (the path is opened
+/// with `O_PATH | O_NOFOLLOW`, checked, and connected to through
+/// `/proc/self/fd`, so it cannot be swapped in between).
 pub(super) fn connect(path: &Path) -> io::Result<UnixStream> {
-    let (addr, len) = sockaddr(path)?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path contains NUL"))?;
+    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fstat(2) writes only into the stat buffer we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor; `st` is a valid out-pointer.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "not a socket (symlinks are not followed)",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if st.st_uid != unsafe { libc::geteuid() } {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the socket belongs to uid {}", st.st_uid),
+        ));
+    }
+    let via = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let (addr, len) = sockaddr(Path::new(&via))?;
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -138,6 +177,10 @@ pub(super) fn listen(path: &Path) -> Result<UnixListener, VsockError> {
     }
     sockaddr(path).map_err(|e| VsockError::Bind(shown(), e))?;
     let listener = UnixListener::bind(path).map_err(|e| VsockError::Bind(shown(), e))?;
+    // Whoever connects reaches the guest's ports (the agent among them):
+    // this user only, whatever the umask.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| VsockError::Bind(shown(), e))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| VsockError::Bind(shown(), e))?;
@@ -191,6 +234,51 @@ mod tests {
         drop(a);
         let e = send(c.as_raw_fd(), b"x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn guest_connections_follow_no_symlink_and_reach_only_our_sockets() {
+        use std::os::unix::fs::MetadataExt;
+        let d = dir("nofollow");
+        let real = d.join("real");
+        let l = UnixListener::bind(&real).unwrap();
+        let link = d.join("v.sock_5");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = connect(&link).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        let file = d.join("v.sock_6");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(
+            connect(&file).unwrap_err().kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        // Our own socket: connected (through /proc/self/fd).
+        let c = connect(&real).unwrap();
+        let (a, _) = l.accept().unwrap();
+        assert_eq!(send(c.as_raw_fd(), b"ok").unwrap(), 2);
+        let mut b = [0u8; 2];
+        assert_eq!(peek(a.as_raw_fd(), &mut b).unwrap(), 2);
+        // Someone else's socket (as root, the test can make one).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&real, Some(65534), None).unwrap();
+            assert_eq!(std::fs::metadata(&real).unwrap().uid(), 65534);
+            let e = connect(&real).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        }
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn the_listening_socket_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("mode");
+        let p = d.join("v.sock");
+        // Whatever the umask (the test runner's is usually 022).
+        let _l = listen(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         std::fs::remove_dir_all(d).unwrap();
     }
 }
