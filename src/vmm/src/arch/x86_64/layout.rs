@@ -15,10 +15,10 @@
 //! 0x1_0000_0000 RAM above 4 GiB, when the guest has more than MMIO_GAP_START
 //! ```
 
-/// Start of the GDT the vCPUs are entered with.
 /// Guest page size (4 KiB).
 pub const PAGE_SIZE: u64 = 0x1000;
 
+/// Start of the GDT the vCPUs are entered with.
 pub const GDT_START: u64 = 0x500;
 /// Start of the (empty) IDT the vCPUs are entered with.
 pub const IDT_START: u64 = 0x520;
