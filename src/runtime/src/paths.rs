@@ -92,7 +92,7 @@ pub fn new_run_dir(tag: &str) -> Result<PathBuf, RuntimeError> {
 
 /// Creates `dir` for this user only: it holds the VM's vsock socket,
 /// through which the agent's ports are reached.
-fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
+pub(crate) fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .mode(0o700)

@@ -96,10 +96,7 @@ fn prepare(dir: &Path) -> Result<SessionConfig, RuntimeError> {
     // The state dir is new, so a VM dir of the same name is a leftover of
     // an earlier container of that name whose state dir was removed by hand.
     let _ = std::fs::remove_dir_all(&session.run_dir);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&session.run_dir)
-        .map_err(|e| RuntimeError::Io(session.run_dir.display().to_string(), e))?;
+    crate::paths::private_dir(&session.run_dir)?;
     Ok(session)
 }
 
