@@ -211,23 +211,8 @@ impl Run<'_> {
     fn start_one(&mut self, bundle: &Path, i: usize) -> Result<(), String> {
         let timeout = Duration::from_secs(self.common.timeout);
         if let Kind::Qemu { initrd, .. } = self.kind {
-            let mut q = self.runtime();
-            q.args(peers::QEMU_MICROVM)
-                .args([
-                    "-m",
-                    &husk_runtime::run::vm_mem_mib(None).to_string(),
-                    "-smp",
-                    "1",
-                ])
-                .arg("-kernel")
-                .arg(self.kernel)
-                .arg("-initrd")
-                .arg(initrd)
-                .arg("-append")
-                .arg(husk_vmm::config::guest_cmdline(
-                    &Default::default(),
-                    husk_vmm::vstate::kvm::is_pvm_host(),
-                ));
+            let mut q = peers::qemu_sandbox(self.runtime(), self.kernel, None);
+            q.arg("-initrd").arg(initrd);
             self.vms
                 .push(ConsoleVm::start(q, "HUSK-BENCH-IDLE", timeout)?);
             return Ok(());
@@ -240,10 +225,10 @@ impl Run<'_> {
         }
         create.arg("--bundle").arg(bundle).arg(&id);
         self.ids.push(id.clone());
-        peers::timed(create)?;
+        peers::timed(create, "create")?;
         let mut start = self.runtime();
         start.args(["start", &id]);
-        peers::timed(start)?;
+        peers::timed(start, "start")?;
         Ok(())
     }
 
@@ -324,10 +309,10 @@ impl Run<'_> {
         for id in std::mem::take(&mut self.ids) {
             let mut kill = self.runtime();
             kill.args(["kill", &id, "KILL"]);
-            let _ = peers::timed(kill);
+            let _ = peers::timed(kill, "kill");
             let mut delete = self.runtime();
             delete.args(["delete", "--force", &id]);
-            let _ = peers::timed(delete);
+            let _ = peers::timed(delete, "delete");
         }
         reap_detached(Duration::from_secs(self.common.timeout));
     }

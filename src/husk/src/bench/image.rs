@@ -13,6 +13,7 @@ use husk_image::oci::store::StoreLock;
 use husk_image::oci::{disk, ImageRecord, ImageRef, Store};
 
 use super::median;
+use super::peers::timed;
 
 /// `husk bench image` arguments.
 #[derive(Args)]
@@ -74,25 +75,6 @@ fn husk_run(root: &Path, a: &ImageBenchArgs, g: &Guest) -> Result<Command, Strin
         .arg("--kernel")
         .arg(&g.kernel);
     Ok(c)
-}
-
-/// Runs `c` to completion; its wall time, or its last stderr line.
-fn timed(mut c: Command, what: &str) -> Result<f64, String> {
-    let t0 = Instant::now();
-    let o = c
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let wall = t0.elapsed().as_secs_f64();
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        return Err(format!(
-            "{what} failed ({}): {}",
-            o.status,
-            err.lines().last().unwrap_or("")
-        ));
-    }
-    Ok(wall)
 }
 
 fn pull(root: &Path, a: &ImageBenchArgs) -> Result<f64, String> {

@@ -160,11 +160,11 @@ pub fn oci_runtime(bin: &Path) -> Command {
     c
 }
 
-/// Runs `c` to completion: its wall time in seconds, or an error with its
-/// last stderr line. Its stdout is discarded and its stderr goes to a file,
+/// Runs `c` (named `what` in errors) to completion: its wall time in
+/// seconds, or an error with its last stderr line. Its stdout is discarded and its stderr goes to a file,
 /// not a pipe: a runtime's `create` leaves a process behind (husk's VMM,
 /// runc's init) that inherits them and would hold a pipe open.
-pub fn timed(mut c: Command) -> Result<f64, String> {
+pub fn timed(mut c: Command, what: &str) -> Result<f64, String> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
     let err_path = std::env::temp_dir().join(format!(
@@ -183,13 +183,9 @@ pub fn timed(mut c: Command) -> Result<f64, String> {
     let wall = t0.elapsed().as_secs_f64();
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     let _ = std::fs::remove_file(&err_path);
-    let status = status.map_err(|e| format!("{:?}: {e}", c.get_program()))?;
+    let status = status.map_err(|e| format!("{what}: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "{:?} {status}: {}",
-            c.get_program(),
-            last_line(&err)
-        ));
+        return Err(format!("{what} failed ({status}): {}", last_line(&err)));
     }
     Ok(wall)
 }
@@ -218,6 +214,25 @@ pub const QEMU_MICROVM: &[&str] = &[
     "stdio",
     "-no-reboot",
 ];
+
+/// QEMU microvm shaped as husk's sandbox VM: the same memory, one vCPU,
+/// `kernel` booted with `cmdline` (default: husk's) plus what husk adds on
+/// this host (the kvm_pvm workarounds). `qemu` is the QEMU command.
+pub fn qemu_sandbox(mut qemu: Command, kernel: &Path, cmdline: Option<String>) -> Command {
+    let cfg = husk_vmm::config::VmConfig {
+        cmdline,
+        ..Default::default()
+    };
+    let line = husk_vmm::config::guest_cmdline(&cfg, husk_vmm::vstate::kvm::is_pvm_host());
+    let mem = husk_runtime::run::vm_mem_mib(None).to_string();
+    qemu.args(QEMU_MICROVM)
+        .args(["-m", &mem, "-smp", "1"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-append")
+        .arg(line);
+    qemu
+}
 
 /// A VM (husk or QEMU) whose console is on its stdout, started and
 /// watched until a line contains `marker`.

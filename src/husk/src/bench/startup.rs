@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_vmm::config::{self, VmConfig};
 use serde_json::json;
 
 use super::native;
 use super::peers::{self, ConsoleVm, Skipped};
-use super::stats::{print_table, ratio, round_order, Series};
+use super::stats::{print_table, ratio, round_order, stage_names, Series};
 use super::Common;
 
 /// husk's stages (`husk run --timing`), in order; they add up to the total.
@@ -189,7 +188,7 @@ fn run_peer(
             let id = format!("husk-bench-{}-{round}", std::process::id());
             let mut cmd = peers::oci_runtime(bin);
             cmd.args(["run", "--bundle"]).arg(bundle).arg(&id);
-            let total = peers::timed(cmd)?;
+            let total = peers::timed(cmd, "run")?;
             Ok((vec![total * 1e3], total))
         }
         Peer::Qemu { bin, disks } => {
@@ -264,23 +263,8 @@ fn timing_fields(line: &str) -> Vec<f64> {
 
 /// QEMU microvm with the sandbox's kernel, command line, memory and disks.
 fn qemu_command(bin: &Path, kernel: &Path, disks: &[PathBuf; 2]) -> Command {
-    let cfg = VmConfig {
-        cmdline: Some(husk_runtime::sandbox::sandbox_cmdline()),
-        ..Default::default()
-    };
-    let cmdline = config::guest_cmdline(&cfg, husk_vmm::vstate::kvm::is_pvm_host());
-    let mut q = Command::new(bin);
-    q.args(peers::QEMU_MICROVM)
-        .args([
-            "-m",
-            &husk_runtime::run::vm_mem_mib(None).to_string(),
-            "-smp",
-            "1",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-append")
-        .arg(cmdline);
+    let cmdline = Some(husk_runtime::sandbox::sandbox_cmdline());
+    let mut q = peers::qemu_sandbox(Command::new(bin), kernel, cmdline);
     for (i, d) in disks.iter().enumerate() {
         q.arg("-drive")
             .arg(format!(
@@ -301,16 +285,8 @@ pub fn print(s: &Startup, runs: usize) {
     let mut rows = vec![std::iter::once("stage (ms)".to_string())
         .chain(s.series.iter().map(|x| x.name.clone()))
         .collect::<Vec<_>>()];
-    let mut stage_names: Vec<&String> = Vec::new();
-    for x in &s.series {
-        for st in &x.stages {
-            if !stage_names.contains(&st) {
-                stage_names.push(st);
-            }
-        }
-    }
-    for st in stage_names {
-        let mut row = vec![st.clone()];
+    for st in stage_names(&s.series) {
+        let mut row = vec![st.to_string()];
         for x in &s.series {
             row.push(x.stage_named(st).cell(1));
         }

@@ -12,12 +12,22 @@ pub fn median(v: Vec<f64>) -> f64 {
 
 /// The `p`th percentile (0-100) by linear interpolation between the
 /// closest ranks (as numpy's default); NaN when there is no sample.
-pub fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+pub fn percentile(v: Vec<f64>, p: f64) -> f64 {
+    at_percentile(&sorted(v), p)
+}
+
+/// The samples that are numbers, in order.
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.retain(|x| !x.is_nan());
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// The `p`th percentile of sorted samples.
+fn at_percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(f64::total_cmp);
     let rank = (p.clamp(0.0, 100.0) / 100.0) * (v.len() - 1) as f64;
     let lo = rank.floor() as usize;
     let hi = rank.ceil() as usize;
@@ -35,11 +45,12 @@ pub struct Summary {
 
 impl Summary {
     pub fn of(v: &[f64]) -> Self {
+        let v = sorted(v.to_vec());
         Self {
-            median: median(v.to_vec()),
-            p10: percentile(v.to_vec(), 10.0),
-            p90: percentile(v.to_vec(), 90.0),
-            n: v.iter().filter(|x| !x.is_nan()).count(),
+            median: at_percentile(&v, 50.0),
+            p10: at_percentile(&v, 10.0),
+            p90: at_percentile(&v, 90.0),
+            n: v.len(),
         }
     }
 
@@ -177,6 +188,17 @@ impl Series {
             "totals_s": self.totals,
         })
     }
+}
+
+/// Every stage name of `series`, each once, in first-seen order.
+pub fn stage_names(series: &[Series]) -> Vec<&str> {
+    let mut names: Vec<&str> = Vec::new();
+    for st in series.iter().flat_map(|s| &s.stages) {
+        if !names.contains(&st.as_str()) {
+            names.push(st);
+        }
+    }
+    names
 }
 
 #[cfg(test)]
