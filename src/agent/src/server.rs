@@ -14,9 +14,12 @@ use crate::log;
 use crate::stdio::serve_stdio;
 use crate::transport::{Conn, Listener};
 
-/// The agent's `Hello`.
+/// The agent's `Hello`, stamped with its clock.
 pub fn agent_hello() -> Hello {
-    Hello::new("husk-agent", env!("CARGO_PKG_VERSION"))
+    Hello {
+        clock_ns: Some(crate::sys::boottime_ns()),
+        ..Hello::new("husk-agent", env!("CARGO_PKG_VERSION"))
+    }
 }
 
 /// Accepts control connections forever, one thread each.

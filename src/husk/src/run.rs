@@ -206,9 +206,12 @@ fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeE
 
 /// `husk run --timing`'s stages, in ms, which add up to the total: process
 /// start → first KVM_RUN (image, agent disk, VM build) → agent started
-/// (guest kernel boot; the guest's CLOCK_BOOTTIME is ~0 at the first
-/// KVM_RUN) → agent ready → container created → exec → exit → this line
-/// (output drained, VM torn down).
+/// (guest kernel boot) → agent ready → container created → exec → exit →
+/// this line (output drained, VM torn down). The agent's stamps are put on
+/// the host's clock through its stamped Hello (`clock_err_ms` is that
+/// mapping's bound); an agent without one leaves them on the guest's boot
+/// clock, which starts after the first KVM_RUN, and the line says
+/// `guest_clock=unmapped`.
 fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
     let t = &outcome.status.timestamps;
     let ms = |ns: u64| ns as f64 / 1e6;
@@ -217,24 +220,32 @@ fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
     let created = t.created_ns.unwrap_or(t.agent_ready_ns);
     let exec = t.exec_ns.unwrap_or(created);
     let exited = t.exited_ns.unwrap_or(exec);
-    let guest = [
-        t.agent_started_ns,
+    let kernel = match outcome.guest_clock {
+        Some(c) => c.to_host(t.agent_started_ns).saturating_sub(first),
+        None => t.agent_started_ns,
+    };
+    let stages = [
+        first.saturating_sub(process_start_ns),
+        kernel,
         t.agent_ready_ns.saturating_sub(t.agent_started_ns),
         created.saturating_sub(t.agent_ready_ns),
         exec.saturating_sub(created),
         exited.saturating_sub(exec),
     ];
-    let host_start = first.saturating_sub(process_start_ns);
     let total = now.saturating_sub(process_start_ns);
-    let teardown = total.saturating_sub(host_start + guest.iter().sum::<u64>());
+    let teardown = total.saturating_sub(stages.iter().sum::<u64>());
+    let clock = match outcome.guest_clock {
+        Some(c) => format!("clock_err_ms={:.1}", ms(c.error_ns)),
+        None => "guest_clock=unmapped".into(),
+    };
     format!(
-        "husk-timing: first_kvm_run_ms={:.1} guest_kernel_ms={:.1} agent_ready_ms={:.1} create_ms={:.1} exec_ms={:.1} run_ms={:.1} teardown_ms={:.1} total_ms={:.1}",
-        ms(host_start),
-        ms(guest[0]),
-        ms(guest[1]),
-        ms(guest[2]),
-        ms(guest[3]),
-        ms(guest[4]),
+        "husk-timing: first_kvm_run_ms={:.1} guest_kernel_ms={:.1} agent_ready_ms={:.1} create_ms={:.1} exec_ms={:.1} run_ms={:.1} teardown_ms={:.1} total_ms={:.1} {clock}",
+        ms(stages[0]),
+        ms(stages[1]),
+        ms(stages[2]),
+        ms(stages[3]),
+        ms(stages[4]),
+        ms(stages[5]),
         ms(teardown),
         ms(total),
     )
@@ -271,4 +282,75 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         eprintln!("{}", timing_line(&outcome, process_start_ns));
     }
     Ok(st.exit_code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_proto::{ExitStatus, Timestamps};
+    use husk_runtime::clock::GuestClock;
+
+    fn field(line: &str, key: &str) -> f64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {line}"))
+    }
+
+    #[test]
+    fn timing_stages_are_on_the_host_clock_and_add_up() {
+        const S: u64 = 1_000_000_000;
+        let start = husk_vmm::vstate::vcpu::monotonic_ns() - 20 * S;
+        // The guest's clock starts 3 s after the first KVM_RUN (1 s after
+        // process start); the agent starts 2 s later on that clock.
+        let outcome = run::RunOutcome {
+            status: ExitStatus {
+                exit_code: 0,
+                signal: None,
+                oom_killed: false,
+                output_drained: true,
+                timestamps: Timestamps {
+                    agent_started_ns: 2 * S,
+                    agent_ready_ns: 3 * S,
+                    created_ns: Some(5 * S),
+                    exec_ns: Some(6 * S),
+                    exited_ns: Some(7 * S),
+                },
+            },
+            first_run_ns: Some(start + S),
+            guest_clock: GuestClock::from_exchange(start + 8 * S, 4 * S, start + 8 * S + 2_000_000),
+        };
+        let line = timing_line(&outcome, start);
+        assert_eq!(field(&line, "first_kvm_run_ms="), 1000.0, "{line}");
+        assert_eq!(field(&line, "guest_kernel_ms="), 5001.0, "{line}");
+        assert_eq!(field(&line, "agent_ready_ms="), 1000.0, "{line}");
+        assert_eq!(field(&line, "create_ms="), 2000.0, "{line}");
+        assert_eq!(field(&line, "run_ms="), 1000.0, "{line}");
+        assert_eq!(field(&line, "clock_err_ms="), 1.0, "{line}");
+        // Exit at guest 7 s = host start + 11.001 s; the line comes ≥ 20 s
+        // after start, so teardown holds the rest and the stages add up.
+        let teardown = field(&line, "teardown_ms=");
+        assert!(teardown >= 8999.0, "{line}");
+        let sum: f64 = [
+            "first_kvm_run_ms=",
+            "guest_kernel_ms=",
+            "agent_ready_ms=",
+            "create_ms=",
+            "exec_ms=",
+            "run_ms=",
+            "teardown_ms=",
+        ]
+        .iter()
+        .map(|k| field(&line, k))
+        .sum();
+        assert!((sum - field(&line, "total_ms=")).abs() < 0.5, "{line}");
+
+        let unmapped = run::RunOutcome {
+            guest_clock: None,
+            ..outcome
+        };
+        let line = timing_line(&unmapped, start);
+        assert_eq!(field(&line, "guest_kernel_ms="), 2000.0, "{line}");
+        assert!(line.ends_with("guest_clock=unmapped"), "{line}");
+    }
 }

@@ -50,7 +50,7 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     let dir = scratch("cli");
     let rootfs = busybox_tree(&dir.0);
     let mut c = husk_run(&dir.0, &rootfs);
-    c.args(["-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
+    c.args(["--timing", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
         .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; exit 3"]);
     let out = run_with_timeout(c, None, boot_timeout() * 2);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -66,6 +66,33 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     );
     assert!(stderr.contains("to-stderr\n"), "{stderr}");
     assert!(!stdout.contains("to-stderr"));
+
+    // --timing: the agent's stamps are mapped onto the host's clock, so
+    // its stages end before the line was printed, and all add up.
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("husk-timing:"))
+        .unwrap_or_else(|| panic!("no timing line: {stderr}"));
+    let field = |k: &str| -> f64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line}"))
+    };
+    let stages = [
+        "first_kvm_run_ms",
+        "guest_kernel_ms",
+        "agent_ready_ms",
+        "create_ms",
+        "exec_ms",
+        "run_ms",
+    ];
+    let guest: f64 = stages.iter().map(|k| field(k)).sum();
+    let (total, err) = (field("total_ms"), field("clock_err_ms"));
+    assert!(err < total, "{line}");
+    assert!(field("guest_kernel_ms") > 0.0, "{line}");
+    assert!(guest <= total + err, "{line}");
+    assert!((guest + field("teardown_ms") - total).abs() < 1.0, "{line}");
 }
 
 #[test]

@@ -29,6 +29,7 @@ impl Hello {
             version: PROTOCOL_VERSION,
             name: name.to_owned(),
             name_version: name_version.to_owned(),
+            clock_ns: None,
         }
     }
 }

@@ -18,6 +18,11 @@ pub struct Hello {
     pub name: String,
     /// Program version of the sender, e.g. `0.1.0`.
     pub name_version: String,
+    /// The agent's `CLOCK_BOOTTIME` (ns) when it sent this `Hello`, so the
+    /// host can put the agent's [`Timestamps`] on its own clock (the host
+    /// sends none). Informational only: used for timing reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_ns: Option<u64>,
 }
 
 /// One request on the control connection.

@@ -159,6 +159,13 @@ fn every_response_round_trips() {
 #[test]
 fn hello_and_stream_messages_round_trip() {
     round_trip(&Hello::new("husk", "0.1.0"));
+    round_trip(&Hello {
+        clock_ns: Some(1_234_567_890),
+        ..Hello::new("husk-agent", "0.1.0")
+    });
+    // The host's Hello carries no clock, and an agent's without one parses.
+    let host = serde_json::to_string(&Hello::new("husk", "0.1.0")).unwrap();
+    assert!(!host.contains("clock_ns"), "{host}");
     for stream in [
         StreamKind::Stdin,
         StreamKind::Stdout,

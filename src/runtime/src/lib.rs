@@ -1,6 +1,7 @@
 //! Containers in micro-VMs, host side: a sandbox is one VM whose PID 1 is
 //! husk's guest agent; `husk run` creates one container in it.
 
+pub mod clock;
 pub mod image;
 pub mod net;
 pub mod paths;

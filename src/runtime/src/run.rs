@@ -15,6 +15,7 @@ use husk_proto::{
     StreamKind,
 };
 
+use crate::clock::GuestClock;
 use crate::net::HostNetwork;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shares::{self, ShareSet, Volume};
@@ -105,9 +106,11 @@ pub struct RunOptions {
 pub struct RunOutcome {
     /// Its exit status (128+N for signal N).
     pub status: ExitStatus,
-    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN (the guest's boot
-    /// clock starts about there); None if it never ran.
+    /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN; None if it never ran.
     pub first_run_ns: Option<u64>,
+    /// The guest's clock (the agent's stamps) on the host's; None if the
+    /// agent sent no stamp.
+    pub guest_clock: Option<GuestClock>,
 }
 
 /// Guest memory for a container with `limit` bytes: the limit plus room
@@ -161,10 +164,12 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     })?;
     session.start()?;
     let first_run_ns = session.first_run_ns();
+    let guest_clock = session.guest_clock();
     let status = session.wait()?;
     Ok(RunOutcome {
         status,
         first_run_ns,
+        guest_clock,
     })
 }
 
@@ -290,6 +295,11 @@ impl Session {
     /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN, once it happened.
     pub fn first_run_ns(&self) -> Option<u64> {
         self.sandbox.first_run_ns()
+    }
+
+    /// The guest's clock on the host's, once the agent answered.
+    pub fn guest_clock(&self) -> Option<GuestClock> {
+        self.sandbox.guest_clock()
     }
 
     /// The VM's vsock socket: other host processes reach the agent there.

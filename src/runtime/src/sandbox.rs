@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -13,9 +13,10 @@ use husk_proto::{StreamHello, StreamReply};
 use husk_proto::{CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_vmm::builder::FirstRunProbe;
 use husk_vmm::config::{Console, DiskConfig, FsConfig, VmConfig, VsockConfig};
-use husk_vmm::vstate::vcpu::ExitLatch;
+use husk_vmm::vstate::vcpu::{monotonic_ns, ExitLatch};
 use husk_vmm::{ConsoleInputSource, VmExit};
 
+use crate::clock::GuestClock;
 use crate::net::HostNetwork;
 use crate::{uds, RuntimeError};
 
@@ -67,6 +68,8 @@ pub struct Sandbox {
     thread: Option<JoinHandle<VmExit>>,
     latch: Arc<ExitLatch>,
     first_run: FirstRunProbe,
+    /// The tightest guest-clock estimate from control handshakes so far.
+    clock: Mutex<Option<GuestClock>>,
     uds: PathBuf,
     run_dir: PathBuf,
 }
@@ -111,6 +114,7 @@ impl Sandbox {
             thread: Some(thread),
             latch,
             first_run,
+            clock: Mutex::new(None),
             uds,
             run_dir: cfg.run_dir.clone(),
         })
@@ -119,6 +123,11 @@ impl Sandbox {
     /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN, once it happened.
     pub fn first_run_ns(&self) -> Option<u64> {
         self.first_run.get()
+    }
+
+    /// The guest's clock on the host's, once a control connection was made.
+    pub fn guest_clock(&self) -> Option<GuestClock> {
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The VM's vsock socket (host clients write `CONNECT <port>`).
@@ -131,14 +140,16 @@ impl Sandbox {
         self.latch.reason()
     }
 
-    /// Connects to guest vsock `port`, waiting for the guest to listen.
+    /// Connects to guest vsock `port`, waiting for the guest to listen;
+    /// returns the stream and when (host ns) its successful attempt began.
     fn connect(
         &self,
         port: u32,
         deadline: Instant,
         budget: u64,
-    ) -> Result<UnixStream, RuntimeError> {
+    ) -> Result<(UnixStream, u64), RuntimeError> {
         loop {
+            let attempt = monotonic_ns();
             if let Some(r) = self.stopped() {
                 return Err(RuntimeError::VmStopped(format!(
                     "{r}{}",
@@ -146,7 +157,7 @@ impl Sandbox {
                 )));
             }
             match uds::connect(&self.uds, port, Instant::now()) {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, attempt)),
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
@@ -164,8 +175,18 @@ impl Sandbox {
         budget: u64,
         reply: Option<Duration>,
     ) -> Result<Client<UnixStream>, RuntimeError> {
-        let s = self.connect(CONTROL_PORT, deadline, budget)?;
-        uds::client(s, deadline, reply)
+        let (s, sent) = self.connect(CONTROL_PORT, deadline, budget)?;
+        let client = uds::client(s, deadline, reply)?;
+        let received = monotonic_ns();
+        let sample = client
+            .peer()
+            .clock_ns
+            .and_then(|g| GuestClock::from_exchange(sent, g, received));
+        if let Some(c) = sample {
+            let mut best = self.clock.lock().unwrap_or_else(|e| e.into_inner());
+            *best = Some(c.tighter(*best));
+        }
+        Ok(client)
     }
 
     /// A stdio stream of a process, attached.
@@ -176,7 +197,7 @@ impl Sandbox {
         budget: u64,
     ) -> Result<UnixStream, RuntimeError> {
         uds::attach(
-            self.connect(STDIO_PORT, deadline, budget)?,
+            self.connect(STDIO_PORT, deadline, budget)?.0,
             &hello,
             deadline,
         )
