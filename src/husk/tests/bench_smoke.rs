@@ -68,7 +68,7 @@ fn bench_all_writes_json_and_charts() {
         .arg(boot_timeout().as_secs().to_string())
         .arg("--out")
         .arg(&out);
-    // Startup: 2 husk runs + QEMU; density: 2 x 2 husk VMs + 2 QEMU VMs.
+    // Startup: 3 husk VMs + QEMU; density: 2 x 2 husk VMs + 2 QEMU VMs.
     let o = run_with_timeout(c, None, boot_timeout() * 12 + Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -82,7 +82,15 @@ fn bench_all_writes_json_and_charts() {
     accounted(
         &s,
         "series",
-        &["husk", "husk-share", "runc", "crun", "qemu", "agent-native"],
+        &[
+            "husk",
+            "husk-share",
+            "husk-console",
+            "runc",
+            "crun",
+            "qemu",
+            "agent-native",
+        ],
     );
     let series = s["series"].as_array().unwrap();
     for x in series {

@@ -1,8 +1,8 @@
 //! `husk bench startup`: `true` in a busybox container, start to exit, run
 //! by husk (root as a cached image disk, and as a virtio-fs share), runc,
-//! crun, QEMU microvm (same kernel, agent disk and root disk, to the
-//! agent's start) and the agent natively on the host, interleaved, stage
-//! by stage.
+//! crun, QEMU microvm and `husk vm` (same kernel, agent disk and root disk,
+//! to the agent's first console line) and the agent natively on the host,
+//! interleaved, stage by stage.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,7 +18,7 @@ use super::Common;
 /// husk's stages (`husk run --timing`), in order; they add up to the total.
 const HUSK_STAGES: [&str; 7] = [
     "process start → first KVM_RUN",
-    "guest kernel → agent start",
+    "first KVM_RUN → agent start",
     "agent start → ready",
     "ready → container created",
     "created → exec",
@@ -35,16 +35,29 @@ const HUSK_TIMING_KEYS: [&str; 7] = [
     "teardown_ms=",
 ];
 const RUNC_STAGES: [&str; 1] = ["run (create, start, exit, delete)"];
-const QEMU_STAGES: [&str; 1] = ["process start → agent start"];
+const CONSOLE_STAGES: [&str; 1] = ["process start → agent start"];
 /// The agent's first console line (with `quiet`, nothing else prints).
 const AGENT_MARKER: &str = "husk-agent:";
 
 /// One way of running the workload.
 enum Peer {
-    Husk { share: bool, agent: PathBuf },
-    Oci { bin: PathBuf },
-    Qemu { bin: PathBuf, disks: [PathBuf; 2] },
-    Native { agent: PathBuf },
+    Husk {
+        share: bool,
+        agent: PathBuf,
+    },
+    Oci {
+        bin: PathBuf,
+    },
+    /// A VMM (QEMU, or `husk vm`) booting the sandbox's kernel and disks,
+    /// timed to the agent's first console line.
+    Console {
+        cmd: fn(&Path, &Path, &[PathBuf; 2]) -> Command,
+        bin: PathBuf,
+        disks: [PathBuf; 2],
+    },
+    Native {
+        agent: PathBuf,
+    },
 }
 
 /// What the startup benchmark measured.
@@ -108,17 +121,32 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
             None => skipped.push(Skipped::new(name, format!("{bin} is not installed"))),
         }
     }
+    let disks = [agent_disk, root_disk];
+    let husk = std::env::current_exe().map_err(|e| e.to_string())?;
+    peers_list.push((
+        Peer::Console {
+            cmd: husk_vm_command,
+            bin: husk,
+            disks: disks.clone(),
+        },
+        Series::new(
+            "husk-console",
+            "husk vm: the same VM as husk run's, no vsock, timed like qemu to the agent's first console line",
+            &CONSOLE_STAGES,
+        ),
+    ));
     match peers::which(&c.qemu) {
         Some(bin) => {
             peers_list.push((
-                Peer::Qemu {
+                Peer::Console {
+                    cmd: qemu_command,
                     bin,
-                    disks: [agent_disk, root_disk],
+                    disks,
                 },
                 Series::new(
                     "qemu",
                     "qemu-system-x86_64 -M microvm: same kernel, command line, agent disk and root disk, to the agent's first console line (no vhost-vsock device here, so the agent stops there)",
-                    &QEMU_STAGES,
+                    &CONSOLE_STAGES,
                 ),
             ));
         }
@@ -148,7 +176,7 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
                 Ok((stages, total)) => series.push(stages, total),
                 // husk failing is the benchmark failing; a peer that dies
                 // is reported and left out of the remaining rounds.
-                Err(e) if matches!(peer, Peer::Husk { .. }) => return Err(e),
+                Err(e) if series.name.starts_with("husk") => return Err(e),
                 Err(e) => {
                     dead[i] = true;
                     skipped.push(Skipped::new(&series.name, format!("died: {e}")));
@@ -191,9 +219,9 @@ fn run_peer(
             let total = peers::timed(cmd, "run")?;
             Ok((vec![total * 1e3], total))
         }
-        Peer::Qemu { bin, disks } => {
+        Peer::Console { cmd, bin, disks } => {
             let vm = ConsoleVm::start(
-                qemu_command(bin, kernel, disks),
+                cmd(bin, kernel, disks),
                 AGENT_MARKER,
                 Duration::from_secs(c.timeout),
             )?;
@@ -276,6 +304,23 @@ fn qemu_command(bin: &Path, kernel: &Path, disks: &[PathBuf; 2]) -> Command {
     q
 }
 
+/// `husk vm` shaped as `husk run`'s sandbox VM (its kernel, command line,
+/// memory, vCPU and disks), without the vsock device.
+fn husk_vm_command(husk: &Path, kernel: &Path, disks: &[PathBuf; 2]) -> Command {
+    let mut c = Command::new(husk);
+    c.args(["vm", "--console", "stdout", "--kernel"])
+        .arg(kernel)
+        .arg("--cmdline")
+        .arg(husk_runtime::sandbox::sandbox_cmdline())
+        .arg("--mem")
+        .arg(husk_runtime::run::vm_mem_mib(None).to_string())
+        .args(["--vcpus", "1"]);
+    for d in disks {
+        c.arg("--disk").arg(format!("path={},ro", d.display()));
+    }
+    c
+}
+
 /// Prints the startup table and the comparisons.
 pub fn print(s: &Startup, runs: usize) {
     println!(
@@ -320,10 +365,20 @@ pub fn print(s: &Startup, runs: usize) {
             }
         }
         if let Some(q) = get("qemu") {
-            let a = h.stages_sum(0..2).median;
             let b = q.stage(0).median;
+            if let Some(hc) = get("husk-console") {
+                let a = hc.stage(0).median;
+                cmp.push(vec![
+                    "start to agent start (ms), husk vm vs qemu microvm (both to the console line)"
+                        .into(),
+                    format!("{a:.1}"),
+                    format!("{b:.1}"),
+                    ratio(a, b),
+                ]);
+            }
+            let a = h.stages_sum(0..2).median;
             cmp.push(vec![
-                "start to agent start (ms), vs qemu microvm".into(),
+                "start to agent start (ms), husk run vs qemu microvm".into(),
                 format!("{a:.1}"),
                 format!("{b:.1}"),
                 ratio(a, b),
