@@ -91,7 +91,8 @@ struct VmArgs {
     /// Number of vCPUs (1..=32).
     #[arg(long)]
     vcpus: Option<u8>,
-    /// Guest console: stdout, file:PATH or none.
+    /// Guest console: stdout, file:PATH (kept under 8 MiB: past 4 MiB it
+    /// moves to PATH.1 and PATH starts again) or none.
     #[arg(long)]
     console: Option<Console>,
     /// virtio-blk disk: path=IMG[,ro][,id=NAME][,direct] (repeatable; /dev/vda first).
@@ -111,6 +112,10 @@ struct VmArgs {
     /// Do not add guest command-line workarounds on kvm_pvm hosts.
     #[arg(long)]
     no_pvm_workarounds: bool,
+    /// Do not filter the VMM threads' syscalls (for debugging; also
+    /// HUSK_SECCOMP=off, or =log to allow and log what a filter refuses).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Print boot timing (CLOCK_MONOTONIC ns of process start and first KVM_RUN) on stderr.
     #[arg(long)]
     boot_timing: bool,
@@ -269,6 +274,9 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     }
     if args.no_pvm_workarounds {
         cfg.pvm_workarounds = false;
+    }
+    if args.no_seccomp {
+        cfg.seccomp = husk_vmm::seccomp::SeccompMode::Off;
     }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)

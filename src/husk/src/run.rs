@@ -11,6 +11,7 @@ use husk_runtime::image::{self, Overrides};
 use husk_runtime::run::{self, Root, RunOptions};
 use husk_runtime::spec::{self, RunSpec};
 use husk_runtime::RuntimeError;
+use husk_vmm::seccomp::SeccompMode;
 
 use crate::image::RegistryArgs;
 
@@ -92,6 +93,10 @@ pub struct RunArgs {
     /// Print the startup split (VMM, kernel, agent, create, exec, exit, teardown) on stderr.
     #[arg(long)]
     timing: bool,
+    /// Do not filter the VMM threads' syscalls (for debugging; also
+    /// HUSK_SECCOMP=off, or =log to allow and log what a filter refuses).
+    #[arg(long)]
+    no_seccomp: bool,
     /// runc's `run`: run the OCI bundle in DIR as container ID (the one
     /// positional argument), runc's flags below; `--root` is then runc's state root.
     #[arg(short = 'b', long, value_name = "DIR")]
@@ -272,6 +277,11 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         agent: a.agent.clone(),
         boot_timeout: Duration::from_secs(boot_timeout(a.boot_timeout)?),
         volumes: a.volumes.clone(),
+        seccomp: if a.no_seccomp {
+            SeccompMode::Off
+        } else {
+            SeccompMode::On
+        },
     };
     let outcome = run::run(&opts)?;
     let st = &outcome.status;

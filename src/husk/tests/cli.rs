@@ -236,3 +236,103 @@ fn initramfs_tool_writes_a_newc_archive() {
     assert!(!dir.join("bad.cpio").exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_run_whose_vm_cannot_be_built_leaves_no_run_dir() {
+    let dir = tiny::tempdir("run-no-vm");
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::write(tree.join("bin/true"), b"").unwrap();
+    let agent = dir.join("agent");
+    std::fs::write(&agent, b"not run: the VM is never built").unwrap();
+    let root = dir.join("root");
+    for name in [None, Some("named")] {
+        let mut c = husk();
+        c.env("HUSK_ROOT", &root)
+            .args(["run", "--kernel"])
+            .arg(dir.join("no-such-vmlinux"))
+            .arg("--agent")
+            .arg(&agent)
+            .arg("--rootfs")
+            .arg(&tree);
+        if let Some(n) = name {
+            c.args(["--name", n]);
+        }
+        c.args(["--", "true"]);
+        let out = run_with_timeout(c, None, T);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("cannot open kernel"), "{err}");
+        // The run dirs' parent exists (husk got as far as making one)
+        // and holds nothing but the name's lock.
+        let left: Vec<String> = std::fs::read_dir(root.join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
+            .collect();
+        assert_eq!(left, Vec::<String>::new(), "{name:?}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_console_nobody_reads_does_not_stall_the_vm() {
+    let dir = tiny::tempdir("cli-flood");
+    // "up", then 'x' to the UART forever (dx is still 0x3f8).
+    let mut code = tiny::serial_out(b"up\n");
+    code.extend([0xb0, b'x', 0xee, 0xeb, 0xfb]);
+    let k = tiny::write_kernel(&dir, "k", &code);
+    let mut child = husk()
+        .args(["vm", "--mem", "32", "--kernel"])
+        .arg(&k)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 3];
+    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+    assert_eq!(&buf, b"up\n");
+    // The guest floods; stop reading and wait until the pipe is full, so
+    // the console's next write to it would block.
+    let mut chunk = vec![0u8; 16 << 10];
+    let mut seen = 0;
+    while seen < 64 << 10 {
+        seen += std::io::Read::read(&mut out, &mut chunk).unwrap();
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&out);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes an int to the pointer we pass.
+        assert_eq!(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) }, 0);
+        if queued >= 64 << 10 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipe never filled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stalled = std::time::Instant::now();
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = stalled + T;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("husk vm hangs after SIGTERM with its console unread");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(6));
+    drop(out);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -253,6 +253,7 @@ fn one_sandbox_serves_every_process_check() {
         run_dir,
         network: Default::default(),
         shares: Vec::new(),
+        seccomp: Default::default(),
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();

@@ -21,6 +21,7 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shares::{self, ShareSet, Volume};
 use crate::spec::{self, RunSpec};
 use crate::{paths, RuntimeError};
+use husk_vmm::seccomp::SeccompMode;
 
 /// Container id inside the sandbox.
 pub const CONTAINER_ID: &str = "run";
@@ -99,6 +100,8 @@ pub struct RunOptions {
     pub boot_timeout: Duration,
     /// Host directories bound into the container (`-v`).
     pub volumes: Vec<Volume>,
+    /// Seccomp filters on the VMM's threads.
+    pub seccomp: SeccompMode,
 }
 
 /// What happened to the container.
@@ -157,10 +160,15 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         kernel: o.kernel.clone(),
         agent: o.agent.clone(),
         boot_timeout: o.boot_timeout,
-        run_dir,
+        run_dir: run_dir.clone(),
         network: HostNetwork::default(),
         files: Vec::new(),
         shares: share_set,
+        seccomp: o.seccomp,
+    })
+    // A session that never got its sandbox leaves nothing behind either.
+    .inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&run_dir);
     })?;
     session.start()?;
     let first_run_ns = session.first_run_ns();
@@ -212,6 +220,9 @@ pub struct SessionConfig {
     /// Host directories for the spec's bind mounts of host directories.
     #[serde(default)]
     pub shares: ShareSet,
+    /// Seccomp filters on the VMM's threads.
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 /// A container created in its VM, stdio attached; `start`, then `wait`.
@@ -246,6 +257,7 @@ impl Session {
             run_dir: c.run_dir.clone(),
             network: c.network.clone(),
             shares: c.shares.vm_config(),
+            seccomp: c.seccomp,
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;

@@ -13,6 +13,8 @@ use husk_proto::{StreamHello, StreamReply};
 use husk_proto::{CONTROL_PORT, PROTOCOL_VERSION, STDIO_PORT};
 use husk_vmm::builder::FirstRunProbe;
 use husk_vmm::config::{Console, DiskConfig, FsConfig, VmConfig, VsockConfig};
+use husk_vmm::devices::legacy::console_log;
+use husk_vmm::seccomp::SeccompMode;
 use husk_vmm::vstate::vcpu::{monotonic_ns, ExitLatch};
 use husk_vmm::{ConsoleInputSource, VmExit};
 
@@ -43,6 +45,8 @@ pub struct SandboxConfig {
     pub network: HostNetwork,
     /// Host directories shared through virtio-fs.
     pub shares: Vec<FsConfig>,
+    /// Seccomp filters on the VMM's threads.
+    pub seccomp: SeccompMode,
 }
 
 /// The guest command line of every sandbox VM (before husk's per-host and
@@ -76,7 +80,15 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Boots the VM (the guest console goes to `run_dir/console.log`).
+    /// The sandbox owns `run_dir` from here: it is removed when the VM
+    /// cannot be built, as when the sandbox is dropped.
     pub fn boot(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
+        Self::boot_in(cfg).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&cfg.run_dir);
+        })
+    }
+
+    fn boot_in(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
         let uds = cfg.run_dir.join("vsock.sock");
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
@@ -99,6 +111,7 @@ impl Sandbox {
             }),
             net: cfg.network.nics()?,
             fs: cfg.shares.clone(),
+            seccomp: cfg.seccomp,
             ..Default::default()
         };
         let vm = husk_vmm::build(&vm_cfg)?;
@@ -259,9 +272,8 @@ impl Sandbox {
 
     /// The last lines of the guest console, for error messages.
     fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default();
-        match text.lines().rev().find(|l| !l.trim().is_empty()) {
-            Some(l) => format!(" (guest console: {})", l.trim()),
+        match console_log::last_line(&self.run_dir.join("console.log")) {
+            Some(l) => format!(" (guest console: {l})"),
             None => String::new(),
         }
     }

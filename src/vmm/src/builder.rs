@@ -1,7 +1,6 @@
 //! Boot order: KVM, memory, VM, kernel and boot data, devices, vCPUs; then
 //! the event loop runs until the guest stops.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -16,10 +15,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, layout, mptable, regs};
 use crate::config::{self, Console, VmConfig};
+use crate::devices::legacy::console_log::{ConsoleLog, CONSOLE_LOG_CAP};
+use crate::devices::legacy::console_queue::{QueuedConsole, CONSOLE_QUEUE_CAP};
 use crate::devices::legacy::{SerialDevice, I8042};
 use crate::devices::virtio::attach::{self as virtio, AttachError, Subscriber};
 use crate::event_loop::{self, ConsoleInput, ExitWatcher, RawTerminal, SignalWatcher};
 use crate::exit::VmExit;
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vstate::bus::Bus;
 use crate::vstate::profile::{Profiler, Sampler};
 use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo};
@@ -34,6 +36,9 @@ pub enum BuildError {
     /// No kernel given and none built.
     #[error("no guest kernel: pass --kernel PATH, or build the default one with tools/build-guest-kernel (expected at {0})")]
     NoKernel(String),
+    /// The seccomp mode is invalid.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// KVM is unusable.
     #[error(transparent)]
     Kvm(#[from] kvm::KvmError),
@@ -119,6 +124,7 @@ pub struct Vm {
     cmdline: String,
     // Device event handlers for the event loop (virtio devices).
     devices: Vec<Subscriber>,
+    seccomp: SeccompMode,
 }
 
 /// A device to map on the MMIO bus: (device, base, length).
@@ -132,6 +138,7 @@ pub fn build(cfg: &VmConfig) -> Result<Vm, BuildError> {
 /// Builds a VM from `cfg` with extra devices on the MMIO bus.
 pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<Vm, BuildError> {
     cfg.validate()?;
+    let seccomp = cfg.seccomp.or_env()?;
     let kernel = match &cfg.kernel {
         Some(k) => k.clone(),
         None => {
@@ -160,10 +167,14 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     let virtio_devices = virtio::open_devices(cfg)?;
 
     let console: Box<dyn Write + Send> = match &cfg.console {
-        Console::Stdout => Box::new(std::io::stdout()),
+        Console::Stdout => Box::new(
+            QueuedConsole::spawn(Box::new(std::io::stdout()), CONSOLE_QUEUE_CAP, seccomp)
+                .map_err(|e| BuildError::Host("console thread", e))?,
+        ),
         Console::None => Box::new(std::io::sink()),
         Console::File(p) => Box::new(
-            File::create(p).map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
+            ConsoleLog::create(p, CONSOLE_LOG_CAP)
+                .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
         ),
     };
 
@@ -254,7 +265,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         .map_err(|e| BuildError::Host("sigprocmask", e))?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        match v.start() {
+        match v.start(seccomp) {
             Ok(h) => handles.push(h),
             Err(e) => {
                 for h in handles {
@@ -276,6 +287,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         profiler,
         cmdline,
         devices,
+        seccomp,
     })
 }
 
@@ -318,7 +330,19 @@ impl Vm {
         } else {
             None
         };
-        let result = self.run_inner(input, stop_on_signals);
+        // The loop runs on a thread of its own, which filters its syscalls;
+        // the teardown below (vCPU joins, devices dropped: virtiofsd
+        // reaped, the vsock socket unlinked) stays on the caller's.
+        let result = std::thread::scope(|s| {
+            let looped = std::thread::Builder::new()
+                .name("event-loop".into())
+                .spawn_scoped(s, || self.run_inner(input, stop_on_signals));
+            match looped.map(|t| t.join()) {
+                Ok(Ok(exit)) => exit,
+                Ok(Err(_)) => VmExit::VmmError("the event loop panicked".into()),
+                Err(e) => VmExit::VmmError(format!("cannot start the event loop: {e}")),
+            }
+        });
         // Before the vCPU threads are joined: the sampler signals them.
         drop(sampler);
         for v in &self.vcpus {
@@ -382,6 +406,10 @@ impl Vm {
         };
         for dev in &self.devices {
             em.add_subscriber(dev.clone());
+        }
+        // Everything the loop needs is open: from here it only serves.
+        if let Err(e) = seccomp::install(ThreadKind::EventLoop, self.seccomp) {
+            return VmExit::VmmError(e.to_string());
         }
         for v in &self.vcpus {
             v.send(VcpuCommand::Resume);

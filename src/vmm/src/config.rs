@@ -12,6 +12,7 @@ use crate::devices::virtio::block::ID_BYTES;
 use crate::devices::virtio::fs::{valid_tag, TAG_LEN as FS_TAG_LEN};
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::vsock::{MAX_UDS_PATH, MIN_GUEST_CID};
+use crate::seccomp::SeccompMode;
 
 /// Default guest memory.
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -121,6 +122,9 @@ pub struct VmConfig {
     /// Host directories shared through virtio-fs (a virtiofsd each).
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// Seccomp filters on the VMM's threads (`HUSK_SECCOMP` overrides).
+    #[serde(default)]
+    pub seccomp: SeccompMode,
 }
 
 /// One shared host directory: `tag=TAG,dir=DIR[,ro]` on the command line.
@@ -355,6 +359,7 @@ impl Default for VmConfig {
             net: Vec::new(),
             vsock: None,
             fs: Vec::new(),
+            seccomp: SeccompMode::On,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{build, build_with_mmio, default_kernel_path, ConsoleInputSource, Vm};

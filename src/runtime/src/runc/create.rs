@@ -132,6 +132,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         network: HostNetwork::default(),
         files: plan.files,
         shares,
+        // HUSK_SECCOMP, in the caller's environment, can still turn it off.
+        seccomp: Default::default(),
     };
     let annotations: BTreeMap<String, String> = b
         .spec

@@ -17,6 +17,7 @@ use super::bus::Bus;
 use super::profile::Profiler;
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::exit::VmExit;
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -279,24 +280,33 @@ impl Vcpu {
         })
     }
 
-    /// Starts the thread, paused until `VcpuCommand::Resume`.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the thread, paused until `VcpuCommand::Resume`; it filters
+    /// its syscalls (`seccomp`) before the guest first runs.
+    pub fn start(self, seccomp: SeccompMode) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let (tx, rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run(rx))
+            .spawn(move || self.run(rx, seccomp))
             .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { thread, tx })
     }
 
-    fn run(mut self, rx: Receiver<VcpuCommand>) {
+    fn run(mut self, rx: Receiver<VcpuCommand>, seccomp: SeccompMode) {
         let ptr = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|c| c.set(ptr));
         let mut running = false;
+        let mut filtered = false;
         loop {
             if !running {
                 match rx.recv() {
+                    Ok(VcpuCommand::Resume) if !filtered => {
+                        filtered = true;
+                        match seccomp::install(ThreadKind::Vcpu, seccomp) {
+                            Ok(()) => running = true,
+                            Err(e) => self.latch.stop(VmExit::VmmError(e.to_string())),
+                        }
+                    }
                     Ok(VcpuCommand::Resume) => running = true,
                     Ok(VcpuCommand::Pause) => {}
                     Ok(VcpuCommand::Exit) | Err(_) => break,

@@ -242,6 +242,12 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Closes the connection; returns the process behind it, if husk
+    /// started one, for the caller to drop (reap) where it may.
+    pub fn into_daemon(mut self) -> Option<Virtiofsd> {
+        self.daemon.take()
+    }
+
     /// Starts `binary` on `dir` and does the handshake.
     pub fn start(binary: &Path, dir: &Path, read_only: bool) -> Result<Self, FsError> {
         let shown = dir.display().to_string();

@@ -8,7 +8,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::Backend;
+use super::backend::{Backend, Virtiofsd};
 use super::{request, valid_tag, FsError, MAX_DESCRIPTORS, NUM_QUEUES, QUEUE_SIZE, TAG_LEN};
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
@@ -42,6 +42,10 @@ pub struct Fs {
     pub(super) backend: Option<Backend>,
     /// A lost backend, kept until the event loop stops watching its socket.
     pub(super) lost: Option<Backend>,
+    /// The process behind a lost backend, reaped when the device is
+    /// dropped: on the VM's teardown thread, not by the event loop, whose
+    /// seccomp filter allows no wait4 or kill.
+    pub(super) lost_daemon: Option<Virtiofsd>,
     /// The socket fd the event loop watches, if any.
     pub(super) socket_watched: Option<RawFd>,
     acked_features: u64,
@@ -68,6 +72,7 @@ impl Fs {
             calls: (0..NUM_QUEUES).map(|_| evt()).collect::<Result<_, _>>()?,
             backend: Some(backend),
             lost: None,
+            lost_daemon: None,
             socket_watched: None,
             acked_features: 0,
             rings_started: false,

@@ -33,8 +33,13 @@ impl Fs {
                 }
             }
         }
-        // Unwatched: the lost backend's socket may close now.
-        self.lost = None;
+        // Unwatched: the lost backend's socket may close now; its process
+        // waits for the device's drop.
+        if let Some(b) = self.lost.take() {
+            if let Some(d) = b.into_daemon() {
+                self.lost_daemon = Some(d);
+            }
+        }
         let serve_here = self.core.active.is_some() && self.backend.is_none();
         self.core.watch_queues(ops, QUEUE_BASE, serve_here);
     }

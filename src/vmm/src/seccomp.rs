@@ -1,0 +1,345 @@
+//! Seccomp filters for the VMM's threads (seccompiler). A vCPU thread runs
+//! KVM_RUN and the device register code the guest's port and MMIO exits
+//! reach; the event-loop thread runs the devices' queues, console input
+//! and the vsock muxer; the console thread writes the guest's output to
+//! stdout. The thread that builds the VM and tears it down is not
+//! filtered: it serves no guest request. Each installs, before the guest
+//! runs, an allow-list of the syscalls it needs, ioctls by request number.
+//! Anything else raises SIGSYS, whose handler prints one line naming the
+//! thread and the syscall and ends the process with 159 (128 + SIGSYS).
+//!
+//! `HUSK_SECCOMP=log` allows and logs (to the kernel log, `audit: type=1326
+//! ... syscall=N`) what a filter would refuse: how a missing entry is
+//! found. `HUSK_SECCOMP=off` or `husk vm|run --no-seccomp` installs none.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::Once;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use serde::{Deserialize, Serialize};
+
+/// Whether the VMM's threads are filtered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// Forbidden syscalls end the process (the default).
+    #[default]
+    On,
+    /// Forbidden syscalls are allowed and logged by the kernel.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl SeccompMode {
+    /// The mode `HUSK_SECCOMP` (on, log, off) asks for, else `self`.
+    pub fn or_env(self) -> Result<Self, SeccompError> {
+        match std::env::var("HUSK_SECCOMP") {
+            Err(_) => Ok(self),
+            Ok(v) => match v.as_str() {
+                "on" => Ok(Self::On),
+                "log" => Ok(Self::Log),
+                "off" => Ok(Self::Off),
+                _ => Err(SeccompError::Env(v)),
+            },
+        }
+    }
+}
+
+/// Which allow-list a thread gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    Vcpu,
+    EventLoop,
+    /// Writes queued guest console output to husk's stdout.
+    Console,
+}
+
+impl ThreadKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Vcpu => "vcpu",
+            Self::EventLoop => "event-loop",
+            Self::Console => "console",
+        }
+    }
+}
+
+/// A filter that could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp filter of the {0} thread: {1}")]
+    Build(&'static str, String),
+    #[error("cannot install the seccomp filter of the {0} thread: {1}")]
+    Install(&'static str, String),
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
+    #[error("invalid HUSK_SECCOMP {0:?}: expected on, log or off")]
+    Env(String),
+}
+
+thread_local! {
+    /// The filtered thread's kind, for the SIGSYS line.
+    static KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
+}
+
+/// Installs `kind`'s filter on the calling thread (and on threads it
+/// starts later).
+pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    if mode == SeccompMode::Off {
+        return Ok(());
+    }
+    install_sigsys_handler()?;
+    let prog = program(kind, mode)?;
+    KIND.with(|k| k.set(kind.name()));
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind.name(), e.to_string()))
+}
+
+/// The compiled filter of `kind`.
+pub fn program(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, SeccompError> {
+    let refused = match mode {
+        SeccompMode::Log => SeccompAction::Log,
+        _ => SeccompAction::Trap,
+    };
+    let err = |e: seccompiler::BackendError| SeccompError::Build(kind.name(), e.to_string());
+    let filter = SeccompFilter::new(
+        rules(kind).map_err(err)?,
+        refused,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    filter.try_into().map_err(err)
+}
+
+/// How many syscalls `kind`'s filter allows (ioctl counts once).
+pub fn allowed(kind: ThreadKind) -> usize {
+    rules(kind).map(|r| r.len()).unwrap_or(0)
+}
+
+/// Syscalls every filtered thread makes: I/O on fds it already holds,
+/// memory, locks, time, signals, its own exit.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_lseek,
+    libc::SYS_ftruncate,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// What only the event loop does: wait on its fds, the disks' other I/O,
+/// the vsock muxer's Unix sockets (host paths opened O_PATH, checked to be
+/// sockets of husk's user, connected) and timers, vhost-user messages, kicking vCPUs, restoring
+/// the terminal.
+const EVENT_LOOP: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_tgkill,
+    libc::SYS_geteuid,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+];
+
+const KVMIO: u32 = 0xAE;
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
+vmm_sys_util::ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_bindings::kvm_translation);
+
+/// ioctl requests (the second argument) each thread may make: a vCPU runs
+/// and, for a profile or a failure report, reads its registers and
+/// translates RIP.
+fn ioctls(kind: ThreadKind) -> Vec<u64> {
+    match kind {
+        ThreadKind::Vcpu => vec![KVM_RUN(), KVM_GET_REGS(), KVM_TRANSLATE()],
+        ThreadKind::EventLoop => vec![libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::FIONBIO],
+        ThreadKind::Console => Vec::new(),
+    }
+}
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let extra: &[i64] = match kind {
+        ThreadKind::Vcpu | ThreadKind::Console => &[],
+        ThreadKind::EventLoop => EVENT_LOOP,
+    };
+    for nr in COMMON.iter().chain(extra) {
+        map.insert(*nr, Vec::new());
+    }
+    let ioctl: Vec<SeccompRule> = ioctls(kind)
+        .into_iter()
+        .map(|req| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                req,
+            )?])
+        })
+        .collect::<Result<_, _>>()?;
+    // (An empty rule list would allow every request.)
+    if !ioctl.is_empty() {
+        map.insert(libc::SYS_ioctl, ioctl);
+    }
+    // fcntl: F_GETFD everywhere (Rust's debug builds check an fd is open
+    // before closing it); the event loop also sets fds non-blocking and
+    // duplicates them.
+    let mut fcntl = vec![libc::F_GETFD];
+    if kind == ThreadKind::EventLoop {
+        fcntl.extend([libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC]);
+    }
+    let fcntl = fcntl
+        .into_iter()
+        .map(|cmd| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                cmd as u64,
+            )?])
+        })
+        .collect::<Result<_, _>>()?;
+    map.insert(libc::SYS_fcntl, fcntl);
+    // Unix sockets only (the vsock muxer's host side), and paths opened
+    // O_PATH only (the muxer checks a socket before it connects to it).
+    if kind == ThreadKind::EventLoop {
+        map.insert(
+            libc::SYS_openat,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(libc::O_PATH as u64),
+                libc::O_PATH as u64,
+            )?])?],
+        );
+        map.insert(
+            libc::SYS_socket,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
+    Ok(map)
+}
+
+/// Exit status of a process a filter stopped: 128 + SIGSYS.
+pub const SIGSYS_EXIT: i32 = 128 + libc::SIGSYS;
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler only calls
+        // async-signal-safe functions (write, _exit).
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = on_sigsys as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: installs a handler for SIGSYS with a valid sigaction.
+        if unsafe { libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) } != 0 {
+            result = Err(SeccompError::Handler(std::io::Error::last_os_error()));
+        }
+    });
+    result
+}
+
+/// Writes "husk: seccomp: the <kind> thread made syscall <N>, which its
+/// filter does not allow" to stderr and ends the process.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // siginfo_t for SIGSYS: si_signo, si_errno, si_code, padding, then
+    // _call_addr (8 bytes) and _syscall (int) at offset 24.
+    // SAFETY: the kernel passes a valid siginfo_t (128 bytes) with
+    // SA_SIGINFO; offset 24 is inside it.
+    let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
+    let kind = KIND.with(|k| k.get());
+    let mut digits = [0u8; 12];
+    let mut buf = [0u8; 160];
+    let mut n = 0;
+    for part in [
+        b"husk: seccomp: the ".as_slice(),
+        kind.as_bytes(),
+        b" thread made syscall ",
+        itoa(nr, &mut digits),
+        b", which its filter does not allow (HUSK_SECCOMP=log lets it through and logs it)\n",
+    ] {
+        let take = part.len().min(buf.len() - n);
+        buf[n..n + take].copy_from_slice(&part[..take]);
+        n += take;
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; buf is valid
+    // for n bytes.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::_exit(SIGSYS_EXIT);
+    }
+}
+
+/// `v` in decimal, in `buf` (no allocation: used in a signal handler).
+fn itoa(v: i32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut i = buf.len();
+    let mut x = i64::from(v).unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (x % 10) as u8;
+        x /= 10;
+        if x == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests;
