@@ -124,6 +124,10 @@ fn bench_all_writes_json_and_charts() {
         let points = curve["points"].as_array().unwrap();
         assert_eq!(points.len(), 2, "{curve}");
         assert!(points[1]["pss_mib"].as_f64().unwrap() > 0.0, "{curve}");
+        assert!(
+            curve["kernel_mib_per_container"].as_f64().is_some(),
+            "{curve}"
+        );
     }
 
     assert_eq!(png_size(&out.join("startup.png")), (1200, 700));

@@ -3,8 +3,9 @@
 //! that runtime's processes hold (sum of PSS: pages shared between VMs,
 //! such as the kernel mapped from the page cache, count once in all); the
 //! wall time until all N are ready; the disk each container's state takes.
-//! Kernel memory held for each VM (KVM's page tables and state) is not
-//! attributed to a process and not counted.
+//! Kernel memory that no process's PSS shows (page tables, KVM's included,
+//! and kernel stacks) is read system-wide from /proc/meminfo before and
+//! after, and reported apart, per container.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +53,9 @@ pub struct Curve {
     /// Disk all containers share on top of the root tree, KiB (husk's
     /// read-only root image).
     pub shared_disk_kib: f64,
+    /// Growth of the kernel's page tables and stacks (system-wide) per
+    /// running container, MiB.
+    pub kernel_mib_per_container: f64,
 }
 
 impl Curve {
@@ -79,6 +83,7 @@ impl Curve {
             "shared_disk_kib": (!self.shared_disk_kib.is_nan()).then_some(self.shared_disk_kib),
             "vmm_overhead_rss_mib": self.vmm_overhead_mib.map(|o| o.0),
             "vmm_overhead_pss_mib": self.vmm_overhead_mib.map(|o| o.1),
+            "kernel_mib_per_container": self.kernel_mib_per_container,
         })
     }
 }
@@ -241,6 +246,7 @@ impl Run<'_> {
     ) -> Result<Curve, String> {
         let me = std::process::id() as i32;
         let base_pss: u64 = peers::descendants(me).into_iter().map(peers::pss_kib).sum();
+        let base_kernel = peers::kernel_kib();
         let mut points = Vec::new();
         let mut start_s = Vec::new();
         let first = Instant::now();
@@ -253,6 +259,8 @@ impl Run<'_> {
             points.push((i + 1, pss.saturating_sub(base_pss) as f64 / 1024.0));
         }
         let all_ready_s = first.elapsed().as_secs_f64();
+        let kernel_mib_per_container =
+            peers::kernel_kib().saturating_sub(base_kernel) as f64 / 1024.0 / count as f64;
         let mem_mib = husk_runtime::run::vm_mem_mib(None);
         let overheads: Vec<(f64, f64)> = peers::descendants(me)
             .into_iter()
@@ -283,6 +291,7 @@ impl Run<'_> {
             disk_kib_per_container: disk,
             vmm_overhead_mib,
             shared_disk_kib: self.shared_disk_kib(bundle)?,
+            kernel_mib_per_container,
         })
     }
 
@@ -360,6 +369,7 @@ pub fn print(d: &Density) {
         "state disk/container (KiB)".into(),
         "VMM RSS/PSS - guest RAM (MiB)".into(),
         "shared image (MiB)".into(),
+        "kernel PT+stacks/container (MiB)".into(),
     ]];
     for c in &d.curves {
         let disk = match c.disk_kib_per_container {
@@ -378,6 +388,7 @@ pub fn print(d: &Density) {
                 d if d.is_nan() => "-".into(),
                 d => format!("{:.1}", d / 1024.0),
             },
+            format!("{:.2}", c.kernel_mib_per_container),
         ]);
     }
     print_table(&rows);
@@ -394,6 +405,7 @@ pub fn print(d: &Density) {
     for c in &d.curves {
         println!("{}: {}", c.name, c.what);
     }
+    println!("kernel PT+stacks: growth of /proc/meminfo PageTables + SecPageTables + KernelStack while the containers started, system-wide (anything else running counts too), per container; not in PSS.");
 }
 
 pub fn json(d: &Density) -> serde_json::Value {

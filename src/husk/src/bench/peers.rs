@@ -365,6 +365,24 @@ pub fn pss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The kernel's own memory that VMs and processes make it hold and that no
+/// process's PSS shows, system-wide, KiB: page tables (KVM's secondary
+/// ones included, `SecPageTables`) and kernel stacks, from /proc/meminfo.
+pub fn kernel_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    kernel_kib_of(&text)
+}
+
+fn kernel_kib_of(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            matches!(k, "PageTables" | "SecPageTables" | "KernelStack").then(|| kib(v))
+        })
+        .sum()
+}
+
 /// Resident KiB of `pid` (VmRSS; 0 if it is gone).
 pub fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -474,6 +492,13 @@ pub fn cpu_model() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_memory_sums_page_tables_and_stacks() {
+        let meminfo = "MemTotal:       24000000 kB\nKernelStack:        1600 kB\nPageTables:         3340 kB\nSecPageTables:       100 kB\nSlab:  9999 kB\n";
+        assert_eq!(kernel_kib_of(meminfo), 5040);
+        assert!(kernel_kib() > 0, "this host's /proc/meminfo");
+    }
 
     #[test]
     fn descendants_include_grandchildren() {
