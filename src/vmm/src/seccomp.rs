@@ -212,63 +212,53 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     for nr in COMMON.iter().chain(extra) {
         map.insert(*nr, Vec::new());
     }
-    let ioctl: Vec<SeccompRule> = ioctls(kind)
-        .into_iter()
-        .map(|req| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                req,
-            )?])
-        })
-        .collect::<Result<_, _>>()?;
     // (An empty rule list would allow every request.)
+    let ioctl = ioctls(kind);
     if !ioctl.is_empty() {
-        map.insert(libc::SYS_ioctl, ioctl);
+        map.insert(libc::SYS_ioctl, arg_is(1, SeccompCmpOp::Eq, &ioctl)?);
     }
     // fcntl: F_GETFD everywhere (Rust's debug builds check an fd is open
     // before closing it); the event loop also sets fds non-blocking and
     // duplicates them.
-    let mut fcntl = vec![libc::F_GETFD];
+    let mut fcntl = vec![libc::F_GETFD as u64];
     if kind == ThreadKind::EventLoop {
-        fcntl.extend([libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC]);
+        fcntl.extend([libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC].map(|c| c as u64));
     }
-    let fcntl = fcntl
-        .into_iter()
-        .map(|cmd| {
-            SeccompRule::new(vec![SeccompCondition::new(
-                1,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                cmd as u64,
-            )?])
-        })
-        .collect::<Result<_, _>>()?;
-    map.insert(libc::SYS_fcntl, fcntl);
+    map.insert(libc::SYS_fcntl, arg_is(1, SeccompCmpOp::Eq, &fcntl)?);
     // Unix sockets only (the vsock muxer's host side), and paths opened
     // O_PATH only (the muxer checks a socket before it connects to it).
     if kind == ThreadKind::EventLoop {
+        let o_path = libc::O_PATH as u64;
         map.insert(
             libc::SYS_openat,
-            vec![SeccompRule::new(vec![SeccompCondition::new(
-                2,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::MaskedEq(libc::O_PATH as u64),
-                libc::O_PATH as u64,
-            )?])?],
+            arg_is(2, SeccompCmpOp::MaskedEq(o_path), &[o_path])?,
         );
         map.insert(
             libc::SYS_socket,
-            vec![SeccompRule::new(vec![SeccompCondition::new(
-                0,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                libc::AF_UNIX as u64,
-            )?])?],
+            arg_is(0, SeccompCmpOp::Eq, &[libc::AF_UNIX as u64])?,
         );
     }
     Ok(map)
+}
+
+/// One rule per value: the 32-bit argument `index` compared by `op` with
+/// it (any one matching allows the call).
+fn arg_is(
+    index: u8,
+    op: SeccompCmpOp,
+    values: &[u64],
+) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    values
+        .iter()
+        .map(|&v| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                index,
+                SeccompCmpArgLen::Dword,
+                op.clone(),
+                v,
+            )?])
+        })
+        .collect()
 }
 
 /// Exit status of a process a filter stopped: 128 + SIGSYS.
