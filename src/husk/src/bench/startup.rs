@@ -25,15 +25,6 @@ const HUSK_STAGES: [&str; 7] = [
     "exec → exit",
     "exit → process exit",
 ];
-const HUSK_TIMING_KEYS: [&str; 7] = [
-    "first_kvm_run_ms=",
-    "guest_kernel_ms=",
-    "agent_ready_ms=",
-    "create_ms=",
-    "exec_ms=",
-    "run_ms=",
-    "teardown_ms=",
-];
 const RUNC_STAGES: [&str; 1] = ["run (create, start, exit, delete)"];
 const CONSOLE_STAGES: [&str; 1] = ["process start → agent start"];
 /// The agent's first console line (with `quiet`, nothing else prints).
@@ -278,11 +269,11 @@ fn husk_run(
 
 /// The stage fields of a `husk-timing:` line (NaN where one is missing).
 fn timing_fields(line: &str) -> Vec<f64> {
-    HUSK_TIMING_KEYS
+    crate::run::TIMING_KEYS
         .iter()
         .map(|k| {
             line.split_whitespace()
-                .find_map(|f| f.strip_prefix(k))
+                .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(f64::NAN)
         })
