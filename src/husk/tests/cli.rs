@@ -185,12 +185,15 @@ fn config_file_boots_and_flags_override_it() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn sigterm_stops_the_vm_with_its_exit_code() {
-    let dir = tiny::tempdir("cli-sig");
+/// Starts `husk vm` on a tiny guest that prints "up" and then runs `then`;
+/// returns once "up" came out, with the console's stdout to read.
+fn boot_until_up(
+    dir: &std::path::Path,
+    then: &[u8],
+) -> (std::process::Child, std::process::ChildStdout) {
     let mut code = tiny::serial_out(b"up\n");
-    code.extend(tiny::halt_forever());
-    let k = tiny::write_kernel(&dir, "k", &code);
+    code.extend(then);
+    let k = tiny::write_kernel(dir, "k", &code);
     let mut child = husk()
         .args(["vm", "--mem", "32", "--kernel"])
         .arg(&k)
@@ -202,6 +205,13 @@ fn sigterm_stops_the_vm_with_its_exit_code() {
     let mut buf = [0u8; 3];
     std::io::Read::read_exact(&mut out, &mut buf).unwrap();
     assert_eq!(&buf, b"up\n");
+    (child, out)
+}
+
+#[test]
+fn sigterm_stops_the_vm_with_its_exit_code() {
+    let dir = tiny::tempdir("cli-sig");
+    let (mut child, _out) = boot_until_up(&dir, &tiny::halt_forever());
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
@@ -279,22 +289,8 @@ fn a_run_whose_vm_cannot_be_built_leaves_no_run_dir() {
 #[test]
 fn a_console_nobody_reads_does_not_stall_the_vm() {
     let dir = tiny::tempdir("cli-flood");
-    // "up", then 'x' to the UART forever (dx is still 0x3f8).
-    let mut code = tiny::serial_out(b"up\n");
-    code.extend([0xb0, b'x', 0xee, 0xeb, 0xfb]);
-    let k = tiny::write_kernel(&dir, "k", &code);
-    let mut child = husk()
-        .args(["vm", "--mem", "32", "--kernel"])
-        .arg(&k)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let mut buf = [0u8; 3];
-    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
-    assert_eq!(&buf, b"up\n");
+    // After "up", 'x' to the UART forever (dx is still 0x3f8).
+    let (mut child, mut out) = boot_until_up(&dir, &[0xb0, b'x', 0xee, 0xeb, 0xfb]);
     // The guest floods; stop reading and wait until the pipe is full, so
     // the console's next write to it would block.
     let mut chunk = vec![0u8; 16 << 10];
