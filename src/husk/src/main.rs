@@ -5,6 +5,7 @@ mod bench;
 mod image;
 mod run;
 mod runc;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,11 @@ enum Command {
     Logout(image::LogoutArgs),
     /// Benchmarks: husk side by side with other VMMs.
     Bench(bench::BenchArgs),
+    /// Snapshots of VMs started with `husk vm --api-sock` (restore: `husk vm --restore DIR`).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
+    /// Pause, resume, query or stop a VM through its control socket.
+    Ctl(snapshot::CtlArgs),
     #[command(flatten)]
     Runc(runc::RuncCommand),
 }
@@ -116,6 +122,18 @@ struct VmArgs {
     /// HUSK_SECCOMP=off, or =log to allow and log what a filter refuses).
     #[arg(long)]
     no_seccomp: bool,
+    /// Serve a control socket at PATH (JSON: pause, resume, status, snapshot,
+    /// stop; see `husk ctl` and `husk snapshot create`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Resume the VM saved in DIR by `husk snapshot create` instead of
+    /// booting one. Only --console, --api-sock, --vsock (its socket path;
+    /// the CID stays), --no-seccomp and --boot-timing apply.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "config", "kernel", "initrd", "cmdline", "mem", "vcpus", "disks", "nets", "fs",
+        "no_pvm_workarounds", "profile",
+    ])]
+    restore: Option<PathBuf>,
     /// Print boot timing (CLOCK_MONOTONIC ns of process start and first KVM_RUN) on stderr.
     #[arg(long)]
     boot_timing: bool,
@@ -194,6 +212,8 @@ fn main() -> ExitCode {
         Command::Vm(args) => cmd_vm(args, start_ns),
         Command::Initramfs(args) => cmd_initramfs(args),
         Command::Bench(args) => bench::run(args),
+        Command::Snapshot(c) => snapshot::cmd_snapshot(c),
+        Command::Ctl(a) => snapshot::cmd_ctl(a),
         Command::Run(_) => unreachable!("handled above"),
         Command::Pull(a) => return ExitCode::from(image::cmd_pull(a) as u8),
         Command::Images(a) => return ExitCode::from(image::cmd_images(a) as u8),
@@ -278,15 +298,38 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     if args.no_seccomp {
         cfg.seccomp = husk_vmm::seccomp::SeccompMode::Off;
     }
+    if let Some(p) = &args.api_sock {
+        cfg.api_sock = Some(p.clone());
+    }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
+/// The VM `husk vm` runs: booted from its config, or restored.
+fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
+    let Some(dir) = &args.restore else {
+        let cfg = vm_config(args)?;
+        let vm = husk_vmm::build(&cfg).map_err(|e| e.to_string())?;
+        return Ok((vm, cfg.console));
+    };
+    let opts = husk_vmm::snapshot::RestoreOptions {
+        console: args.console.clone().unwrap_or_default(),
+        api_sock: args.api_sock.clone(),
+        vsock_uds: args.vsock.as_ref().map(|v| v.uds_path.clone()),
+        seccomp: if args.no_seccomp {
+            husk_vmm::seccomp::SeccompMode::Off
+        } else {
+            husk_vmm::seccomp::SeccompMode::On
+        },
+    };
+    let vm = husk_vmm::snapshot::build_restored(dir, &opts).map_err(|e| e.to_string())?;
+    Ok((vm, opts.console))
+}
+
 fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
-    let cfg = vm_config(&args)?;
-    let vm = husk_vmm::build(&cfg).map_err(|e| e.to_string())?;
+    let (vm, console) = vm_build(&args)?;
     tracing::info!("guest command line: {}", vm.cmdline());
-    let input = match cfg.console {
+    let input = match console {
         Console::Stdout => ConsoleInputSource::Fd(libc::STDIN_FILENO),
         _ => ConsoleInputSource::None,
     };

@@ -13,18 +13,21 @@ use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiSocket, ApiWatcher};
 use crate::arch::x86_64::{boot, layout, mptable, regs};
 use crate::config::{self, Console, VmConfig};
 use crate::devices::legacy::console_log::{ConsoleLog, CONSOLE_LOG_CAP};
 use crate::devices::legacy::console_queue::{QueuedConsole, CONSOLE_QUEUE_CAP};
 use crate::devices::legacy::{SerialDevice, I8042};
 use crate::devices::virtio::attach::{self as virtio, AttachError, Subscriber};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::MacAddr;
 use crate::event_loop::{self, ConsoleInput, ExitWatcher, RawTerminal, SignalWatcher};
 use crate::exit::VmExit;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
 use crate::vstate::bus::Bus;
 use crate::vstate::profile::{Profiler, Sampler};
-use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo};
+use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo, VcpuShared};
 use crate::vstate::{kvm, memory, vm};
 
 /// Errors building a VM. Each is one line for the user.
@@ -72,6 +75,15 @@ pub enum BuildError {
     /// A virtio device could not be set up.
     #[error(transparent)]
     Virtio(#[from] AttachError),
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Api(crate::api::ApiError),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A device's snapshot state does not fit it.
+    #[error(transparent)]
+    Transport(#[from] crate::devices::virtio::mmio::RestoreError),
 }
 
 /// husk's state directory: `$HUSK_ROOT`, default /var/lib/husk.
@@ -112,19 +124,25 @@ impl FirstRunProbe {
 
 /// A built VM, vCPUs created and paused.
 pub struct Vm {
-    _vm_fd: VmFd,
+    pub(crate) vm_fd: VmFd,
     // Dropped after the vCPU threads are joined (field order).
-    _mem: GuestMemoryMmap,
-    vcpus: Vec<VcpuHandle>,
-    latch: Arc<ExitLatch>,
-    serial: Arc<Mutex<SerialDevice>>,
-    fifo_drained: EventFd,
-    io: Arc<VcpuIo>,
-    profiler: Arc<Profiler>,
-    cmdline: String,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) latch: Arc<ExitLatch>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) fifo_drained: EventFd,
+    pub(crate) io: Arc<VcpuIo>,
+    pub(crate) profiler: Arc<Profiler>,
+    pub(crate) cmdline: String,
     // Device event handlers for the event loop (virtio devices).
-    devices: Vec<Subscriber>,
-    seccomp: SeccompMode,
+    pub(crate) devices: Vec<Subscriber>,
+    // Their register files, in slot order (snapshots).
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(crate) seccomp: SeccompMode,
+    // The config as built (random MACs resolved), for snapshots.
+    pub(crate) config: VmConfig,
+    pub(crate) api: Option<ApiSocket>,
+    pub(crate) paused: AtomicBool,
 }
 
 /// A device to map on the MMIO bus: (device, base, length).
@@ -149,8 +167,13 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
             k
         }
     };
+    // A snapshot must bring back the MAC the guest's driver read.
+    let mut cfg = cfg.clone();
+    for n in &mut cfg.net {
+        n.mac.get_or_insert_with(MacAddr::random);
+    }
     let pvm = kvm::is_pvm_host();
-    let mut cmdline = config::guest_cmdline(cfg, pvm);
+    let mut cmdline = config::guest_cmdline(&cfg, pvm);
     cmdline.push_str(&virtio::cmdline_entries(cfg.virtio_device_count()));
     // Validate before any expensive work.
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
@@ -161,22 +184,12 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         ))
         .into());
     }
+    let api = bind_api(&cfg)?;
     // Disks, taps and the vsock socket first: a user's mistake there is
     // reported before the console file or any KVM work, and nothing is
     // left behind.
-    let virtio_devices = virtio::open_devices(cfg)?;
-
-    let console: Box<dyn Write + Send> = match &cfg.console {
-        Console::Stdout => Box::new(
-            QueuedConsole::spawn(Box::new(std::io::stdout()), CONSOLE_QUEUE_CAP, seccomp)
-                .map_err(|e| BuildError::Host("console thread", e))?,
-        ),
-        Console::None => Box::new(std::io::sink()),
-        Console::File(p) => Box::new(
-            ConsoleLog::create(p, CONSOLE_LOG_CAP)
-                .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
-        ),
-    };
+    let virtio_devices = virtio::open_devices(&cfg)?;
+    let console = open_console(&cfg, seccomp)?;
 
     let kvm = kvm::open()?;
     // A vhost-user backend maps guest memory: it must live in a shareable file.
@@ -199,16 +212,107 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     regs::write_boot_tables(&mem)?;
 
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
-    let fifo_drained =
-        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("eventfd", e))?;
-    let serial_irq = vm::irqfd(&vm_fd, layout::irq::COM1)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        fifo_drained
-            .try_clone()
-            .map_err(|e| BuildError::Host("eventfd", e))?,
+    let fifo_drained = eventfd()?;
+    let serial = SerialDevice::new(
+        vm::irqfd(&vm_fd, layout::irq::COM1)?,
+        clone_fd(&fifo_drained)?,
         console,
-    )));
+    );
+    let (serial, pio) = legacy_bus(serial, &latch)?;
+    let mut mmio = Bus::new();
+    for (dev, base, len) in mmio_devices {
+        mmio.insert(dev, base, len)?;
+    }
+    let attached = virtio::attach_all(virtio_devices, &vm_fd, &mem, &mut mmio)?;
+    let io = Arc::new(VcpuIo::new(pio, mmio));
+
+    let base_cpuid = supported_cpuid(&kvm)?;
+    let shared = vcpu_shared(&kvm, &io, &mem, &latch)?;
+    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(
+            &vm_fd,
+            index,
+            cfg.vcpus,
+            &base_cpuid,
+            pvm && cfg.pvm_workarounds,
+            (index == 0).then_some(loaded.entry),
+            shared.clone(),
+        )?;
+        vcpus.push(vcpu);
+    }
+    if pvm && cfg.pvm_workarounds {
+        // A log line, not a print: a library must not write to stderr,
+        // which is a container's own in the runtime's VMM process.
+        tracing::info!(
+            "/dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
+        );
+    }
+    let vcpus = start_vcpus(vcpus, seccomp)?;
+    let (devices, transports) = attached
+        .into_iter()
+        .map(|a| (a.subscriber, a.transport))
+        .unzip();
+    Ok(Vm {
+        vm_fd,
+        mem,
+        vcpus,
+        latch,
+        serial,
+        fifo_drained,
+        io,
+        profiler: shared.profiler,
+        cmdline,
+        devices,
+        transports,
+        seccomp,
+        config: cfg,
+        api,
+        paused: AtomicBool::new(false),
+    })
+}
+
+pub(crate) fn eventfd() -> Result<EventFd, BuildError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("eventfd", e))
+}
+
+pub(crate) fn clone_fd(evt: &EventFd) -> Result<EventFd, BuildError> {
+    evt.try_clone().map_err(|e| BuildError::Host("eventfd", e))
+}
+
+/// The control socket, when the config asks for one.
+pub(crate) fn bind_api(cfg: &VmConfig) -> Result<Option<ApiSocket>, BuildError> {
+    cfg.api_sock
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()
+        .map_err(BuildError::Api)
+}
+
+/// Where the guest's console output goes.
+pub(crate) fn open_console(
+    cfg: &VmConfig,
+    seccomp: SeccompMode,
+) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match &cfg.console {
+        Console::Stdout => Box::new(
+            QueuedConsole::spawn(Box::new(std::io::stdout()), CONSOLE_QUEUE_CAP, seccomp)
+                .map_err(|e| BuildError::Host("console thread", e))?,
+        ),
+        Console::None => Box::new(std::io::sink()),
+        Console::File(p) => Box::new(
+            ConsoleLog::create(p, CONSOLE_LOG_CAP)
+                .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
+        ),
+    })
+}
+
+/// The port bus: COM1 and the i8042 (whose reset line stops the VM).
+pub(crate) fn legacy_bus(
+    serial: SerialDevice,
+    latch: &Arc<ExitLatch>,
+) -> Result<(Arc<Mutex<SerialDevice>>, Bus), BuildError> {
+    let serial = Arc::new(Mutex::new(serial));
     let mut pio = Bus::new();
     pio.insert(
         serial.clone(),
@@ -220,47 +324,42 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
         u64::from(layout::ports::I8042_DATA),
         u64::from(layout::ports::I8042_LEN),
     )?;
-    let mut mmio = Bus::new();
-    for (dev, base, len) in mmio_devices {
-        mmio.insert(dev, base, len)?;
-    }
-    let devices = virtio::attach_all(virtio_devices, &vm_fd, &mem, &mut mmio)?;
-    let io = Arc::new(VcpuIo::new(pio, mmio));
+    Ok((serial, pio))
+}
 
-    let base_cpuid = kvm
+/// The CPUID KVM supports on this host.
+pub(crate) fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<kvm_bindings::CpuId, BuildError> {
+    Ok(kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| vm::VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        .map_err(|e| vm::VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?)
+}
+
+/// What every vCPU of the VM shares.
+pub(crate) fn vcpu_shared(
+    kvm: &kvm_ioctls::Kvm,
+    io: &Arc<VcpuIo>,
+    mem: &GuestMemoryMmap,
+    latch: &Arc<ExitLatch>,
+) -> Result<VcpuShared, BuildError> {
     let msr_list = kvm
         .get_msr_index_list()
         .map_err(|e| vm::VmError::Ioctl("KVM_GET_MSR_INDEX_LIST", e))?;
-    let profiler = Arc::new(Profiler::default());
-    let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-    for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(
-            &vm_fd,
-            index,
-            cfg.vcpus,
-            &base_cpuid,
-            pvm && cfg.pvm_workarounds,
-            msr_list.as_slice(),
-            (index == 0).then_some(loaded.entry),
-            io.clone(),
-            mem.clone(),
-            latch.clone(),
-            profiler.clone(),
-        )?;
-        vcpus.push(vcpu);
-    }
-    if pvm && cfg.pvm_workarounds {
-        // A log line, not a print: a library must not write to stderr,
-        // which is a container's own in the runtime's VMM process.
-        tracing::info!(
-            "/dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
-        );
-    }
-    // Start threads only once nothing else can fail, so an error leaves no
-    // thread behind. They inherit a mask without the stop signals, which
-    // the event loop reads from a signalfd instead.
+    Ok(VcpuShared {
+        io: io.clone(),
+        mem: mem.clone(),
+        latch: latch.clone(),
+        profiler: Arc::new(Profiler::default()),
+        msr_indices: Arc::new(msr_list.as_slice().to_vec()),
+    })
+}
+
+/// Starts the vCPU threads (paused), only once nothing else can fail, so
+/// an error leaves no thread behind. They inherit a mask without the stop
+/// signals, which the event loop reads from a signalfd instead.
+pub(crate) fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    seccomp: SeccompMode,
+) -> Result<Vec<VcpuHandle>, BuildError> {
     event_loop::block_signals(&event_loop::STOP_SIGNALS)
         .map_err(|e| BuildError::Host("sigprocmask", e))?;
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -276,19 +375,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
             }
         }
     }
-    Ok(Vm {
-        _vm_fd: vm_fd,
-        _mem: mem,
-        vcpus: handles,
-        latch,
-        serial,
-        fifo_drained,
-        io,
-        profiler,
-        cmdline,
-        devices,
-        seccomp,
-    })
+    Ok(handles)
 }
 
 impl Vm {
@@ -407,6 +494,13 @@ impl Vm {
         for dev in &self.devices {
             em.add_subscriber(dev.clone());
         }
+        let api_pending = Arc::new(AtomicBool::new(false));
+        if let Some(api) = &self.api {
+            em.add_subscriber(Arc::new(Mutex::new(ApiWatcher::new(
+                api.raw_fd(),
+                api_pending.clone(),
+            ))));
+        }
         // Everything the loop needs is open: from here it only serves.
         if let Err(e) = seccomp::install(ThreadKind::EventLoop, self.seccomp) {
             return VmExit::VmmError(e.to_string());
@@ -419,6 +513,9 @@ impl Vm {
                 self.latch
                     .stop(VmExit::VmmError(format!("event loop failed: {e:?}")));
                 break;
+            }
+            if api_pending.swap(false, Ordering::SeqCst) {
+                self.serve_api();
             }
         }
         self.latch

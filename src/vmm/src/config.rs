@@ -125,6 +125,9 @@ pub struct VmConfig {
     /// Seccomp filters on the VMM's threads (`HUSK_SECCOMP` overrides).
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// A control socket (pause, resume, snapshot, stop; see `api`).
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
 }
 
 /// One shared host directory: `tag=TAG,dir=DIR[,ro]` on the command line.
@@ -360,6 +363,7 @@ impl Default for VmConfig {
             vsock: None,
             fs: Vec::new(),
             seccomp: SeccompMode::On,
+            api_sock: None,
         }
     }
 }

@@ -61,13 +61,15 @@ pub enum VmExit {
     VmmError(String),
     /// The VMM was told to stop by a signal.
     Killed(i32),
+    /// Stopped through the control socket.
+    Stopped,
 }
 
 impl VmExit {
     /// The process exit code for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::GuestReset | VmExit::GuestShutdown => code::GUEST_SHUTDOWN,
+            VmExit::GuestReset | VmExit::GuestShutdown | VmExit::Stopped => code::GUEST_SHUTDOWN,
             VmExit::TripleFault { .. } => code::TRIPLE_FAULT,
             VmExit::InternalError { .. } | VmExit::FailEntry { .. } => code::KVM_INTERNAL,
             VmExit::Unexpected { .. } => code::UNEXPECTED_EXIT,
@@ -118,6 +120,7 @@ impl fmt::Display for VmExit {
             }
             VmExit::VmmError(e) => write!(f, "{e}"),
             VmExit::Killed(sig) => write!(f, "stopped by signal {sig}"),
+            VmExit::Stopped => write!(f, "stopped through the API socket"),
         }
     }
 }

@@ -3,9 +3,10 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_lapic_state, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
@@ -15,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::bus::Bus;
 use super::profile::Profiler;
+use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::exit::VmExit;
 use crate::seccomp::{self, SeccompMode, ThreadKind};
@@ -31,17 +33,31 @@ pub enum VcpuError {
     /// The thread could not be spawned.
     #[error("cannot spawn vCPU thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The snapshot's state could not be written into the vCPU.
+    #[error("vCPU {0}: restoring its state: {1}")]
+    State(u8, #[source] VcpuStateError),
 }
 
 /// Commands to a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VcpuCommand {
-    /// Leave KVM_RUN and wait.
+    /// Leave KVM_RUN, finish any half-done I/O, wait; answered `Paused`.
     Pause,
     /// Run the guest.
     Resume,
+    /// Read the vCPU's state (paused only); answered `Saved`.
+    Save,
     /// Leave the thread.
     Exit,
+}
+
+/// A vCPU thread's answers to `Pause` and `Save`.
+#[derive(Debug)]
+pub enum VcpuResponse {
+    /// Out of KVM_RUN, state consistent, waiting.
+    Paused,
+    /// The state, or why it could not be read.
+    Saved(Result<Box<VcpuState>, String>),
 }
 
 /// What the exit handler wants the run loop to do next.
@@ -225,58 +241,95 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
     Ok(())
 }
 
+/// What every vCPU of a VM shares: its buses, memory, stop latch, RIP
+/// sampler and the MSRs a snapshot reads.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Port and MMIO buses.
+    pub io: Arc<VcpuIo>,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// Where a stop reason goes.
+    pub latch: Arc<ExitLatch>,
+    /// The RIP sampler.
+    pub profiler: Arc<Profiler>,
+    /// MSRs KVM can save (KVM_GET_MSR_INDEX_LIST).
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
 /// One vCPU, before its thread starts.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    cpuid: CpuId,
     io: Arc<VcpuIo>,
     mem: GuestMemoryMmap,
     latch: Arc<ExitLatch>,
     profiler: Arc<Profiler>,
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
     /// Creates vCPU `index` with normalised CPUID and boot MSRs; the boot
     /// vCPU (index 0) also gets the 64-bit entry state.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vm: &VmFd,
         index: u8,
         count: u8,
         base_cpuid: &CpuId,
         no_hypercalls: bool,
-        supported_msrs: &[u32],
         boot_entry: Option<GuestAddress>,
-        io: Arc<VcpuIo>,
-        mem: GuestMemoryMmap,
-        latch: Arc<ExitLatch>,
-        profiler: Arc<Profiler>,
+        shared: VcpuShared,
     ) -> Result<Self, VcpuError> {
+        let err = |what| move |e| VcpuError::Ioctl(index, what, e);
+        let mut cpuid = base_cpuid.clone();
+        cpuid::normalize(&mut cpuid, index, count, no_hypercalls);
+        let v = Self::create(vm, index, cpuid, shared)?;
+        v.fd.set_msrs(&msrs::boot_msrs(&v.msr_indices))
+            .map_err(err("KVM_SET_MSRS"))?;
+        set_lint(&v.fd).map_err(err("KVM_SET_LAPIC"))?;
+        if let Some(entry) = boot_entry {
+            v.fd.set_regs(&regs::boot_regs(entry))
+                .map_err(err("KVM_SET_REGS"))?;
+            let mut sregs = v.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+            regs::configure_sregs(&mut sregs);
+            v.fd.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
+            v.fd.set_fpu(&regs::boot_fpu())
+                .map_err(err("KVM_SET_FPU"))?;
+        }
+        Ok(v)
+    }
+
+    /// Creates vCPU `index` from a snapshot's `state`.
+    pub fn restore(
+        vm: &VmFd,
+        index: u8,
+        state: &VcpuState,
+        shared: VcpuShared,
+    ) -> Result<Self, VcpuError> {
+        let cpuid = state.cpuid().map_err(|e| VcpuError::State(index, e))?;
+        let v = Self::create(vm, index, cpuid, shared)?;
+        state
+            .restore(&v.fd)
+            .map_err(|e| VcpuError::State(index, e))?;
+        Ok(v)
+    }
+
+    fn create(vm: &VmFd, index: u8, cpuid: CpuId, shared: VcpuShared) -> Result<Self, VcpuError> {
         let err = |what| move |e| VcpuError::Ioctl(index, what, e);
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = base_cpuid.clone();
-        cpuid::normalize(&mut cpuid, index, count, no_hypercalls);
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
-        fd.set_msrs(&msrs::boot_msrs(supported_msrs))
-            .map_err(err("KVM_SET_MSRS"))?;
-        set_lint(&fd).map_err(err("KVM_SET_LAPIC"))?;
-        if let Some(entry) = boot_entry {
-            fd.set_regs(&regs::boot_regs(entry))
-                .map_err(err("KVM_SET_REGS"))?;
-            let mut sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-            regs::configure_sregs(&mut sregs);
-            fd.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-            fd.set_fpu(&regs::boot_fpu()).map_err(err("KVM_SET_FPU"))?;
-        }
         Ok(Self {
             index,
             fd,
-            io,
-            mem,
-            latch,
-            profiler,
+            cpuid,
+            io: shared.io,
+            mem: shared.mem,
+            latch: shared.latch,
+            profiler: shared.profiler,
+            msr_indices: shared.msr_indices,
         })
     }
 
@@ -285,14 +338,21 @@ impl Vcpu {
     pub fn start(self, seccomp: SeccompMode) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let (tx, rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run(rx, seccomp))
+            .spawn(move || self.run(rx, resp_tx, seccomp))
             .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle { thread, tx })
+        Ok(VcpuHandle {
+            index,
+            thread,
+            tx,
+            rx: Mutex::new(resp_rx),
+        })
     }
 
-    fn run(mut self, rx: Receiver<VcpuCommand>, seccomp: SeccompMode) {
+    fn run(mut self, rx: Receiver<VcpuCommand>, resp: Sender<VcpuResponse>, seccomp: SeccompMode) {
         let ptr = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|c| c.set(ptr));
         let mut running = false;
@@ -308,7 +368,15 @@ impl Vcpu {
                         }
                     }
                     Ok(VcpuCommand::Resume) => running = true,
-                    Ok(VcpuCommand::Pause) => {}
+                    Ok(VcpuCommand::Pause) => {
+                        let _ = resp.send(VcpuResponse::Paused);
+                    }
+                    Ok(VcpuCommand::Save) => {
+                        let saved = VcpuState::save(&self.fd, &self.cpuid, &self.msr_indices)
+                            .map(Box::new)
+                            .map_err(|e| format!("vCPU {}: {e}", self.index));
+                        let _ = resp.send(VcpuResponse::Saved(saved));
+                    }
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                 }
                 continue;
@@ -316,7 +384,15 @@ impl Vcpu {
             match rx.try_recv() {
                 Ok(VcpuCommand::Pause) => {
                     running = false;
+                    self.settle();
+                    let _ = resp.send(VcpuResponse::Paused);
                     continue;
+                }
+                Ok(VcpuCommand::Save) => {
+                    let _ = resp.send(VcpuResponse::Saved(Err(format!(
+                        "vCPU {} is running: pause the VM first",
+                        self.index
+                    ))));
                 }
                 Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
                 Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {}
@@ -353,6 +429,20 @@ impl Vcpu {
             }
         }
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    /// Completes a port or MMIO access KVM left half done (a read's value
+    /// is only stored into the register on the next KVM_RUN) without
+    /// running another guest instruction, so that the state a snapshot
+    /// reads is consistent.
+    fn settle(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => tracing::warn!("vCPU {}: settling before a pause: {e}", self.index),
+            Ok(_) => tracing::debug!("vCPU {}: exit while settling", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Fills in what the exit handler could not see: KVM's internal error
@@ -422,11 +512,47 @@ fn set_lapic_reg(l: &mut kvm_lapic_state, reg: usize, v: u32) {
 
 /// The controller's side of a vCPU thread.
 pub struct VcpuHandle {
+    index: u8,
     pub(crate) thread: JoinHandle<()>,
     tx: Sender<VcpuCommand>,
+    rx: Mutex<Receiver<VcpuResponse>>,
 }
 
 impl VcpuHandle {
+    /// Sends `cmd` and waits up to `timeout` for its answer; answers left
+    /// over from an earlier command that timed out are dropped first.
+    fn ask(&self, cmd: VcpuCommand, timeout: Duration) -> Result<VcpuResponse, String> {
+        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
+        while rx.try_recv().is_ok() {}
+        self.send(cmd);
+        let deadline = Instant::now() + timeout;
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(format!(
+                "vCPU {} did not answer {cmd:?} within {} ms",
+                self.index,
+                timeout.as_millis()
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(format!("vCPU {} has stopped", self.index)),
+        }
+    }
+
+    /// Pauses the vCPU and waits until it is out of the guest.
+    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
+        match self.ask(VcpuCommand::Pause, timeout)? {
+            VcpuResponse::Paused => Ok(()),
+            other => Err(format!("vCPU {}: unexpected answer {other:?}", self.index)),
+        }
+    }
+
+    /// Reads the state of the paused vCPU.
+    pub fn save(&self, timeout: Duration) -> Result<Box<VcpuState>, String> {
+        match self.ask(VcpuCommand::Save, timeout)? {
+            VcpuResponse::Saved(r) => r,
+            other => Err(format!("vCPU {}: unexpected answer {other:?}", self.index)),
+        }
+    }
+
     /// Sends a command and kicks the thread out of KVM_RUN.
     pub fn send(&self, cmd: VcpuCommand) {
         // A thread that already left has nothing to be told.

@@ -1,7 +1,12 @@
 //! The KVM VM: memory slots, in-kernel irqchip and PIT, irqfds.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -65,4 +70,75 @@ pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
     vm.register_irqfd(&evt, gsi)
         .map_err(|e| VmError::Ioctl("KVM_IRQFD", e))?;
     Ok(evt)
+}
+
+/// The VM-wide state KVM keeps: the in-kernel PICs, IOAPIC and PIT, and
+/// the kvm-clock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// The 8259 master, slave and the IOAPIC, in that order.
+    pub irqchips: Vec<kvm_irqchip>,
+    /// The 8254 timer.
+    pub pit: kvm_pit_state2,
+    /// The kvm-clock, with the host's real time when KVM reports it.
+    pub clock: kvm_clock_data,
+}
+
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+impl VmState {
+    /// Reads the state of a VM whose vCPUs are paused.
+    pub fn save(vm: &VmFd) -> Result<Self, VmError> {
+        let mut irqchips = Vec::with_capacity(IRQCHIPS.len());
+        for chip_id in IRQCHIPS {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(|e| VmError::Ioctl("KVM_GET_IRQCHIP", e))?;
+            irqchips.push(chip);
+        }
+        let pit = vm
+            .get_pit2()
+            .map_err(|e| VmError::Ioctl("KVM_GET_PIT2", e))?;
+        let mut clock = vm
+            .get_clock()
+            .map_err(|e| VmError::Ioctl("KVM_GET_CLOCK", e))?;
+        // Only KVM_CLOCK_REALTIME means something to KVM_SET_CLOCK: with it,
+        // the restored clock moves on by the real time spent in between.
+        clock.flags &= KVM_CLOCK_REALTIME;
+        Ok(Self {
+            irqchips,
+            pit,
+            clock,
+        })
+    }
+
+    /// Writes the state into a new VM (irqchip and PIT created, vCPUs
+    /// restored).
+    pub fn restore(&self, vm: &VmFd) -> Result<(), VmError> {
+        vm.set_pit2(&self.pit)
+            .map_err(|e| VmError::Ioctl("KVM_SET_PIT2", e))?;
+        for chip in &self.irqchips {
+            vm.set_irqchip(chip)
+                .map_err(|e| VmError::Ioctl("KVM_SET_IRQCHIP", e))?;
+        }
+        vm.set_clock(&self.clock)
+            .map_err(|e| VmError::Ioctl("KVM_SET_CLOCK", e))
+    }
+
+    /// Whether the three chips are there, in order.
+    pub fn well_formed(&self) -> bool {
+        self.irqchips.len() == IRQCHIPS.len()
+            && self
+                .irqchips
+                .iter()
+                .zip(IRQCHIPS)
+                .all(|(c, id)| c.chip_id == id)
+    }
 }

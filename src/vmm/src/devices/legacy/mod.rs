@@ -7,4 +7,4 @@ mod serial;
 
 pub use console_log::ConsoleLog;
 pub use i8042::{ResetTrigger, I8042};
-pub use serial::{EventFdTrigger, SerialDevice, SerialInputEvents};
+pub use serial::{EventFdTrigger, SerialDevice, SerialInputEvents, SerialSnapshot};

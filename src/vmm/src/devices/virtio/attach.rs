@@ -116,14 +116,21 @@ pub fn cmdline_entries(count: usize) -> String {
 /// An event-loop subscriber.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// Puts `devices` in their slots on `mmio`; returns them as event-loop
-/// subscribers.
+/// A device on the MMIO bus: its event-loop side and its transport.
+pub struct Attached {
+    /// The device, for the event loop.
+    pub subscriber: Subscriber,
+    /// Its register file (for snapshots).
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Puts `devices` in their slots on `mmio`.
 pub fn attach_all(
     devices: Vec<PendingDevice>,
     vm_fd: &VmFd,
     mem: &GuestMem,
     mmio: &mut Bus,
-) -> Result<Vec<Subscriber>, AttachError> {
+) -> Result<Vec<Attached>, AttachError> {
     let mut subs = Vec::with_capacity(devices.len());
     for (index, dev) in devices.into_iter().enumerate() {
         let sub = match dev {
@@ -143,7 +150,7 @@ fn attach<D>(
     vm_fd: &VmFd,
     mem: &GuestMem,
     mmio: &mut Bus,
-) -> Result<Subscriber, AttachError>
+) -> Result<Attached, AttachError>
 where
     D: VirtioDevice + MutEventSubscriber + Send + 'static,
 {
@@ -158,10 +165,10 @@ where
             .register_ioevent(evt, &notify, queue as u32)
             .map_err(|e| AttachError::Host(index, "KVM_IOEVENTFD", e.into()))?;
     }
-    mmio.insert(
-        Arc::new(Mutex::new(transport)),
-        base,
-        layout::VIRTIO_MMIO_SIZE,
-    )?;
-    Ok(dev)
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(transport.clone(), base, layout::VIRTIO_MMIO_SIZE)?;
+    Ok(Attached {
+        subscriber: dev,
+        transport,
+    })
 }

@@ -107,6 +107,13 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
     /// Stops using the queues and drops them (driver wrote 0 to Status).
     fn reset(&mut self);
+    /// Each queue's (next_avail, next_used) while activated, else empty:
+    /// what a snapshot needs besides the transport's registers.
+    fn queue_positions(&self) -> Vec<(u16, u16)>;
+    /// Called once after a snapshot's state was restored into this
+    /// (activated) device, before the guest runs again: the device tells
+    /// the driver what it lost (vsock: every connection).
+    fn restored(&mut self) {}
 }
 
 /// What the device holds while the driver runs it: the queues in index
@@ -198,6 +205,17 @@ impl<const N: usize> DeviceCore<N> {
             failure: ctx.failure,
         });
         signal_state(&self.state_evt)
+    }
+
+    /// Each queue's (next_avail, next_used) while activated.
+    pub fn queue_positions(&self) -> Vec<(u16, u16)> {
+        use virtio_queue::QueueT;
+        self.active.as_ref().map_or_else(Vec::new, |a| {
+            a.queues
+                .iter()
+                .map(|q| (q.next_avail(), q.next_used()))
+                .collect()
+        })
     }
 
     /// Drops the queues and wakes the event loop.

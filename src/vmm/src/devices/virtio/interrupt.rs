@@ -33,6 +33,9 @@ pub trait VirtioInterrupt: Send + Sync {
     fn status(&self) -> u32;
     /// Clears `bits` (InterruptACK).
     fn ack(&self, bits: u32);
+    /// Sets InterruptStatus to `bits` without raising the line (restoring
+    /// a snapshot: the irqchip's own state is restored apart).
+    fn set_status(&self, bits: u32);
     /// Clears every bit (device reset).
     fn clear(&self) {
         self.ack(u32::MAX);
@@ -69,6 +72,10 @@ impl VirtioInterrupt for IrqfdInterrupt {
 
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 }
 

@@ -235,4 +235,8 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.core.reset();
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.core.queue_positions()
+    }
 }

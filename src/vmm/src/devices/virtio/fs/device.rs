@@ -232,4 +232,8 @@ impl VirtioDevice for Fs {
     fn reset(&mut self) {
         self.core.reset();
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.core.queue_positions()
+    }
 }

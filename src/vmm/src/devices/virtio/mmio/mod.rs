@@ -15,8 +15,11 @@ use super::interrupt::VirtioInterrupt;
 use super::{feature, status, GuestMem};
 use crate::vstate::bus::BusDevice;
 
+mod state;
 #[cfg(test)]
 mod tests;
+
+pub use state::{QueueSnapshot, RestoreError, TransportState};
 
 /// "virt", little endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;

@@ -84,6 +84,9 @@ impl VirtioDevice for Dummy {
         self.active = false;
         self.rec.lock().unwrap().resets += 1;
     }
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
 }
 
 struct Fixture {

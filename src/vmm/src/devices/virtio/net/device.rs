@@ -366,4 +366,8 @@ impl VirtioDevice for Net {
         self.rx_packet = None;
         self.core.reset();
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.core.queue_positions()
+    }
 }

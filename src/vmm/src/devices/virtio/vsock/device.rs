@@ -19,7 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet;
 use super::{
-    VsockCounters, VsockError, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX, TX_INDEX,
+    VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX,
+    TX_INDEX,
 };
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
@@ -39,8 +40,8 @@ pub struct Vsock {
     guest_cid: u64,
     // Boxed: the connection tables would make the device large to move.
     pub(super) muxer: Box<Muxer>,
-    // The event queue is kept (and never used: husk sends no events) so
-    // the driver's event buffers stay posted.
+    // The event queue holds the driver's event buffers; husk's only event
+    // is the transport reset after a snapshot is restored.
     pub(super) core: DeviceCore<3>,
     /// The driver was (re)activated or reset since the event loop last looked.
     pub(super) state_changed: bool,
@@ -107,6 +108,36 @@ impl Vsock {
         self.muxer.reset_all();
         self.tx_paused = false;
         self.muxer.set_driver_ready(self.core.active.is_some());
+    }
+
+    /// Tells the driver that every connection is gone
+    /// (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in its first event buffer): after
+    /// a restore, the host ends of the guest's connections do not exist.
+    /// Returns whether the event was delivered (the driver may have posted
+    /// no buffer).
+    pub fn send_transport_reset(&mut self) -> Result<bool, QueueError> {
+        /// `struct virtio_vsock_event { le32 id; }`, id 0: transport reset.
+        const TRANSPORT_RESET: [u8; 4] = 0u32.to_le_bytes();
+        let Some(a) = self.core.active.as_mut() else {
+            return Ok(false);
+        };
+        let mem = &a.mem;
+        let Some(chain) = queue::pop_chain(&mut a.queues[EVENT_INDEX], mem)? else {
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let c = collect_chain(chain, mem, MAX_DESCRIPTORS);
+        let written = match c.segments.first() {
+            Some(seg) if c.error.is_none() && seg.writable && seg.len >= 4 => {
+                use vm_memory::Bytes;
+                mem.write_slice(&TRANSPORT_RESET, seg.addr).is_ok()
+            }
+            _ => false,
+        };
+        let len = if written { 4 } else { 0 };
+        queue::add_used(&mut a.queues[EVENT_INDEX], mem, head, len)?;
+        queue::notify_used(&mut a.queues[EVENT_INDEX], mem, a.interrupt.as_ref())?;
+        Ok(written)
     }
 
     /// Moves guest packets to the muxer, then host packets to the guest.
@@ -314,5 +345,23 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.state_changed = true;
         self.core.reset();
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.core.queue_positions()
+    }
+
+    fn restored(&mut self) {
+        match self.send_transport_reset() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "virtio-vsock: the driver left no event buffer: its connections will time out"
+            ),
+            Err(e) => self
+                .core
+                .active
+                .as_ref()
+                .map_or((), |a| a.failure.fail(&format!("event queue: {e}"))),
+        }
     }
 }

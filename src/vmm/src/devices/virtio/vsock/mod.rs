@@ -35,7 +35,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_INDEX: usize = 0;
 /// Index of the transmit (guest to host) queue.
 pub const TX_INDEX: usize = 1;
-/// Index of the event queue (husk sends no events).
+/// Index of the event queue (transport resets after a restore).
 pub const EVENT_INDEX: usize = 2;
 /// Most descriptors accepted in one chain.
 pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;

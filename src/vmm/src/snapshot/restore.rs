@@ -1,0 +1,129 @@
+//! Building a VM from a snapshot directory: the same devices as the saved
+//! VM, guest RAM mapped copy-on-write from the memory file, every piece of
+//! state written back before any vCPU thread starts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use super::{map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
+use crate::arch::x86_64::layout;
+use crate::builder::{
+    bind_api, clone_fd, eventfd, legacy_bus, open_console, start_vcpus, supported_cpuid,
+    vcpu_shared, BuildError, Vm,
+};
+use crate::config::Console;
+use crate::devices::legacy::SerialDevice;
+use crate::devices::virtio::attach as virtio;
+use crate::seccomp::SeccompMode;
+use crate::vstate::bus::Bus;
+use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuIo};
+use crate::vstate::vm;
+use crate::vstate::{kvm, memory};
+
+/// What a restored VM takes from its caller instead of the snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Where its console goes.
+    pub console: Console,
+    /// Its control socket.
+    pub api_sock: Option<PathBuf>,
+    /// Its vsock device's host socket (the saved one may still be in use).
+    pub vsock_uds: Option<PathBuf>,
+    /// Its seccomp filters.
+    pub seccomp: SeccompMode,
+}
+
+/// Builds a paused VM from the snapshot in `dir`; `run` resumes it.
+pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildError> {
+    let snap = Snapshot::read(&dir.join(STATE_FILE))?;
+    let mem_path = dir.join(MEMORY_FILE);
+    let mem_file = std::fs::File::open(&mem_path)
+        .map_err(|e| SnapshotError::Io(mem_path.display().to_string(), e))?;
+    let got = mem_file
+        .metadata()
+        .map_err(|e| SnapshotError::Io(mem_path.display().to_string(), e))?
+        .len();
+    if got != snap.mem_bytes {
+        return Err(SnapshotError::MemorySize {
+            path: mem_path.display().to_string(),
+            got,
+            want: snap.mem_bytes,
+        }
+        .into());
+    }
+    let mut cfg = snap.config.clone();
+    cfg.console = opts.console.clone();
+    cfg.api_sock = opts.api_sock.clone();
+    cfg.seccomp = opts.seccomp;
+    if let (Some(v), Some(uds)) = (cfg.vsock.as_mut(), &opts.vsock_uds) {
+        v.uds_path = uds.clone();
+    }
+    cfg.validate()?;
+    let seccomp = cfg.seccomp.or_env()?;
+    let kvm = kvm::open()?;
+    let host_cpuid = supported_cpuid(&kvm)?;
+    snap.check_cpu(&host_cpuid)?;
+
+    let api = bind_api(&cfg)?;
+    let virtio_devices = virtio::open_devices(&cfg)?;
+    let console = open_console(&cfg, seccomp)?;
+    let mem = memory::create(cfg.mem_mib)?;
+    map_memory(&mem, &mem_file, &mem_path)?;
+    drop(mem_file);
+    let vm_fd = vm::create(&kvm, &mem)?;
+
+    let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
+    let fifo_drained = eventfd()?;
+    let serial = SerialDevice::from_state(
+        &snap.serial,
+        vm::irqfd(&vm_fd, layout::irq::COM1)?,
+        clone_fd(&fifo_drained)?,
+        console,
+    )
+    .map_err(SnapshotError::Inconsistent)?;
+    let (serial, pio) = legacy_bus(serial, &latch)?;
+    let mut mmio = Bus::new();
+    let attached = virtio::attach_all(virtio_devices, &vm_fd, &mem, &mut mmio)?;
+    let io = Arc::new(VcpuIo::new(pio, mmio));
+
+    let shared = vcpu_shared(&kvm, &io, &mem, &latch)?;
+    let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+    for (index, state) in snap.vcpus.iter().enumerate() {
+        let index = u8::try_from(index)
+            .map_err(|_| SnapshotError::Inconsistent("too many vCPUs".into()))?;
+        vcpus.push(Vcpu::restore(&vm_fd, index, state, shared.clone())?);
+    }
+    snap.vm.restore(&vm_fd)?;
+    // Devices last: a restored vsock device posts its reset event into
+    // guest memory, and every device is kicked once to pick up work the
+    // driver had posted.
+    for (a, state) in attached.iter().zip(&snap.devices) {
+        a.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(state)?;
+    }
+    let vcpus = start_vcpus(vcpus, seccomp)?;
+    let (devices, transports) = attached
+        .into_iter()
+        .map(|a| (a.subscriber, a.transport))
+        .unzip();
+    Ok(Vm {
+        vm_fd,
+        mem,
+        vcpus,
+        latch,
+        serial,
+        fifo_drained,
+        io,
+        profiler: shared.profiler,
+        cmdline: snap.cmdline,
+        devices,
+        transports,
+        seccomp,
+        config: cfg,
+        api,
+        paused: AtomicBool::new(false),
+    })
+}
