@@ -152,6 +152,17 @@ impl Agent {
                 .map(|()| Response::NetworkConfigured)
                 .map_err(|e| err(ErrorCode::SetupFailed, format!("network: {e}"))),
             Request::Shutdown => Ok(Response::ShuttingDown),
+            Request::AddEntropy(bytes) => {
+                if bytes.len() > husk_proto::MAX_ENTROPY {
+                    return Err(err(
+                        ErrorCode::InvalidRequest,
+                        format!("at most {} bytes of entropy", husk_proto::MAX_ENTROPY),
+                    ));
+                }
+                sys::add_entropy(&bytes)
+                    .map(|()| Response::EntropyAdded)
+                    .map_err(|e| err(ErrorCode::Internal, format!("reseeding the RNG: {e}")))
+            }
         }
     }
 

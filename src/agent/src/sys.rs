@@ -661,3 +661,40 @@ pub fn close_fds_except(keep: &[RawFd]) {
         }
     }
 }
+
+/// Mixes `bytes` into the kernel's input pool, credited as entropy
+/// (`RNDADDENTROPY`), then reseeds the CRNG from the pool at once
+/// (`RNDRESEEDCRNG`), so random numbers read afterwards depend on them.
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    const RNDADDENTROPY: u32 = 0x4008_5203; // _IOW('R', 3, int[2])
+    const RNDRESEEDCRNG: u32 = 0x5207; // _IO('R', 7)
+    let len = i32::try_from(bytes.len())
+        .ok()
+        .filter(|&n| n <= i32::MAX / 8)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&(len * 8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: the kernel reads the header and `buf_size` bytes after it,
+    // all inside `info`, which outlives the call.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) })?;
+    Ok(())
+}
+
+/// Drops the cached blocks of block device `dev` (`BLKFLSBUF`): a disk
+/// swapped under a VM restored from a template must not be read through
+/// the page cache of the placeholder the template was booted with.
+pub fn flush_block_cache(dev: &Path) -> io::Result<()> {
+    const BLKFLSBUF: u32 = 0x1261; // _IO(0x12, 97)
+    let f = std::fs::File::open(dev)?;
+    // SAFETY: BLKFLSBUF takes no argument.
+    cvt(unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _) })?;
+    Ok(())
+}

@@ -79,6 +79,7 @@ fn debug_server_runs_a_container_and_shuts_down() {
                     device: rootfs.clone(),
                     fstype: "bind".into(),
                     read_only: true,
+                    size_bytes: None,
                 },
                 scratch: Scratch::default(),
                 stdin: false,

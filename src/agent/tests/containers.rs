@@ -164,6 +164,7 @@ impl Harness {
                 device: self.rootfs.clone(),
                 fstype: "bind".into(),
                 read_only: true,
+                size_bytes: None,
             },
             scratch: Scratch::Tmpfs {
                 size_bytes: Some(64 << 20),
@@ -703,6 +704,7 @@ fn containers_created_concurrently_all_finish() {
                                 device: rootfs.clone(),
                                 fstype: "bind".into(),
                                 read_only: true,
+                                size_bytes: None,
                             },
                             scratch: Scratch::default(),
                             stdin: false,

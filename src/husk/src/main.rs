@@ -26,6 +26,7 @@ use husk_vmm::{ConsoleInputSource, VmExit};
   HUSK_AGENT          guest agent binary [default: $HUSK_ROOT/agent/husk-agent]
   HUSK_KERNEL         guest kernel (vmlinux) [default: $HUSK_ROOT/kernel/vmlinux]
   HUSK_BOOT_TIMEOUT   seconds a guest may take to boot and answer (husk run, create) [default: 30]
+  HUSK_TEMPLATE       off: husk run and create boot the guest instead of restoring a warm template [default: on]
   REGISTRY_AUTH_FILE  registry credentials file [default: $HUSK_ROOT/auth.json]
   HOME                ~/.docker/config.json is read for credentials as a last resort"
 )]
@@ -73,6 +74,9 @@ enum Command {
     Snapshot(snapshot::SnapshotCommand),
     /// Pause, resume, query or stop a VM through its control socket.
     Ctl(snapshot::CtlArgs),
+    /// Manage the warm templates `husk run` restores instead of booting.
+    #[command(subcommand)]
+    Template(snapshot::TemplateCommand),
     #[command(flatten)]
     Runc(runc::RuncCommand),
 }
@@ -214,6 +218,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Snapshot(c) => snapshot::cmd_snapshot(c),
         Command::Ctl(a) => snapshot::cmd_ctl(a),
+        Command::Template(c) => snapshot::cmd_template(c),
         Command::Run(_) => unreachable!("handled above"),
         Command::Pull(a) => return ExitCode::from(image::cmd_pull(a) as u8),
         Command::Images(a) => return ExitCode::from(image::cmd_images(a) as u8),
@@ -316,6 +321,7 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
         console: args.console.clone().unwrap_or_default(),
         api_sock: args.api_sock.clone(),
         vsock_uds: args.vsock.as_ref().map(|v| v.uds_path.clone()),
+        disks: Vec::new(),
         seccomp: if args.no_seccomp {
             husk_vmm::seccomp::SeccompMode::Off
         } else {

@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// HUSK_SECCOMP=off, or =log to allow and log what a filter refuses).
     #[arg(long)]
     no_seccomp: bool,
+    /// Boot the guest instead of restoring the warm template of this
+    /// kernel, agent and VM shape (made by the first run that needs it;
+    /// see `husk template`). Also HUSK_TEMPLATE=off.
+    #[arg(long)]
+    no_template: bool,
     /// runc's `run`: run the OCI bundle in DIR as container ID (the one
     /// positional argument), runc's flags below; `--root` is then runc's state root.
     #[arg(short = 'b', long, value_name = "DIR")]
@@ -237,18 +242,36 @@ fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
     let created = t.created_ns.unwrap_or(t.agent_ready_ns);
     let exec = t.exec_ns.unwrap_or(created);
     let exited = t.exited_ns.unwrap_or(exec);
-    let kernel = match outcome.guest_clock {
-        Some(c) => c.to_host(t.agent_started_ns).saturating_sub(first),
-        None => t.agent_started_ns,
+    let mut stages = if outcome.restored {
+        // Restored from a template: no kernel boot; "agent ready" is the
+        // restore to the agent's first answer, and the container's stamps
+        // go on the host's clock (the template's own start and ready
+        // stamps are from before the snapshot).
+        let answered = outcome.answered_ns.unwrap_or(first).max(first);
+        let host = |g: u64| outcome.guest_clock.map_or(answered, |c| c.to_host(g));
+        let (c, e, x) = (host(created).max(answered), host(exec), host(exited));
+        vec![
+            first.saturating_sub(process_start_ns),
+            0,
+            answered - first,
+            c - answered,
+            e.saturating_sub(c),
+            x.saturating_sub(e.max(c)),
+        ]
+    } else {
+        let kernel = match outcome.guest_clock {
+            Some(c) => c.to_host(t.agent_started_ns).saturating_sub(first),
+            None => t.agent_started_ns,
+        };
+        vec![
+            first.saturating_sub(process_start_ns),
+            kernel,
+            t.agent_ready_ns.saturating_sub(t.agent_started_ns),
+            created.saturating_sub(t.agent_ready_ns),
+            exec.saturating_sub(created),
+            exited.saturating_sub(exec),
+        ]
     };
-    let mut stages = vec![
-        first.saturating_sub(process_start_ns),
-        kernel,
-        t.agent_ready_ns.saturating_sub(t.agent_started_ns),
-        created.saturating_sub(t.agent_ready_ns),
-        exec.saturating_sub(created),
-        exited.saturating_sub(exec),
-    ];
     let total = now.saturating_sub(process_start_ns);
     stages.push(total.saturating_sub(stages.iter().sum::<u64>()));
     let clock = match outcome.guest_clock {
@@ -261,9 +284,14 @@ fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
         .map(|(k, ns)| format!("{k}={:.1}", ms(ns)))
         .collect();
     format!(
-        "husk-timing: {} total_ms={:.1} {clock}",
+        "husk-timing: {} total_ms={:.1} {clock}{}",
         fields.join(" "),
-        ms(total)
+        ms(total),
+        if outcome.restored {
+            " template=restored"
+        } else {
+            ""
+        }
     )
 }
 
@@ -293,6 +321,7 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         } else {
             SeccompMode::On
         },
+        template: !a.no_template && husk_runtime::template::enabled_by_env(),
     };
     let outcome = run::run(&opts)?;
     let st = &outcome.status;
@@ -340,6 +369,8 @@ mod tests {
             },
             first_run_ns: Some(start + S),
             guest_clock: GuestClock::from_exchange(start + 8 * S, 4 * S, start + 8 * S + 2_000_000),
+            restored: false,
+            answered_ns: None,
         };
         let line = timing_line(&outcome, start);
         assert_eq!(field(&line, "first_kvm_run_ms="), 1000.0, "{line}");
@@ -357,6 +388,26 @@ mod tests {
             .map(|k| field(&line, &format!("{k}=")))
             .sum();
         assert!((sum - field(&line, "total_ms=")).abs() < 0.5, "{line}");
+
+        // Restored from a template: no kernel stage, the agent's old
+        // stamps are ignored, the restore → first answer is "agent ready".
+        let restored = run::RunOutcome {
+            restored: true,
+            answered_ns: Some(start + S + S / 2),
+            ..outcome.clone()
+        };
+        let line = timing_line(&restored, start);
+        assert_eq!(field(&line, "guest_kernel_ms="), 0.0, "{line}");
+        assert_eq!(field(&line, "agent_ready_ms="), 500.0, "{line}");
+        // Created at guest 5 s = host start + 9.001 s.
+        assert_eq!(field(&line, "create_ms="), 7501.0, "{line}");
+        assert_eq!(field(&line, "exec_ms="), 1000.0, "{line}");
+        let sum: f64 = TIMING_KEYS
+            .iter()
+            .map(|k| field(&line, &format!("{k}=")))
+            .sum();
+        assert!((sum - field(&line, "total_ms=")).abs() < 0.5, "{line}");
+        assert!(line.ends_with("template=restored"), "{line}");
 
         let unmapped = run::RunOutcome {
             guest_clock: None,

@@ -115,3 +115,93 @@ fn create(args: &CreateArgs) -> Result<u64, String> {
     }
     outcome
 }
+
+#[derive(Subcommand)]
+pub enum TemplateCommand {
+    /// List the warm templates (`husk run` restores them instead of booting).
+    Ls,
+    /// Remove templates by key, or all of them.
+    Rm(TemplateRmArgs),
+    /// Remove every template but the one the default kernel, agent and VM
+    /// shape would use now.
+    Prune,
+}
+
+#[derive(Args)]
+pub struct TemplateRmArgs {
+    /// Template keys (from `husk template ls`).
+    keys: Vec<String>,
+    /// Remove every template.
+    #[arg(long, conflicts_with = "keys")]
+    all: bool,
+}
+
+pub fn cmd_template(cmd: TemplateCommand) -> Result<i32, String> {
+    use husk_runtime::template;
+    let list = template::list().map_err(|e| e.to_string())?;
+    match cmd {
+        TemplateCommand::Ls => {
+            println!("{:<34} {:>8} {:>10}  CREATED", "KEY", "MEMORY", "ON DISK");
+            for t in list {
+                let age = t.created.elapsed().map_or(0, |d| d.as_secs());
+                println!(
+                    "{:<34} {:>5} MiB {:>6} MiB  {} ago",
+                    t.key,
+                    t.mem_mib,
+                    t.disk_bytes >> 20,
+                    human_age(age)
+                );
+            }
+        }
+        TemplateCommand::Rm(a) => {
+            if !a.all && a.keys.is_empty() {
+                return Err("give template keys, or --all".into());
+            }
+            let keys: Vec<String> = if a.all {
+                list.into_iter().map(|t| t.key).collect()
+            } else {
+                a.keys
+            };
+            for k in keys {
+                template::remove(&k).map_err(|e| e.to_string())?;
+                println!("{k}");
+            }
+        }
+        TemplateCommand::Prune => {
+            let current = current_key().map_err(|e| e.to_string())?;
+            for t in list.into_iter().filter(|t| t.key != current) {
+                template::remove(&t.key).map_err(|e| e.to_string())?;
+                println!("{}", t.key);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// The key `husk run` would use with its defaults.
+fn current_key() -> Result<String, husk_runtime::RuntimeError> {
+    use husk_runtime::{paths, run, sandbox::SandboxConfig};
+    let agent = paths::agent_binary(None)?;
+    husk_runtime::template::key(&SandboxConfig {
+        kernel: None,
+        agent_disk: paths::agent_disk(&agent)?,
+        rootfs_image: None,
+        mem_mib: run::vm_mem_mib(None),
+        vcpus: run::vcpus_for(None),
+        run_dir: PathBuf::new(),
+        network: Default::default(),
+        shares: Vec::new(),
+        seccomp: Default::default(),
+        template: true,
+        boot_timeout: Duration::from_secs(0),
+    })
+}
+
+fn human_age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} days", s / 86400),
+    }
+}

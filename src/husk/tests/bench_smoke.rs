@@ -84,6 +84,7 @@ fn bench_all_writes_json_and_charts() {
         "series",
         &[
             "husk",
+            "husk-warm",
             "husk-share",
             "husk-console",
             "runc",
@@ -100,6 +101,9 @@ fn bench_all_writes_json_and_charts() {
         assert_eq!(samples[0].as_array().unwrap().len(), stages, "{x}");
         assert!(x["totals_s"][0].as_f64().unwrap() > 0.0, "{x}");
     }
+    // The warm run was restored: it has no guest-kernel stage.
+    let warm = series.iter().find(|x| x["name"] == "husk-warm").unwrap();
+    assert_eq!(warm["samples_ms"][0][1].as_f64(), Some(0.0), "{warm}");
     let husk = series.iter().find(|x| x["name"] == "husk").unwrap();
     // The stages add up to the total (each stage is measured, none missing).
     let sum: f64 = husk["samples_ms"][0]
@@ -118,7 +122,14 @@ fn bench_all_writes_json_and_charts() {
     accounted(
         &d,
         "curves",
-        &["husk", "husk-share", "runc", "crun", "qemu"],
+        &[
+            "husk",
+            "husk-template",
+            "husk-share",
+            "runc",
+            "crun",
+            "qemu",
+        ],
     );
     for curve in d["curves"].as_array().unwrap() {
         let points = curve["points"].as_array().unwrap();

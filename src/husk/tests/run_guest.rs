@@ -50,7 +50,9 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     let dir = scratch("cli");
     let rootfs = busybox_tree(&dir.0);
     let mut c = husk_run(&dir.0, &rootfs);
-    c.args(["--timing", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
+    // Booted cold: the timing line then has every stage (a restored
+    // template's is checked in template_guest.rs).
+    c.args(["--timing", "--no-template", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
         .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; exit 3"]);
     let out = run_with_timeout(c, None, boot_timeout() * 2);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -254,6 +256,8 @@ fn one_sandbox_serves_every_process_check() {
         network: Default::default(),
         shares: Vec::new(),
         seccomp: Default::default(),
+        template: false,
+        boot_timeout: boot_timeout(),
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();
@@ -277,6 +281,7 @@ fn one_sandbox_serves_every_process_check() {
                 device: husk_runtime::sandbox::ROOTFS_DEVICE.into(),
                 fstype: "ext4".into(),
                 read_only: true,
+                size_bytes: None,
             },
             scratch: husk_proto::Scratch::Tmpfs { size_bytes: None },
             stdin: false,

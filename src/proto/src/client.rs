@@ -254,6 +254,14 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// `AddEntropy`.
+    pub fn add_entropy(&mut self, bytes: Vec<u8>) -> Result<(), ProtoError> {
+        match self.call(Request::AddEntropy(bytes))? {
+            Response::EntropyAdded => Ok(()),
+            other => Err(unexpected("add_entropy", other)),
+        }
+    }
+
     /// `Shutdown`.
     pub fn shutdown(&mut self) -> Result<(), ProtoError> {
         match self.call(Request::Shutdown)? {

@@ -87,7 +87,15 @@ pub enum Request {
     /// Kill every process, sync and reboot the guest (which ends the VM).
     /// Answered with [`Response::ShuttingDown`] before the reboot.
     Shutdown,
+    /// Mix host randomness into the guest's RNG and reseed it now (a VM
+    /// restored from a snapshot would otherwise repeat its siblings'
+    /// random numbers). At most [`MAX_ENTROPY`] bytes. Answered with
+    /// [`Response::EntropyAdded`].
+    AddEntropy(Vec<u8>),
 }
+
+/// Most bytes one `AddEntropy` carries.
+pub const MAX_ENTROPY: usize = 512;
 
 /// Successful results, one variant per request kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +121,8 @@ pub enum Response {
     NetworkConfigured,
     /// The container's limits are changed.
     ResourcesUpdated,
+    /// The guest's RNG was reseeded.
+    EntropyAdded,
 }
 
 /// `CreateContainer` parameters.
@@ -239,6 +249,11 @@ pub struct Rootfs {
     /// overlay whose upper layer is on the scratch space (many VMs can share
     /// one image). `false`: the device itself is the writable root.
     pub read_only: bool,
+    /// The device's size as the host sees it: the agent waits (briefly)
+    /// for the guest to see the same, since a VM restored from a template
+    /// learns its disk's size from a configuration-change interrupt.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
 }
 
 /// Where the overlay's upper and work directories live.

@@ -43,6 +43,7 @@ fn all_requests() -> Vec<Request> {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
                 read_only: true,
+                size_bytes: None,
             },
             scratch: Scratch::Device {
                 device: "/dev/vdb".into(),

@@ -10,6 +10,7 @@ pub mod runc;
 pub mod sandbox;
 pub mod shares;
 pub mod spec;
+pub mod template;
 pub mod uds;
 
 /// Seconds a guest may take to boot and its agent to answer: the flag,

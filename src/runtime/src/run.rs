@@ -67,15 +67,17 @@ impl GuestRoot {
     /// What the agent mounts.
     fn rootfs(&self) -> Rootfs {
         match self {
-            GuestRoot::Disk(_) => Rootfs {
+            GuestRoot::Disk(p) => Rootfs {
                 device: crate::sandbox::ROOTFS_DEVICE.into(),
                 fstype: "ext4".into(),
                 read_only: true,
+                size_bytes: std::fs::metadata(p).ok().map(|m| m.len()),
             },
             GuestRoot::Share(dir) => Rootfs {
                 device: dir.clone(),
                 fstype: "bind".into(),
                 read_only: false,
+                size_bytes: None,
             },
         }
     }
@@ -102,6 +104,8 @@ pub struct RunOptions {
     pub volumes: Vec<Volume>,
     /// Seccomp filters on the VMM's threads.
     pub seccomp: SeccompMode,
+    /// Restore a warm template instead of booting the guest.
+    pub template: bool,
 }
 
 /// What happened to the container.
@@ -114,6 +118,11 @@ pub struct RunOutcome {
     /// The guest's clock (the agent's stamps) on the host's; None if the
     /// agent sent no stamp.
     pub guest_clock: Option<GuestClock>,
+    /// The VM was restored from a template: the agent's start and ready
+    /// stamps are the template's, from before the snapshot.
+    pub restored: bool,
+    /// CLOCK_MONOTONIC ns when the agent first answered a handshake.
+    pub answered_ns: Option<u64>,
 }
 
 /// Guest memory for a container with `limit` bytes: the limit plus room
@@ -165,6 +174,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         files: Vec::new(),
         shares: share_set,
         seccomp: o.seccomp,
+        template: o.template,
     })
     // A session that never got its sandbox leaves nothing behind either.
     .inspect_err(|_| {
@@ -173,12 +183,25 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     session.start()?;
     let first_run_ns = session.first_run_ns();
     let guest_clock = session.guest_clock();
+    let restored = session.sandbox.restored();
+    let answered_ns = session.sandbox.answered_ns();
     let status = session.wait()?;
     Ok(RunOutcome {
         status,
         first_run_ns,
         guest_clock,
+        restored,
+        answered_ns,
     })
+}
+
+/// `n` bytes from the host's RNG.
+fn host_random(n: usize) -> Result<Vec<u8>, RuntimeError> {
+    let mut buf = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| RuntimeError::Io("/dev/urandom".into(), e))?;
+    Ok(buf)
 }
 
 /// vCPUs for a CPU limit: enough whole CPUs, 1 to 32.
@@ -223,6 +246,9 @@ pub struct SessionConfig {
     /// Seccomp filters on the VMM's threads.
     #[serde(default)]
     pub seccomp: SeccompMode,
+    /// Restore a warm template instead of booting the guest.
+    #[serde(default = "crate::template::enabled_by_env")]
+    pub template: bool,
 }
 
 /// A container created in its VM, stdio attached; `start`, then `wait`.
@@ -258,11 +284,19 @@ impl Session {
             network: c.network.clone(),
             shares: c.shares.vm_config(),
             seccomp: c.seccomp,
+            template: c.template,
+            boot_timeout: c.boot_timeout,
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
         // Replies to set-up requests are bounded; `wait` lifts the bound.
         let mut control = sandbox.control(deadline, budget, Some(c.boot_timeout))?;
+        if sandbox.restored() {
+            // Siblings restored from one template share their RNG state.
+            control
+                .add_entropy(host_random(64)?)
+                .map_err(|e| sandbox.explain(e.into()))?;
+        }
         if !c.network.links.is_empty() {
             control
                 .configure_network(c.network.guest())

@@ -47,6 +47,41 @@ pub struct SandboxConfig {
     pub shares: Vec<FsConfig>,
     /// Seccomp filters on the VMM's threads.
     pub seccomp: SeccompMode,
+    /// Restore a warm template instead of booting (when `template::eligible`).
+    pub template: bool,
+    /// How long a template's first boot may take.
+    pub boot_timeout: Duration,
+}
+
+/// The VM of a sandbox whose vsock socket is `uds`.
+pub(crate) fn vm_config(
+    cfg: &SandboxConfig,
+    uds: &std::path::Path,
+) -> Result<VmConfig, RuntimeError> {
+    Ok(VmConfig {
+        kernel: cfg.kernel.clone(),
+        cmdline: Some(sandbox_cmdline()),
+        mem_mib: cfg.mem_mib,
+        vcpus: cfg.vcpus,
+        console: Console::File(cfg.run_dir.join("console.log")),
+        disks: std::iter::once((&cfg.agent_disk, "agent"))
+            .chain(cfg.rootfs_image.iter().map(|p| (p, "rootfs")))
+            .map(|(path, id)| DiskConfig {
+                path: path.clone(),
+                read_only: true,
+                id: Some(id.into()),
+                direct: false,
+            })
+            .collect(),
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.to_path_buf(),
+        }),
+        net: cfg.network.nics()?,
+        fs: cfg.shares.clone(),
+        seccomp: cfg.seccomp,
+        ..Default::default()
+    })
 }
 
 /// The guest command line of every sandbox VM (before husk's per-host and
@@ -76,6 +111,9 @@ pub struct Sandbox {
     clock: Mutex<Option<GuestClock>>,
     uds: PathBuf,
     run_dir: PathBuf,
+    restored: bool,
+    /// CLOCK_MONOTONIC ns of the first completed handshake (0: none yet).
+    answered_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Sandbox {
@@ -90,31 +128,14 @@ impl Sandbox {
 
     fn boot_in(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
         let uds = cfg.run_dir.join("vsock.sock");
-        let vm_cfg = VmConfig {
-            kernel: cfg.kernel.clone(),
-            cmdline: Some(sandbox_cmdline()),
-            mem_mib: cfg.mem_mib,
-            vcpus: cfg.vcpus,
-            console: Console::File(cfg.run_dir.join("console.log")),
-            disks: std::iter::once((&cfg.agent_disk, "agent"))
-                .chain(cfg.rootfs_image.iter().map(|p| (p, "rootfs")))
-                .map(|(path, id)| DiskConfig {
-                    path: path.clone(),
-                    read_only: true,
-                    id: Some(id.into()),
-                    direct: false,
-                })
-                .collect(),
-            vsock: Some(VsockConfig {
-                guest_cid: GUEST_CID,
-                uds_path: uds.clone(),
-            }),
-            net: cfg.network.nics()?,
-            fs: cfg.shares.clone(),
-            seccomp: cfg.seccomp,
-            ..Default::default()
+        let warm = (cfg.template && crate::template::eligible(cfg))
+            .then(|| crate::template::try_restore(cfg))
+            .flatten();
+        let restored = warm.is_some();
+        let vm = match warm {
+            Some(v) => v,
+            None => husk_vmm::build(&vm_config(cfg, &uds)?)?,
         };
-        let vm = husk_vmm::build(&vm_cfg)?;
         // The taps exist now; the guest's NICs reach the host's links.
         cfg.network.connect()?;
         let latch = vm.stop_handle();
@@ -130,7 +151,23 @@ impl Sandbox {
             clock: Mutex::new(None),
             uds,
             run_dir: cfg.run_dir.clone(),
+            restored,
+            answered_ns: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// CLOCK_MONOTONIC ns when the agent first completed a handshake.
+    pub fn answered_ns(&self) -> Option<u64> {
+        match self.answered_ns.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Whether the VM was restored from a template (its RNG must then be
+    /// reseeded before a container uses it).
+    pub fn restored(&self) -> bool {
+        self.restored
     }
 
     /// CLOCK_MONOTONIC ns of the VM's first KVM_RUN, once it happened.
@@ -191,6 +228,12 @@ impl Sandbox {
         let (s, sent) = self.connect(CONTROL_PORT, deadline, budget)?;
         let client = uds::client(s, deadline, reply)?;
         let received = monotonic_ns();
+        let _ = self.answered_ns.compare_exchange(
+            0,
+            received,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let sample = client
             .peer()
             .clock_ns

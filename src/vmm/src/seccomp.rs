@@ -262,6 +262,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         fcntl.extend([libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC].map(|c| c as u64));
     }
     map.insert(libc::SYS_fcntl, arg_is(1, SeccompCmpOp::Eq, &fcntl)?);
+    // mprotect: glibc grows a thread's malloc arena with it; never to make
+    // memory executable.
+    map.insert(
+        libc::SYS_mprotect,
+        arg_is(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), &[0])?,
+    );
     // Unix sockets only (the vsock muxer's host side), and paths opened
     // O_PATH only (the muxer checks a socket before it connects to it).
     if kind == ThreadKind::EventLoop {

@@ -177,6 +177,9 @@ pub fn mount_rootfs(
 ) -> Result<PathBuf, MountError> {
     let root = staging.join("root");
     ctx(mkdir_p(staging), "create", staging)?;
+    if rootfs.fstype != "bind" {
+        settle_device(&rootfs.device, rootfs.size_bytes)?;
+    }
     if !rootfs.read_only {
         ctx(fs::create_dir_all(&root), "create", &root)?;
         mount_source(&rootfs.device, &root, &rootfs.fstype, false)?;
@@ -231,6 +234,31 @@ pub fn mount_rootfs(
         &root,
     )?;
     Ok(root)
+}
+
+/// How long the guest may take to see a disk's new size after a restore.
+const RESIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Makes a disk safe to mount in a VM restored from a template, where it
+/// replaced the placeholder the template booted with: waits until the
+/// guest sees `size_bytes` (the configuration-change interrupt is handled
+/// by a kernel worker), then drops any block the placeholder left cached.
+fn settle_device(dev: &Path, size_bytes: Option<u64>) -> Result<(), MountError> {
+    if let (Some(want), Some(name)) = (size_bytes, dev.file_name()) {
+        let sys = Path::new("/sys/class/block").join(name).join("size");
+        let deadline = std::time::Instant::now() + RESIZE_WAIT;
+        loop {
+            let sectors = fs::read_to_string(&sys)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            // The guest rounds down to whole sectors.
+            if sectors == Some(want / 512) || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    ctx(sys::flush_block_cache(dev), "flush the cache of", dev)
 }
 
 /// Mounts a device (or, with fstype `bind`, a directory) at `target`.

@@ -23,6 +23,8 @@ enum Kind {
     /// ext4 image (annotation io.husk.rootfs=image), else virtio-fs.
     Husk {
         image: bool,
+        /// Restored from the warm template (else booted: HUSK_TEMPLATE=off).
+        template: bool,
     },
     Oci {
         bin: PathBuf,
@@ -118,12 +120,26 @@ pub fn measure(c: &Common, count: usize, tmp: &Path) -> Result<Density, String> 
     let sleep = ["sleep", "1000000000"];
     let mut kinds = vec![
         (
-            Kind::Husk { image: true },
+            Kind::Husk {
+                image: true,
+                template: false,
+            },
             "husk",
-            "husk create/start; root: one shared read-only ext4 image (io.husk.rootfs=image)",
+            "husk create/start, booted cold; root: one shared read-only ext4 image (io.husk.rootfs=image)",
         ),
         (
-            Kind::Husk { image: false },
+            Kind::Husk {
+                image: true,
+                template: true,
+            },
+            "husk-template",
+            "husk create/start, restored from the warm template (memory shared copy-on-write); root: the same image",
+        ),
+        (
+            Kind::Husk {
+                image: false,
+                template: false,
+            },
             "husk-share",
             "husk create/start; root: virtio-fs (one virtiofsd per container, husk's default)",
         ),
@@ -148,16 +164,12 @@ pub fn measure(c: &Common, count: usize, tmp: &Path) -> Result<Density, String> 
         }
         None => skipped.push(Skipped::new("qemu", format!("{} is not installed", c.qemu))),
     }
-    skipped.push(Skipped::new(
-        "husk-template",
-        "warm templates (snapshot restore) do not exist yet",
-    ));
     let mut curves = Vec::new();
     for (kind, name, what) in kinds {
         eprintln!("density: {count} x {name}");
         let dir = tmp.join(format!("density-{name}"));
         let annotations: &[(&str, &str)] = match kind {
-            Kind::Husk { image: true } => &[("io.husk.rootfs", "image")],
+            Kind::Husk { image: true, .. } => &[("io.husk.rootfs", "image")],
             _ => &[],
         };
         let bundle = peers::oci_bundle(&dir.join("bundle"), &rootfs, &sleep, annotations)?;
@@ -194,10 +206,11 @@ impl Run<'_> {
     /// The runtime's command with its private state root.
     fn runtime(&self) -> Command {
         match self.kind {
-            Kind::Husk { .. } => {
+            Kind::Husk { template, .. } => {
                 let exe = std::env::current_exe().unwrap_or_else(|_| "husk".into());
                 let mut c = Command::new(exe);
                 c.env("HUSK_BOOT_TIMEOUT", self.common.timeout.to_string());
+                c.env("HUSK_TEMPLATE", if *template { "on" } else { "off" });
                 if let Some(a) = &self.common.agent {
                     c.env("HUSK_AGENT", a);
                 }
@@ -298,7 +311,7 @@ impl Run<'_> {
     /// husk's image of the bundle's root (built by the first create).
     fn shared_disk_kib(&self, bundle: &Path) -> Result<f64, String> {
         match self.kind {
-            Kind::Husk { image: true } => {}
+            Kind::Husk { image: true, .. } => {}
             Kind::Qemu { .. } => return Ok(f64::NAN),
             _ => return Ok(0.0),
         }

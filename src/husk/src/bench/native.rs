@@ -111,6 +111,7 @@ pub fn run_once(
                 device: rootfs.to_path_buf(),
                 fstype: "bind".into(),
                 read_only: true,
+                size_bytes: None,
             },
             scratch: Scratch::Tmpfs {
                 size_bytes: Some(64 << 20),

@@ -1,5 +1,6 @@
 //! `husk bench startup`: `true` in a busybox container, start to exit, run
-//! by husk (root as a cached image disk, and as a virtio-fs share), runc,
+//! by husk (booted cold with the root as a cached image disk, restored
+//! from the warm template, and with the root as a virtio-fs share), runc,
 //! crun, QEMU microvm and `husk vm` (same kernel, agent disk and root disk,
 //! to the agent's first console line) and the agent natively on the host,
 //! interleaved, stage by stage.
@@ -35,6 +36,8 @@ enum Peer {
     Husk {
         share: bool,
         agent: PathBuf,
+        /// Restore the warm template instead of booting.
+        warm: bool,
     },
     Oci {
         bin: PathBuf,
@@ -70,10 +73,23 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
             Peer::Husk {
                 share: false,
                 agent: agent.clone(),
+                warm: false,
             },
             Series::new(
                 "husk",
-                "husk run --rootfs TREE -- true (root: cached ext4 image disk)",
+                "husk run --no-template --rootfs TREE -- true (cold boot; root: cached ext4 image disk)",
+                &HUSK_STAGES,
+            ),
+        ),
+        (
+            Peer::Husk {
+                share: false,
+                agent: agent.clone(),
+                warm: true,
+            },
+            Series::new(
+                "husk-warm",
+                "husk run --rootfs TREE -- true (restored from the warm template; root: the same image disk)",
                 &HUSK_STAGES,
             ),
         ),
@@ -81,6 +97,7 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
             Peer::Husk {
                 share: true,
                 agent: agent.clone(),
+                warm: false,
             },
             Series::new(
                 "husk-share",
@@ -99,6 +116,13 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
     let root_disk = husk_image::ext4::image_for_dir(&rootfs, &husk_runtime::paths::image_cache())
         .map_err(|e| e.to_string())?;
     prepared_s.push(("root image".to_string(), t.elapsed().as_secs_f64()));
+    // The first templated run boots and snapshots the template.
+    let t = Instant::now();
+    husk_run(c, &kernel, &agent, &rootfs, false, true)?;
+    prepared_s.push((
+        "warm template (first run: boot + snapshot + restore)".to_string(),
+        t.elapsed().as_secs_f64(),
+    ));
     for (name, bin) in [("runc", &c.runc), ("crun", &c.crun)] {
         match peers::which(bin) {
             Some(bin) => peers_list.push((
@@ -199,8 +223,8 @@ fn run_peer(
     round: usize,
 ) -> Result<(Vec<f64>, f64), String> {
     match peer {
-        Peer::Husk { share, agent } => {
-            let (total, stages) = husk_run(c, kernel, agent, rootfs, *share)?;
+        Peer::Husk { share, agent, warm } => {
+            let (total, stages) = husk_run(c, kernel, agent, rootfs, *share, *warm)?;
             Ok((stages, total))
         }
         Peer::Oci { bin } => {
@@ -236,6 +260,7 @@ fn husk_run(
     agent: &Path,
     rootfs: &Path,
     share: bool,
+    warm: bool,
 ) -> Result<(f64, Vec<f64>), String> {
     let husk = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(husk);
@@ -248,6 +273,9 @@ fn husk_run(
         .arg(rootfs);
     if share {
         cmd.arg("--rootfs-share");
+    }
+    if !warm {
+        cmd.arg("--no-template");
     }
     let t0 = Instant::now();
     let o = cmd
@@ -343,6 +371,22 @@ pub fn print(s: &Startup, runs: usize) {
         "peer".into(),
         "husk/peer".into(),
     ]];
+    if let (Some(h), Some(w)) = (get("husk"), get("husk-warm")) {
+        let (a, b) = (w.total().median, h.total().median);
+        cmp.push(vec![
+            "start to exit (s), husk warm (template) vs husk cold".into(),
+            format!("{a:.3}"),
+            format!("{b:.3}"),
+            ratio(a, b),
+        ]);
+        let (a, b) = (w.stages_sum(0..3).median, h.stages_sum(0..3).median);
+        cmp.push(vec![
+            "start to agent ready (ms), husk warm vs cold".into(),
+            format!("{a:.1}"),
+            format!("{b:.1}"),
+            ratio(a, b),
+        ]);
+    }
     if let Some(h) = get("husk") {
         for peer in ["runc", "crun"] {
             if let Some(p) = get(peer) {

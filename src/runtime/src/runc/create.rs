@@ -134,6 +134,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         shares,
         // HUSK_SECCOMP, in the caller's environment, can still turn it off.
         seccomp: Default::default(),
+        // HUSK_TEMPLATE=off likewise.
+        template: crate::template::enabled_by_env(),
     };
     let annotations: BTreeMap<String, String> = b
         .spec

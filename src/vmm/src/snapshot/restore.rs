@@ -32,6 +32,10 @@ pub struct RestoreOptions {
     pub vsock_uds: Option<PathBuf>,
     /// Its seccomp filters.
     pub seccomp: SeccompMode,
+    /// Disks whose image changes: (index among the disks, new path). The
+    /// guest hears of each through a configuration-change interrupt; what
+    /// it cached of the old image is its own to drop.
+    pub disks: Vec<(usize, PathBuf)>,
 }
 
 /// Builds a paused VM from the snapshot in `dir`; `run` resumes it.
@@ -58,6 +62,15 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
     cfg.seccomp = opts.seccomp;
     if let (Some(v), Some(uds)) = (cfg.vsock.as_mut(), &opts.vsock_uds) {
         v.uds_path = uds.clone();
+    }
+    for (index, path) in &opts.disks {
+        let disk = cfg.disks.get_mut(*index).ok_or_else(|| {
+            SnapshotError::Inconsistent(format!(
+                "no disk {index} to replace (the snapshot has {})",
+                snap.config.disks.len()
+            ))
+        })?;
+        disk.path = path.clone();
     }
     cfg.validate()?;
     let seccomp = cfg.seccomp.or_env()?;
@@ -103,6 +116,15 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore(state)?;
+    }
+    // Disks come first in slot order: disk i is transport i.
+    for (index, _) in &opts.disks {
+        attached[*index]
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_changed()
+            .map_err(|e| BuildError::Host("config interrupt", e))?;
     }
     let vcpus = start_vcpus(vcpus, seccomp)?;
     let (devices, transports) = attached

@@ -110,10 +110,15 @@ pub trait VirtioDevice: Send {
     /// Each queue's (next_avail, next_used) while activated, else empty:
     /// what a snapshot needs besides the transport's registers.
     fn queue_positions(&self) -> Vec<(u16, u16)>;
+    /// What a snapshot keeps of the device beyond its queues, if anything.
+    fn save_extra(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Called once after a snapshot's state was restored into this
-    /// (activated) device, before the guest runs again: the device tells
-    /// the driver what it lost (vsock: every connection).
-    fn restored(&mut self) {}
+    /// (activated) device, with what `save_extra` gave, before the guest
+    /// runs again: the device tells the driver what it lost (vsock: its
+    /// connections, if it had any).
+    fn restored(&mut self, _extra: Option<&serde_json::Value>) {}
 }
 
 /// What the device holds while the driver runs it: the queues in index

@@ -58,6 +58,9 @@ pub struct TransportState {
     pub activated: bool,
     /// Every queue, in index order.
     pub queues: Vec<QueueSnapshot>,
+    /// What the device keeps beyond its queues (`VirtioDevice::save_extra`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<serde_json::Value>,
 }
 
 /// Why a transport state does not fit.
@@ -81,12 +84,21 @@ pub enum RestoreError {
 }
 
 impl MmioTransport {
+    /// Tells the driver the device's configuration changed (a restored
+    /// disk of another size): ConfigGeneration moves on and a
+    /// configuration-change interrupt is raised.
+    pub fn config_changed(&mut self) -> std::io::Result<()> {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt
+            .trigger(crate::devices::virtio::InterruptKind::ConfigChange)
+    }
+
     /// The transport's state; the device must not be serving its queues
     /// meanwhile (vCPUs paused, the event loop is the caller).
     pub fn save(&self) -> TransportState {
-        let (activated, positions) = {
+        let (activated, positions, device) = {
             let d = self.device();
-            (d.is_activated(), d.queue_positions())
+            (d.is_activated(), d.queue_positions(), d.save_extra())
         };
         let queues = self
             .queues
@@ -118,6 +130,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             activated,
             queues,
+            device,
         }
     }
 
@@ -175,7 +188,7 @@ impl MmioTransport {
         let mut dev = self.device();
         dev.activate(ctx)
             .map_err(|e| RestoreError::Queue(self.device_id, e.to_string()))?;
-        dev.restored();
+        dev.restored(state.device.as_ref());
         drop(dev);
         for evt in &self.queue_evts {
             let _ = evt.write(1);

@@ -351,7 +351,20 @@ impl VirtioDevice for Vsock {
         self.core.queue_positions()
     }
 
-    fn restored(&mut self) {
+    fn save_extra(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "connections": self.connection_count() }))
+    }
+
+    fn restored(&mut self, extra: Option<&serde_json::Value>) {
+        // Without connections the guest has nothing to lose, and a reset
+        // handled late would break the first connections made after the
+        // restore (it resets every socket it finds).
+        let connections = extra
+            .and_then(|e| e.get("connections"))
+            .and_then(serde_json::Value::as_u64);
+        if connections == Some(0) {
+            return;
+        }
         match self.send_transport_reset() {
             Ok(true) => {}
             Ok(false) => tracing::warn!(

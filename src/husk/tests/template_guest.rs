@@ -1,0 +1,139 @@
+//! Warm templates with a real guest: the first `husk run` boots and
+//! snapshots the template, later ones restore it. Two restores running at
+//! the same time each see their own root disk, their own random numbers
+//! and the current time; a broken template costs a cold boot, not the run,
+//! and is removed.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use support::{boot_timeout, busybox_tree, husk, kernel};
+
+/// `husk` with a private root (templates, caches) and the suite's kernel
+/// and agent.
+fn husk_in(root: &Path, agent: &Path) -> Command {
+    let mut c = husk();
+    c.env("HUSK_ROOT", root)
+        .env("HUSK_KERNEL", kernel())
+        .env("HUSK_AGENT", agent)
+        .env("HUSK_BOOT_TIMEOUT", boot_timeout().as_secs().to_string())
+        .env_remove("HUSK_TEMPLATE");
+    c
+}
+
+/// A busybox root whose /marker says `name`.
+fn tree(dir: &Path, name: &str) -> PathBuf {
+    let root = busybox_tree(&dir.join(name));
+    std::fs::write(root.join("marker"), name).unwrap();
+    root
+}
+
+const SCRIPT: &str =
+    "cat /marker; echo; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+
+fn spawn(root: &Path, agent: &Path, rootfs: &Path) -> Child {
+    husk_in(root, agent)
+        .args(["run", "--timing", "--rootfs"])
+        .arg(rootfs)
+        .args(["--", "sh", "-c", SCRIPT])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` (bounded); its stdout lines and stderr.
+fn finish(mut child: Child) -> (Vec<String>, String) {
+    let deadline = Instant::now() + boot_timeout() * 3;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk run did not finish within {:?}", boot_timeout() * 3);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {stdout}{stderr}",
+        out.status
+    );
+    (stdout.lines().map(str::to_owned).collect(), stderr)
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn templates(root: &Path, agent: &Path) -> Vec<String> {
+    let out = husk_in(root, agent)
+        .args(["template", "ls"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn restores_of_one_template_run_containers_apart() {
+    let dir = std::env::temp_dir().join(format!("husk-template-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("husk-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let agent = husk_runtime::paths::agent_binary(None).expect("the agent (tools/build-agent)");
+    let (a, b) = (tree(&dir, "A"), tree(&dir, "B"));
+
+    // The first run boots the guest and leaves the template behind.
+    let (lines, err) = finish(spawn(&root, &agent, &a));
+    assert_eq!(lines[0], "A", "{err}");
+    assert_eq!(templates(&root, &agent).len(), 1, "{err}");
+
+    // Two restores at once.
+    let before = now_s();
+    let (ca, cb) = (spawn(&root, &agent, &a), spawn(&root, &agent, &b));
+    let ((la, ea), (lb, eb)) = (finish(ca), finish(cb));
+    for (lines, err, marker) in [(&la, &ea, "A"), (&lb, &eb, "B")] {
+        assert!(err.contains("template=restored"), "{err}");
+        assert_eq!(lines.len(), 3, "{lines:?} {err}");
+        // Its own root disk, in the slot the template booted with a placeholder.
+        assert_eq!(lines[0], marker);
+        // The guest's clock moved on to now (not the template's time).
+        let t: u64 = lines[2].parse().unwrap();
+        assert!(
+            t + 1 >= before && t <= now_s() + 1,
+            "guest {t}, host {before}..{}",
+            now_s()
+        );
+    }
+    // The RNG was reseeded in each: the same template, different numbers.
+    assert_eq!(la[1].len(), 32);
+    assert_ne!(la[1], lb[1], "both restores read the same random bytes");
+
+    // A broken template: the run boots instead, and the template is gone.
+    let key = &templates(&root, &agent)[0];
+    let memory = root.join("templates").join(key).join("memory");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    let (lines, err) = finish(spawn(&root, &agent, &b));
+    assert_eq!(lines[0], "B", "{err}");
+    assert!(err.contains("cannot restore template"), "{err}");
+    assert!(!err.contains("template=restored"), "{err}");
+    assert!(templates(&root, &agent).is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,336 @@
+//! Warm templates: a snapshot of a booted, idle sandbox (kernel up, agent
+//! listening, no container yet), restored for each new container instead
+//! of booting the guest again. Restored VMs map the template's memory file
+//! copy-on-write, so they also share its pages.
+//!
+//! A template is keyed by everything that shapes the idle guest: husk's
+//! version and snapshot format, the kernel (canonical path, size, inode,
+//! mtime and ctime: an in-place rewrite moves ctime), the agent's disk
+//! (named by the agent's digest), the command line, memory and vCPUs. A
+//! new kernel or agent therefore gets a new template; `husk template
+//! prune` removes the old ones.
+//!
+//! The template boots with a 1 MiB placeholder as its root disk
+//! (`/dev/vdb`), which the guest never mounts; a restore puts the
+//! container's image in that slot and raises a configuration-change
+//! interrupt, and the agent waits for the new size and drops the
+//! placeholder's cached blocks before it mounts the disk.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_vmm::api::{self, Request};
+use husk_vmm::config::Console;
+use husk_vmm::snapshot::{self, RestoreOptions};
+use husk_vmm::ConsoleInputSource;
+use sha2::{Digest, Sha256};
+
+use crate::sandbox::{vm_config, SandboxConfig};
+use crate::{paths, RuntimeError};
+
+/// The agent's console line once it listens.
+const READY_LINE: &str = "husk-agent: ready";
+/// Size of the placeholder root disk.
+const PLACEHOLDER_BYTES: u64 = 1 << 20;
+/// Disk index of the container's root (after the agent's disk).
+const ROOTFS_DISK: usize = 1;
+
+/// Where templates live: `$HUSK_ROOT/templates`.
+pub fn dir() -> PathBuf {
+    paths::root().join("templates")
+}
+
+/// Whether templates are on: `HUSK_TEMPLATE=off|0|false|no` turns them
+/// off for every caller (`husk run --no-template` for one run).
+pub fn enabled_by_env() -> bool {
+    !matches!(
+        std::env::var("HUSK_TEMPLATE").as_deref(),
+        Ok("off" | "0" | "false" | "no")
+    )
+}
+
+/// Whether a sandbox can come from a template: its root is a disk, and it
+/// has no NIC (its taps are per container) and no share (virtio-fs state
+/// lives in virtiofsd, which a snapshot does not hold).
+pub fn eligible(cfg: &SandboxConfig) -> bool {
+    cfg.rootfs_image.is_some() && cfg.network.links.is_empty() && cfg.shares.is_empty()
+}
+
+/// The template key for `cfg`'s kernel, agent and VM shape.
+pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
+    let kernel = cfg
+        .kernel
+        .clone()
+        .unwrap_or_else(husk_vmm::default_kernel_path);
+    let io = |p: &Path| {
+        let shown = p.display().to_string();
+        move |e| RuntimeError::Io(shown, e)
+    };
+    let kernel = kernel.canonicalize().map_err(io(&kernel))?;
+    let m = std::fs::metadata(&kernel).map_err(io(&kernel))?;
+    let agent = cfg.agent_disk.canonicalize().map_err(io(&cfg.agent_disk))?;
+    let text = format!(
+        "husk {} snapshot {}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\nmem {}\nvcpus {}\n",
+        env!("CARGO_PKG_VERSION"),
+        snapshot::VERSION,
+        kernel.display(),
+        m.len(),
+        m.ino(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        agent.display(),
+        crate::sandbox::sandbox_cmdline(),
+        husk_vmm::vstate::kvm::is_pvm_host(),
+        cfg.mem_mib,
+        cfg.vcpus,
+    );
+    Ok(Sha256::digest(text.as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The template `key` for `cfg`, built first (one cold boot) if there is
+/// none.
+pub fn ensure(
+    cfg: &SandboxConfig,
+    key: &str,
+    boot_timeout: Duration,
+) -> Result<PathBuf, RuntimeError> {
+    let out = dir().join(key);
+    if out.join(snapshot::STATE_FILE).is_file() && out.join(snapshot::MEMORY_FILE).is_file() {
+        return Ok(out);
+    }
+    let base = dir();
+    std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
+    let work = base.join(format!(".build-{key}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    paths::private_dir(&work)?;
+    let built = build(cfg, &work, boot_timeout);
+    let result = built.and_then(|snap| {
+        // Another husk may have built the same template meanwhile: either
+        // one will do, and a rename never exposes a half-written one.
+        match std::fs::rename(&snap, &out) {
+            Ok(()) => Ok(out.clone()),
+            Err(_) if out.join(snapshot::STATE_FILE).is_file() => Ok(out.clone()),
+            Err(e) => Err(RuntimeError::Io(out.display().to_string(), e)),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// A 1 MiB disk of zeroes the template boots with in the root's slot.
+fn placeholder() -> Result<PathBuf, RuntimeError> {
+    let p = dir().join("placeholder.img");
+    if std::fs::metadata(&p).is_ok_and(|m| m.len() == PLACEHOLDER_BYTES) {
+        return Ok(p);
+    }
+    let tmp = dir().join(format!(".placeholder-{}", std::process::id()));
+    let io = |e| RuntimeError::Io(p.display().to_string(), e);
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.set_len(PLACEHOLDER_BYTES))
+        .and_then(|()| std::fs::rename(&tmp, &p))
+        .map_err(io)?;
+    Ok(p)
+}
+
+/// Boots the template VM (its sockets and console in a run dir of its
+/// own, whose paths are as short as a sandbox's), waits for its agent,
+/// snapshots it into `work/snapshot` and stops it.
+fn build(
+    cfg: &SandboxConfig,
+    work: &Path,
+    boot_timeout: Duration,
+) -> Result<PathBuf, RuntimeError> {
+    let run_dir = paths::new_run_dir("template")?;
+    let result = build_in(cfg, work, &run_dir, boot_timeout);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+fn build_in(
+    cfg: &SandboxConfig,
+    work: &Path,
+    run_dir: &Path,
+    boot_timeout: Duration,
+) -> Result<PathBuf, RuntimeError> {
+    let api_sock = run_dir.join("api.sock");
+    let console = run_dir.join("console.log");
+    let mut tcfg = cfg.clone();
+    tcfg.rootfs_image = Some(placeholder()?);
+    tcfg.run_dir = run_dir.to_path_buf();
+    let mut vm_cfg = vm_config(&tcfg, &run_dir.join("vsock.sock"))?;
+    vm_cfg.api_sock = Some(api_sock.clone());
+    vm_cfg.console = Console::File(console.clone());
+    let vm = husk_vmm::build(&vm_cfg)?;
+    let latch = vm.stop_handle();
+    let thread = std::thread::Builder::new()
+        .name("template-vmm".into())
+        .spawn(move || vm.run_with(ConsoleInputSource::None, false))
+        .map_err(|e| RuntimeError::Io("spawn VMM thread".into(), e))?;
+    let snap = work.join("snapshot");
+    let result = (|| {
+        wait_ready(&console, &latch, boot_timeout)?;
+        let ask = |req, files: &[&std::fs::File]| {
+            let r = api::request(
+                &api_sock,
+                req,
+                files,
+                boot_timeout.max(Duration::from_secs(60)),
+            )
+            .map_err(|e| RuntimeError::Invalid(format!("template: {e}")))?;
+            if r.ok {
+                Ok(())
+            } else {
+                Err(RuntimeError::Invalid(format!(
+                    "template: {}",
+                    r.error.unwrap_or_default()
+                )))
+            }
+        };
+        ask(Request::Pause, &[])?;
+        let (state, memory) = snapshot::create_files(&snap)
+            .map_err(|e| RuntimeError::Invalid(format!("template: {e}")))?;
+        ask(Request::Snapshot, &[&state, &memory])
+    })();
+    latch.stop(husk_vmm::VmExit::Stopped);
+    let _ = thread.join();
+    result.map(|()| snap)
+}
+
+/// Waits for the agent's ready line on the template VM's console.
+fn wait_ready(
+    console: &Path,
+    latch: &husk_vmm::vstate::vcpu::ExitLatch,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(r) = latch.reason() {
+            return Err(RuntimeError::VmStopped(format!("template VM: {r}")));
+        }
+        // The whole line: the agent is done printing it.
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        if text
+            .find(READY_LINE)
+            .is_some_and(|at| text[at..].contains('\n'))
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::AgentTimeout(timeout.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `cfg`'s VM restored from its template (made first if there is none),
+/// or None when it must boot instead. A template that cannot be made or
+/// restored costs a cold boot, not the container: a warning says why, and
+/// one that cannot be restored is removed so that the next run makes a
+/// new one. A kernel or agent that cannot be read is left to the cold
+/// boot to report.
+pub fn try_restore(cfg: &SandboxConfig) -> Option<husk_vmm::Vm> {
+    let key = key(cfg)
+        .inspect_err(|e| tracing::debug!("no template: {e}"))
+        .ok()?;
+    let dir = ensure(cfg, &key, cfg.boot_timeout)
+        .inspect_err(|e| tracing::warn!("booting without a template: {e}"))
+        .ok()?;
+    restore(cfg, &dir)
+        .inspect_err(|e| {
+            tracing::warn!(
+                "cannot restore template {}, removed; booting: {e}",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .ok()
+}
+
+/// Builds `cfg`'s VM from the template in `dir`: its console, vsock
+/// socket and root disk are the sandbox's own.
+pub fn restore(cfg: &SandboxConfig, dir: &Path) -> Result<husk_vmm::Vm, RuntimeError> {
+    let rootfs = cfg
+        .rootfs_image
+        .clone()
+        .ok_or_else(|| RuntimeError::Invalid("a template needs a root disk".into()))?;
+    let opts = RestoreOptions {
+        console: Console::File(cfg.run_dir.join("console.log")),
+        api_sock: None,
+        vsock_uds: Some(cfg.run_dir.join("vsock.sock")),
+        seccomp: cfg.seccomp,
+        disks: vec![(ROOTFS_DISK, rootfs)],
+    };
+    Ok(snapshot::build_restored(dir, &opts)?)
+}
+
+/// One template on disk.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Its key (the directory name).
+    pub key: String,
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Bytes it takes on disk (the memory file is sparse).
+    pub disk_bytes: u64,
+    /// Guest memory in MiB, from its state.
+    pub mem_mib: u64,
+    /// When it was made.
+    pub created: std::time::SystemTime,
+}
+
+/// Every template, oldest first.
+pub fn list() -> Result<Vec<Template>, RuntimeError> {
+    let base = dir();
+    let entries = match std::fs::read_dir(&base) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(RuntimeError::Io(base.display().to_string(), e)),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let key = e.file_name().to_string_lossy().into_owned();
+        let d = e.path();
+        if key.starts_with('.') || !d.join(snapshot::STATE_FILE).is_file() {
+            continue;
+        }
+        let mut disk_bytes = 0;
+        let mut created = std::time::SystemTime::UNIX_EPOCH;
+        for f in [snapshot::STATE_FILE, snapshot::MEMORY_FILE] {
+            if let Ok(m) = std::fs::metadata(d.join(f)) {
+                disk_bytes += m.blocks() * 512;
+                created = created.max(m.modified().unwrap_or(created));
+            }
+        }
+        let mem_mib = std::fs::metadata(d.join(snapshot::MEMORY_FILE)).map_or(0, |m| m.len() >> 20);
+        out.push(Template {
+            key,
+            dir: d,
+            disk_bytes,
+            mem_mib,
+            created,
+        });
+    }
+    out.sort_by_key(|t| t.created);
+    Ok(out)
+}
+
+/// Removes a template (a running VM restored from it keeps its mapping).
+pub fn remove(key: &str) -> Result<(), RuntimeError> {
+    if key.is_empty() || key.contains('/') || key.starts_with('.') {
+        return Err(RuntimeError::Invalid(format!(
+            "invalid template key {key:?}"
+        )));
+    }
+    let d = dir().join(key);
+    if !d.join(snapshot::STATE_FILE).is_file() {
+        return Err(RuntimeError::Invalid(format!("no template {key}")));
+    }
+    std::fs::remove_dir_all(&d).map_err(|e| RuntimeError::Io(d.display().to_string(), e))
+}
