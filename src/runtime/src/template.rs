@@ -334,3 +334,99 @@ pub fn remove(key: &str) -> Result<(), RuntimeError> {
     }
     std::fs::remove_dir_all(&d).map_err(|e| RuntimeError::Io(d.display().to_string(), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &Path) -> SandboxConfig {
+        SandboxConfig {
+            kernel: Some(dir.join("vmlinux")),
+            agent_disk: dir.join("agent.ext4"),
+            rootfs_image: Some(dir.join("root.ext4")),
+            mem_mib: 256,
+            vcpus: 1,
+            run_dir: dir.join("run"),
+            network: Default::default(),
+            shares: Vec::new(),
+            seccomp: Default::default(),
+            template: true,
+            boot_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_key_follows_the_kernel_the_agent_and_the_vm_shape() {
+        let dir = std::env::temp_dir().join(format!("husk-tkey-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"kernel one").unwrap();
+        std::fs::write(dir.join("agent.ext4"), b"agent").unwrap();
+        let c = cfg(&dir);
+        let k = key(&c).unwrap();
+        assert_eq!(k.len(), 32);
+        assert_eq!(key(&c).unwrap(), k, "stable");
+        // Another VM shape.
+        assert_ne!(
+            key(&SandboxConfig {
+                mem_mib: 512,
+                ..c.clone()
+            })
+            .unwrap(),
+            k
+        );
+        assert_ne!(
+            key(&SandboxConfig {
+                vcpus: 2,
+                ..c.clone()
+            })
+            .unwrap(),
+            k
+        );
+        // The container's own disk and run dir do not matter.
+        let other = SandboxConfig {
+            rootfs_image: Some(dir.join("other.ext4")),
+            run_dir: dir.join("elsewhere"),
+            ..c.clone()
+        };
+        assert_eq!(key(&other).unwrap(), k);
+        // Another agent disk (its name carries the agent's digest).
+        std::fs::write(dir.join("agent2.ext4"), b"agent").unwrap();
+        let agent2 = SandboxConfig {
+            agent_disk: dir.join("agent2.ext4"),
+            ..c.clone()
+        };
+        assert_ne!(key(&agent2).unwrap(), k);
+        // The kernel rewritten in place, same size: its ctime moves on.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.join("vmlinux"), b"kernel two").unwrap();
+        assert_ne!(key(&c).unwrap(), k);
+        // A kernel that is not there has no key (the cold boot reports it).
+        std::fs::remove_file(dir.join("vmlinux")).unwrap();
+        assert!(key(&c).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_disk_roots_without_nics_or_shares_are_templated() {
+        let dir = Path::new("/nonexistent");
+        assert!(eligible(&cfg(dir)));
+        let share = SandboxConfig {
+            rootfs_image: None,
+            ..cfg(dir)
+        };
+        assert!(!eligible(&share));
+        let fs = SandboxConfig {
+            shares: vec!["tag=t,dir=/tmp".parse().unwrap()],
+            ..cfg(dir)
+        };
+        assert!(!eligible(&fs));
+    }
+
+    #[test]
+    fn remove_refuses_keys_that_are_paths() {
+        for k in ["", "../x", ".build-1", "a/b"] {
+            assert!(remove(k).is_err(), "{k:?}");
+        }
+    }
+}
