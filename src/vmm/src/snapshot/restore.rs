@@ -44,18 +44,6 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
     let mem_path = dir.join(MEMORY_FILE);
     let mem_file = std::fs::File::open(&mem_path)
         .map_err(|e| SnapshotError::Io(mem_path.display().to_string(), e))?;
-    let got = mem_file
-        .metadata()
-        .map_err(|e| SnapshotError::Io(mem_path.display().to_string(), e))?
-        .len();
-    if got != snap.mem_bytes {
-        return Err(SnapshotError::MemorySize {
-            path: mem_path.display().to_string(),
-            got,
-            want: snap.mem_bytes,
-        }
-        .into());
-    }
     let mut cfg = snap.config.clone();
     cfg.console = opts.console.clone();
     cfg.api_sock = opts.api_sock.clone();

@@ -406,26 +406,38 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) {
+    /// The driver's queues from the registers, or the first unusable one
+    /// (its index) and why.
+    fn build_queues(&self) -> Result<Vec<Queue>, (usize, String)> {
         let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, qc) in self.queues.iter().enumerate() {
-            match qc.build(&self.mem, event_idx) {
-                Ok(q) => queues.push(q),
-                Err(why) => {
-                    self.failure()
-                        .fail(&format!("queue {i} is unusable: {why}"));
-                    return;
-                }
-            }
-        }
-        let ctx = ActivateContext {
+        self.queues
+            .iter()
+            .enumerate()
+            .map(|(i, qc)| qc.build(&self.mem, event_idx).map_err(|why| (i, why)))
+            .collect()
+    }
+
+    /// What the device gets when it is activated with `queues`.
+    fn activate_context(&self, queues: Vec<Queue>) -> ActivateContext {
+        ActivateContext {
             mem: self.mem.clone(),
             queues,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
             failure: self.failure(),
+        }
+    }
+
+    fn activate(&mut self) {
+        let queues = match self.build_queues() {
+            Ok(q) => q,
+            Err((i, why)) => {
+                self.failure()
+                    .fail(&format!("queue {i} is unusable: {why}"));
+                return;
+            }
         };
+        let ctx = self.activate_context(queues);
         let result = self.device().activate(ctx);
         if let Err(e) = result {
             self.failure().fail(&format!("activation failed: {e}"));

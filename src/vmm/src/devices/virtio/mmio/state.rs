@@ -8,9 +8,6 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
 
 use super::{status, MmioTransport, QueueConfig};
-use crate::devices::virtio::device::ActivateContext;
-use crate::devices::virtio::feature;
-use crate::devices::virtio::features::VIRTIO_RING_F_EVENT_IDX;
 
 /// One queue: its registers and, while the device runs, its positions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,23 +165,14 @@ impl MmioTransport {
         if !state.activated || state.status & status::DRIVER_OK == 0 {
             return Ok(());
         }
-        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, (qc, s)) in self.queues.iter().zip(&state.queues).enumerate() {
-            let mut q = qc
-                .build(&self.mem, event_idx)
-                .map_err(|why| RestoreError::Queue(self.device_id, format!("queue {i}: {why}")))?;
+        let mut queues = self
+            .build_queues()
+            .map_err(|(i, why)| RestoreError::Queue(self.device_id, format!("queue {i}: {why}")))?;
+        for (q, s) in queues.iter_mut().zip(&state.queues) {
             q.set_next_avail(s.next_avail);
             q.set_next_used(s.next_used);
-            queues.push(q);
         }
-        let ctx = ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: self.interrupt.clone(),
-            acked_features: self.acked_features,
-            failure: self.failure(),
-        };
+        let ctx = self.activate_context(queues);
         let mut dev = self.device();
         dev.activate(ctx)
             .map_err(|e| RestoreError::Queue(self.device_id, e.to_string()))?;
