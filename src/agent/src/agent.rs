@@ -152,17 +152,7 @@ impl Agent {
                 .map(|()| Response::NetworkConfigured)
                 .map_err(|e| err(ErrorCode::SetupFailed, format!("network: {e}"))),
             Request::Shutdown => Ok(Response::ShuttingDown),
-            Request::AddEntropy(bytes) => {
-                if bytes.len() > husk_proto::MAX_ENTROPY {
-                    return Err(err(
-                        ErrorCode::InvalidRequest,
-                        format!("at most {} bytes of entropy", husk_proto::MAX_ENTROPY),
-                    ));
-                }
-                sys::add_entropy(&bytes)
-                    .map(|()| Response::EntropyAdded)
-                    .map_err(|e| err(ErrorCode::Internal, format!("reseeding the RNG: {e}")))
-            }
+            Request::Refresh(r) => refresh(&r).map(|()| Response::Refreshed),
         }
     }
 
@@ -600,6 +590,20 @@ impl Drop for HostGuard {
     fn drop(&mut self) {
         self.0.hosts.end();
     }
+}
+
+/// Reseeds the RNG and sets the wall clock (a VM restored from a template).
+fn refresh(r: &husk_proto::Refresh) -> Result<(), ErrorBody> {
+    if r.entropy.len() > husk_proto::MAX_ENTROPY {
+        return Err(err(
+            ErrorCode::InvalidRequest,
+            format!("at most {} bytes of entropy", husk_proto::MAX_ENTROPY),
+        ));
+    }
+    sys::add_entropy(&r.entropy)
+        .map_err(|e| err(ErrorCode::Internal, format!("reseeding the RNG: {e}")))?;
+    sys::set_realtime(r.realtime_ns)
+        .map_err(|e| err(ErrorCode::InvalidRequest, format!("setting the clock: {e}")))
 }
 
 /// Ids become path components and cgroup names.

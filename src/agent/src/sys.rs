@@ -688,6 +688,18 @@ pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets CLOCK_REALTIME to `ns` since the epoch.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(ns / 1_000_000_000)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
 /// Drops the cached blocks of block device `dev` (`BLKFLSBUF`): a disk
 /// swapped under a VM restored from a template must not be read through
 /// the page cache of the placeholder the template was booted with.

@@ -132,12 +132,17 @@ struct VmArgs {
     api_sock: Option<PathBuf>,
     /// Resume the VM saved in DIR by `husk snapshot create` instead of
     /// booting one. Only --console, --api-sock, --vsock (its socket path;
-    /// the CID stays), --no-seccomp and --boot-timing apply.
+    /// the CID stays), --clock, --no-seccomp and --boot-timing apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "mem", "vcpus", "disks", "nets", "fs",
         "no_pvm_workarounds", "profile",
     ])]
     restore: Option<PathBuf>,
+    /// With --restore: `step` moves the guest's clock on by the time since
+    /// the snapshot; `continue` goes on from the snapshot's time (no catch-up
+    /// work in the guest; its wall clock is then behind until set).
+    #[arg(long, value_enum, default_value = "step", requires = "restore")]
+    clock: RestoreClock,
     /// Print boot timing (CLOCK_MONOTONIC ns of process start and first KVM_RUN) on stderr.
     #[arg(long)]
     boot_timing: bool,
@@ -148,6 +153,13 @@ struct VmArgs {
     /// Samples per second for --profile.
     #[arg(long, default_value_t = 1000)]
     profile_hz: u32,
+}
+
+/// `husk vm --clock`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RestoreClock {
+    Step,
+    Continue,
 }
 
 #[derive(Args)]
@@ -322,6 +334,10 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
         api_sock: args.api_sock.clone(),
         vsock_uds: args.vsock.as_ref().map(|v| v.uds_path.clone()),
         disks: Vec::new(),
+        clock: match args.clock {
+            RestoreClock::Step => husk_vmm::snapshot::ClockMode::Step,
+            RestoreClock::Continue => husk_vmm::snapshot::ClockMode::Continue,
+        },
         seccomp: if args.no_seccomp {
             husk_vmm::seccomp::SeccompMode::Off
         } else {

@@ -120,6 +120,12 @@ fn state(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap()
 }
 
+/// The kvm-clock (ns) in a snapshot.
+fn kvm_clock(dir: &Path) -> u64 {
+    let clock: Vec<u8> = serde_json::from_value(state(dir)["vm"]["clock"].clone()).unwrap();
+    u64::from_le_bytes(clock[..8].try_into().unwrap())
+}
+
 /// The counter at 0x700 in the memory file, and rbx in the vCPU state.
 fn counts(dir: &Path) -> (u64, u64) {
     let mem = std::fs::read(dir.join("memory")).unwrap();
@@ -157,6 +163,7 @@ fn a_restored_guest_goes_on_counting_and_reads_its_pending_input() {
         );
         std::fs::remove_dir_all(&snap).unwrap();
     }
+    let saved = Instant::now();
     // A paused VM stays paused through `snapshot create`.
     assert_eq!(vm.ctl("status"), "paused\n");
     let (n, rbx) = counts(&snap);
@@ -174,11 +181,37 @@ fn a_restored_guest_goes_on_counting_and_reads_its_pending_input() {
     });
     // A running VM is paused for the snapshot and then runs on.
     let snap2 = dir.join("snap2");
+    let between = saved.elapsed();
     vm.snapshot(&snap2);
+    // By default the guest's clock stepped over the time in between.
+    let c2 = kvm_clock(&snap2);
+    assert!(
+        c2 - kvm_clock(&snap) >= between.as_nanos() as u64,
+        "the clock did not step"
+    );
     assert_eq!(vm.ctl("status"), "running\n");
     let (n2, rbx2) = counts(&snap2);
     assert!(n2 > n + 1024, "counted from {n} to only {n2}");
     assert!(rbx2 >= n2 && rbx2 <= n2 + 1, "memory {n2}, rbx {rbx2}");
+    assert_eq!(vm.stop(), Some(0));
+
+    // `--clock continue`: the clock goes on from the snapshot's, as after a
+    // pause. The snapshot first spends a second on disk, which the guest
+    // must then not see.
+    std::thread::sleep(Duration::from_secs(1));
+    let spawned = Instant::now();
+    let snap = snap2.to_str().unwrap();
+    let mut vm = Vm::spawn(
+        &["--restore", snap, "--clock", "continue"],
+        dir.join("api3"),
+    );
+    vm.wait_output("a dot", |o| o.contains(&b'.'));
+    let snap3 = dir.join("snap3");
+    vm.snapshot(&snap3);
+    let ran = spawned.elapsed().as_nanos() as u64;
+    let c3 = kvm_clock(&snap3);
+    assert!(c3 >= c2 && c3 - c2 <= ran, "{c2} -> {c3} in {ran} ns");
+    assert!(counts(&snap3).0 >= n2);
     assert_eq!(vm.stop(), Some(0));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::messages::{
     ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Network, Outcome,
-    ProcessInfo, ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal,
-    Stats, UpdateResources,
+    ProcessInfo, ProcessRef, Refresh, Request, RequestFrame, ResizeTty, Response, ResponseFrame,
+    Signal, Stats, UpdateResources,
 };
 
 /// Protocol-level errors.
@@ -254,11 +254,11 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
-    /// `AddEntropy`.
-    pub fn add_entropy(&mut self, bytes: Vec<u8>) -> Result<(), ProtoError> {
-        match self.call(Request::AddEntropy(bytes))? {
-            Response::EntropyAdded => Ok(()),
-            other => Err(unexpected("add_entropy", other)),
+    /// `Refresh`.
+    pub fn refresh(&mut self, r: Refresh) -> Result<(), ProtoError> {
+        match self.call(Request::Refresh(r))? {
+            Response::Refreshed => Ok(()),
+            other => Err(unexpected("refresh", other)),
         }
     }
 

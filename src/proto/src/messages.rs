@@ -87,15 +87,27 @@ pub enum Request {
     /// Kill every process, sync and reboot the guest (which ends the VM).
     /// Answered with [`Response::ShuttingDown`] before the reboot.
     Shutdown,
-    /// Mix host randomness into the guest's RNG and reseed it now (a VM
-    /// restored from a snapshot would otherwise repeat its siblings'
-    /// random numbers). At most [`MAX_ENTROPY`] bytes. Answered with
-    /// [`Response::EntropyAdded`].
-    AddEntropy(Vec<u8>),
+    /// For a VM restored from a snapshot: mix host randomness into the
+    /// guest's RNG and reseed it now (it would otherwise repeat its
+    /// siblings' random numbers), and set the wall clock (the snapshot's
+    /// clock went on from the snapshot's time). Answered with
+    /// [`Response::Refreshed`].
+    Refresh(Refresh),
 }
 
-/// Most bytes one `AddEntropy` carries.
+/// Most bytes of entropy one `Refresh` carries.
 pub const MAX_ENTROPY: usize = 512;
+
+/// `Refresh` parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refresh {
+    /// Host randomness, at most [`MAX_ENTROPY`] bytes.
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME when the request was sent, ns since the
+    /// epoch; the guest's wall clock is set to it.
+    pub realtime_ns: u64,
+}
 
 /// Successful results, one variant per request kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,8 +133,8 @@ pub enum Response {
     NetworkConfigured,
     /// The container's limits are changed.
     ResourcesUpdated,
-    /// The guest's RNG was reseeded.
-    EntropyAdded,
+    /// The guest's RNG was reseeded and its clock set.
+    Refreshed,
 }
 
 /// `CreateContainer` parameters.

@@ -292,9 +292,16 @@ impl Session {
         // Replies to set-up requests are bounded; `wait` lifts the bound.
         let mut control = sandbox.control(deadline, budget, Some(c.boot_timeout))?;
         if sandbox.restored() {
-            // Siblings restored from one template share their RNG state.
+            // Siblings restored from one template share their RNG state;
+            // the guest's clock went on from the template's time.
+            let realtime_ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
             control
-                .add_entropy(host_random(64)?)
+                .refresh(husk_proto::Refresh {
+                    entropy: host_random(64)?,
+                    realtime_ns,
+                })
                 .map_err(|e| sandbox.explain(e.into()))?;
         }
         if !c.network.links.is_empty() {

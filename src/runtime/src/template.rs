@@ -266,6 +266,8 @@ pub fn restore(cfg: &SandboxConfig, dir: &Path) -> Result<husk_vmm::Vm, RuntimeE
         vsock_uds: Some(cfg.run_dir.join("vsock.sock")),
         seccomp: cfg.seccomp,
         disks: vec![(ROOTFS_DISK, rootfs)],
+        // The agent sets the wall clock (`Request::Refresh`).
+        clock: snapshot::ClockMode::Continue,
     };
     Ok(snapshot::build_restored(dir, &opts)?)
 }

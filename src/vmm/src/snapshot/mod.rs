@@ -27,7 +27,7 @@ use crate::devices::virtio::mmio::TransportState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
-pub use restore::{build_restored, RestoreOptions};
+pub use restore::{build_restored, ClockMode, RestoreOptions};
 
 /// What `state.json` says it is.
 pub const FORMAT: &str = "husk-snapshot";

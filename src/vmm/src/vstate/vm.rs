@@ -120,15 +120,21 @@ impl VmState {
     }
 
     /// Writes the state into a new VM (irqchip and PIT created, vCPUs
-    /// restored).
-    pub fn restore(&self, vm: &VmFd) -> Result<(), VmError> {
+    /// restored). With `step_clock` the kvm-clock moves on by the real time
+    /// since the snapshot (when KVM reported it); without, it goes on from
+    /// the value it had, as if the VM had been paused.
+    pub fn restore(&self, vm: &VmFd, step_clock: bool) -> Result<(), VmError> {
         vm.set_pit2(&self.pit)
             .map_err(|e| VmError::Ioctl("KVM_SET_PIT2", e))?;
         for chip in &self.irqchips {
             vm.set_irqchip(chip)
                 .map_err(|e| VmError::Ioctl("KVM_SET_IRQCHIP", e))?;
         }
-        vm.set_clock(&self.clock)
+        let mut clock = self.clock;
+        if !step_clock {
+            clock.flags = 0;
+        }
+        vm.set_clock(&clock)
             .map_err(|e| VmError::Ioctl("KVM_SET_CLOCK", e))
     }
 
