@@ -249,6 +249,11 @@ impl Agent {
             }
         };
         let oom_baseline = cgroup.as_ref().map_or(0, Cgroup::oom_kills);
+        // Held by the agent, the container's mount namespace outlives its
+        // init: the kernel does not unmount the root and every other mount
+        // (evicting their page cache) in the init's exit path, before its
+        // exit status can be reported. See `watch`.
+        let mount_ns = sys::open_ro(Path::new(&format!("/proc/{}/ns/mnt", proc.pid))).ok();
         let container = Arc::new(Container {
             id: id.clone(),
             init: Arc::clone(&proc),
@@ -257,6 +262,7 @@ impl Agent {
             oom_baseline,
             execs: Mutex::new(HashMap::new()),
             pending_start: Mutex::new(Some(spawned)),
+            mount_ns: Mutex::new(mount_ns),
         });
         lock(&self.containers).insert(id.clone(), Arc::clone(&container));
         self.watch(container, Arc::clone(&proc), true);
@@ -381,19 +387,24 @@ impl Agent {
                 proc.set_exit(status, exited_ns);
                 return;
             }
-            // Clean up before reporting, so that whoever waited finds
-            // nothing left behind. Without a pid namespace the kernel does
-            // not kill the rest.
+            // Without a pid namespace the kernel does not kill the rest.
             for p in container.exec_procs() {
                 if p.exit_status().is_none() {
                     let _ = sys::kill(p.pid, libc::SIGKILL);
                 }
             }
-            if let Some(cg) = &container.cgroup {
-                cg.remove();
+            // When the VM ends with the container, tearing down its
+            // mounts and cgroup serves no one: report at once. Otherwise
+            // clean up first, so that whoever waited finds nothing left
+            // behind (the mounts go when the namespace is let go).
+            if !agent.cfg.reboot_on_exit {
+                drop(lock(&container.mount_ns).take());
+                if let Some(cg) = &container.cgroup {
+                    cg.remove();
+                }
+                let _ = fs::remove_dir(agent.cfg.staging_dir.join(&container.id));
+                let _ = fs::remove_dir_all(Path::new(husk_proto::FILES_DIR).join(&container.id));
             }
-            let _ = fs::remove_dir(agent.cfg.staging_dir.join(&container.id));
-            let _ = fs::remove_dir_all(Path::new(husk_proto::FILES_DIR).join(&container.id));
             proc.set_exit(status, exited_ns);
             if agent.cfg.reboot_on_exit {
                 proc.wait_delivered();

@@ -219,6 +219,8 @@ pub struct Container {
     pub execs: Mutex<HashMap<String, Arc<Proc>>>,
     /// The init, set up and waiting for `Start`.
     pub pending_start: Mutex<Option<Spawned>>,
+    /// Its mount namespace, held open until the container is cleaned up.
+    pub mount_ns: Mutex<Option<OwnedFd>>,
 }
 
 impl Container {
