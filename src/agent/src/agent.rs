@@ -103,6 +103,9 @@ impl Agent {
         } else {
             None
         };
+        if let Some(Err(e)) = cgroups.as_ref().map(CgroupSystem::prepare) {
+            log!("cgroups: {e}");
+        }
         Arc::new(Agent {
             cfg,
             table,

@@ -92,8 +92,32 @@ impl CgroupSystem {
         }
     }
 
+    /// Creates the `<own>/husk` parent (enabling the v2 controllers on the
+    /// way) ahead of the first container, so that it is done once, before
+    /// the agent is ready (and so in a warm template), rather than while a
+    /// container is created: each controller enabled populates kernfs
+    /// directories, which is slow where guest kernel code is emulated.
+    pub fn prepare(&self) -> Result<(), CgroupError> {
+        match self {
+            CgroupSystem::V2(own) => Self::prepare_v2(own),
+            CgroupSystem::V1(own) => own
+                .iter()
+                .try_for_each(|(_, dir)| mkdir_all(&dir.join("husk"))),
+        }
+    }
+
+    fn prepare_v2(own: &Path) -> Result<(), CgroupError> {
+        let parent = own.join("husk");
+        if !parent.is_dir() {
+            mkdir_all(&parent)?;
+            enable_v2_controllers(own);
+            enable_v2_controllers(&parent);
+        }
+        Ok(())
+    }
+
     /// Creates `<own>/husk/<name>` (every managed hierarchy on v1),
-    /// enabling the v2 controllers on the way.
+    /// enabling the v2 controllers on the way unless [`Self::prepare`] did.
     pub fn create(&self, name: &str) -> Result<Cgroup, CgroupError> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(CgroupError {
@@ -104,11 +128,8 @@ impl CgroupSystem {
         }
         match self {
             CgroupSystem::V2(own) => {
-                let parent = own.join("husk");
-                mkdir_all(&parent)?;
-                enable_v2_controllers(own);
-                enable_v2_controllers(&parent);
-                let dir = parent.join(name);
+                Self::prepare_v2(own)?;
+                let dir = own.join("husk").join(name);
                 mkdir_all(&dir)?;
                 Ok(Cgroup {
                     v2: true,
