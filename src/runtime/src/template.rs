@@ -70,6 +70,12 @@ pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
     let kernel = kernel.canonicalize().map_err(io(&kernel))?;
     let m = std::fs::metadata(&kernel).map_err(io(&kernel))?;
     let agent = cfg.agent_disk.canonicalize().map_err(io(&cfg.agent_disk))?;
+    let pvm = husk_vmm::vstate::kvm::is_pvm_host();
+    // The command line the guest gets, the host's workarounds included.
+    let vm = husk_vmm::VmConfig {
+        cmdline: Some(crate::sandbox::sandbox_cmdline()),
+        ..Default::default()
+    };
     let text = format!(
         "husk {} snapshot {}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\nmem {}\nvcpus {}\n",
         env!("CARGO_PKG_VERSION"),
@@ -82,8 +88,8 @@ pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
         m.ctime(),
         m.ctime_nsec(),
         agent.display(),
-        crate::sandbox::sandbox_cmdline(),
-        husk_vmm::vstate::kvm::is_pvm_host(),
+        husk_vmm::config::guest_cmdline(&vm, pvm),
+        pvm,
         cfg.mem_mib,
         cfg.vcpus,
     );

@@ -473,7 +473,7 @@ impl VmConfig {
 /// The extra guest command line for kvm_pvm hosts: the `husk_pvm` switch
 /// that turns on the guest kernel's platform patches, plus features the
 /// emulator cannot run (see resources/guest/README.md).
-pub const PVM_CMDLINE: &str = "husk_pvm mitigations=off clearcpuid=xsave,popcnt,smap,erms,fsrm,fsgsbase,invpcid,cx16 noreplace-smp rodata=off percpu_alloc=page";
+pub const PVM_CMDLINE: &str = "husk_pvm mitigations=off clearcpuid=xsave,popcnt,smap,erms,fsrm,fsgsbase,invpcid,cx16 noreplace-smp rodata=off percpu_alloc=page clocksource=kvm-clock";
 
 /// The full guest command line for `cfg`.
 pub fn guest_cmdline(cfg: &VmConfig, pvm_host: bool) -> String {
