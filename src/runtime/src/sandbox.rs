@@ -102,6 +102,19 @@ pub const AGENT_DEVICE: &str = "/dev/vda";
 /// The guest device of the container's root disk (after the agent's).
 pub const ROOTFS_DEVICE: &str = "/dev/vdb";
 
+/// `HUSK_PROFILE=FILE[:HZ]`: sample the guest's instruction pointer (HZ
+/// per second, default 1000) and write the samples to FILE when the VM
+/// stops, as `husk vm --profile` does (`husk bench profile --container`).
+fn profile_request() -> Option<(PathBuf, u32)> {
+    let v = std::env::var_os("HUSK_PROFILE")?;
+    let v = v.to_string_lossy();
+    let (path, hz) = match v.rsplit_once(':') {
+        Some((p, hz)) if hz.parse::<u32>().is_ok() => (p, hz.parse().unwrap_or(1000)),
+        _ => (&*v, 1000),
+    };
+    (!path.is_empty()).then(|| (PathBuf::from(path), hz))
+}
+
 /// A running sandbox VM. Dropping it stops the VM and removes its run dir.
 pub struct Sandbox {
     thread: Option<JoinHandle<VmExit>>,
@@ -140,9 +153,23 @@ impl Sandbox {
         cfg.network.connect()?;
         let latch = vm.stop_handle();
         let first_run = vm.first_run_probe();
+        let profile = profile_request().map(|(path, hz)| {
+            let p = vm.profiler();
+            p.enable(hz);
+            (p, path)
+        });
         let thread = std::thread::Builder::new()
             .name("vmm".into())
-            .spawn(move || vm.run_with(ConsoleInputSource::None, false))
+            .spawn(move || {
+                let exit = vm.run_with(ConsoleInputSource::None, false);
+                if let Some((p, path)) = profile {
+                    let written = std::fs::File::create(&path).and_then(|mut f| p.write_to(&mut f));
+                    if let Err(e) = written {
+                        tracing::warn!("profile {}: {e}", path.display());
+                    }
+                }
+                exit
+            })
             .map_err(|e| RuntimeError::Io("spawn VMM thread".into(), e))?;
         Ok(Self {
             thread: Some(thread),

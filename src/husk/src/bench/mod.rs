@@ -11,6 +11,7 @@ mod io;
 mod native;
 mod peers;
 mod profile;
+mod profile_container;
 mod startup;
 mod stats;
 

@@ -30,13 +30,13 @@ pub struct ProfileArgs {
     mem: u64,
     /// Samples per second.
     #[arg(long, default_value_t = 1000)]
-    hz: u32,
+    pub(super) hz: u32,
     /// Functions to list.
     #[arg(long, default_value_t = 25)]
-    top: usize,
+    pub(super) top: usize,
     /// Width of the timeline buckets in seconds.
     #[arg(long, default_value_t = 1.0)]
-    bucket: f64,
+    pub(super) bucket: f64,
     /// Print the kernel's boot log too (drops `quiet`, so each console line
     /// marks a phase; the printing itself then costs time).
     #[arg(long)]
@@ -46,10 +46,23 @@ pub struct ProfileArgs {
     extra: String,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
-    timeout: u64,
+    pub(super) timeout: u64,
     /// Also write the figures and every sample's symbol as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Profile a container's start instead of a boot: `husk run --timing`
+    /// of --cmd in a busybox root, the samples split by its stages.
+    #[arg(long, conflicts_with_all = ["boot_log", "extra", "json", "mem"])]
+    container: bool,
+    /// With --container: boot the guest (`husk run --no-template`).
+    #[arg(long, requires = "container")]
+    pub(super) no_template: bool,
+    /// With --container: the container's command, split at spaces.
+    #[arg(long, default_value = "true", requires = "container")]
+    pub(super) cmd: String,
+    /// With --container: a static busybox, the container's root.
+    #[arg(long, default_value = "/bin/busybox", requires = "container")]
+    pub(super) busybox: PathBuf,
 }
 
 const READY: &str = "husk-agent: ready";
@@ -62,6 +75,9 @@ pub fn profile(a: ProfileArgs) -> Result<i32, String> {
         .with_file_name("System.map");
     let symbols = Symbols::read(&map_path)?;
     let agent = husk_runtime::paths::agent_binary(a.agent.as_deref()).map_err(|e| e.to_string())?;
+    if a.container {
+        return super::profile_container::profile(&a, &kernel, &agent, &symbols);
+    }
     let disk = husk_runtime::paths::agent_disk(&agent).map_err(|e| e.to_string())?;
     let tmp = std::env::temp_dir().join(format!("husk-profile-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -197,7 +213,7 @@ fn profile_in(
 }
 
 /// (nanoseconds, rip) pairs from a `husk vm --profile` file.
-fn parse_samples(text: &str) -> Result<Vec<(u64, u64)>, String> {
+pub(super) fn parse_samples(text: &str) -> Result<Vec<(u64, u64)>, String> {
     let mut out = Vec::new();
     for line in text
         .lines()
@@ -214,7 +230,7 @@ fn parse_samples(text: &str) -> Result<Vec<(u64, u64)>, String> {
 }
 
 /// Kernel text symbols from a System.map, sorted by address.
-struct Symbols(Vec<(u64, String)>);
+pub(super) struct Symbols(Vec<(u64, String)>);
 
 impl Symbols {
     fn read(path: &Path) -> Result<Self, String> {
@@ -255,14 +271,14 @@ impl Symbols {
 type Counts = Vec<(String, usize)>;
 
 /// Sample counts overall and per time bucket (start s, samples, counts).
-struct Report {
+pub(super) struct Report {
     total: usize,
     top: Counts,
     buckets: Vec<(f64, usize, Counts)>,
 }
 
 impl Report {
-    fn new(samples: &[(u64, u64)], symbols: &Symbols, bucket: f64) -> Self {
+    pub(super) fn new(samples: &[(u64, u64)], symbols: &Symbols, bucket: f64) -> Self {
         let t0 = samples.first().map(|s| s.0).unwrap_or(0);
         let bucket = if bucket > 0.0 { bucket } else { 1.0 };
         let mut all: HashMap<&str, usize> = HashMap::new();
@@ -297,13 +313,18 @@ impl Report {
         }
     }
 
-    fn print(&self, top: usize) {
+    /// The functions with the most samples.
+    pub(super) fn print_top(&self, top: usize) {
         let total = self.total.max(1) as f64;
-        println!("\n{} samples; functions with the most:", self.total);
         println!("{:>7} {:>6}  function", "samples", "share");
         for (f, n) in self.top.iter().take(top) {
             println!("{n:>7} {:>5.1}%  {f}", 100.0 * *n as f64 / total);
         }
+    }
+
+    fn print(&self, top: usize) {
+        println!("\n{} samples; functions with the most:", self.total);
+        self.print_top(top);
         println!("\ntimeline (seconds after the first sample: the busiest functions)");
         for (t, n, fs) in &self.buckets {
             let n = (*n).max(1) as f64;

@@ -271,37 +271,79 @@ fn husk_run(
     share: bool,
     warm: bool,
 ) -> Result<(f64, Vec<f64>), String> {
-    let husk = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(husk);
-    cmd.env("HUSK_BOOT_TIMEOUT", c.timeout.to_string())
-        .args(["run", "--timing", "--kernel"])
-        .arg(kernel)
-        .arg("--agent")
-        .arg(agent)
-        .arg("--rootfs")
-        .arg(rootfs);
-    if share {
-        cmd.arg("--rootfs-share");
+    let run = HuskRun {
+        timeout: c.timeout,
+        kernel,
+        agent,
+        rootfs,
+        share,
+        warm,
+        args: &["true"],
+        profile: None,
+    };
+    run.once().map(|(wall, stages, _)| (wall, stages))
+}
+
+/// `husk run --timing` of a command in a root directory.
+pub(super) struct HuskRun<'a> {
+    /// Boot timeout, seconds.
+    pub timeout: u64,
+    pub kernel: &'a Path,
+    pub agent: &'a Path,
+    pub rootfs: &'a Path,
+    /// The root as a virtio-fs share instead of an image.
+    pub share: bool,
+    /// Restore the warm template (else `--no-template`).
+    pub warm: bool,
+    /// The container's command.
+    pub args: &'a [&'a str],
+    /// `HUSK_PROFILE` for the run (sample file, rate).
+    pub profile: Option<(&'a Path, u32)>,
+}
+
+impl HuskRun<'_> {
+    /// Runs it once: wall seconds, the stages (ms), and CLOCK_MONOTONIC ns
+    /// just before the process was started (where the stages begin).
+    pub fn once(&self) -> Result<(f64, Vec<f64>, u64), String> {
+        let mut cmd = self.command()?;
+        let t0 = Instant::now();
+        let start_ns = husk_vmm::vstate::vcpu::monotonic_ns();
+        let o = cmd.output().map_err(|e| e.to_string())?;
+        let wall = t0.elapsed().as_secs_f64();
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.code() != Some(0) {
+            return Err(format!("husk run failed: {}", peers::last_line(&err)));
+        }
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("husk-timing:"))
+            .ok_or("husk run printed no timing line")?;
+        Ok((wall, timing_fields(line), start_ns))
     }
-    if !warm {
-        cmd.arg("--no-template");
+
+    fn command(&self) -> Result<Command, String> {
+        let husk = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(husk);
+        cmd.env("HUSK_BOOT_TIMEOUT", self.timeout.to_string())
+            .args(["run", "--timing", "--kernel"])
+            .arg(self.kernel)
+            .arg("--agent")
+            .arg(self.agent)
+            .arg("--rootfs")
+            .arg(self.rootfs);
+        if self.share {
+            cmd.arg("--rootfs-share");
+        }
+        if !self.warm {
+            cmd.arg("--no-template");
+        }
+        match self.profile {
+            Some((file, hz)) => cmd.env("HUSK_PROFILE", format!("{}:{hz}", file.display())),
+            None => cmd.env_remove("HUSK_PROFILE"),
+        };
+        cmd.arg("--").args(self.args).stdin(Stdio::null());
+        Ok(cmd)
     }
-    let t0 = Instant::now();
-    let o = cmd
-        .args(["--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    let wall = t0.elapsed().as_secs_f64();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if o.status.code() != Some(0) {
-        return Err(format!("husk run failed: {}", peers::last_line(&err)));
-    }
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("husk-timing:"))
-        .ok_or("husk run printed no timing line")?;
-    Ok((wall, timing_fields(line)))
 }
 
 /// The stage fields of a `husk-timing:` line (NaN where one is missing).
