@@ -21,6 +21,7 @@ use crate::container::plan::{
     exit_code_from_wait, plan_container, plan_process, PlanError, ProcessPlan,
 };
 use crate::log;
+use crate::marks;
 use crate::reaper::ProcessTable;
 use crate::state::{Container, InFlight, Proc, StdioEnds};
 use crate::sys;
@@ -204,7 +205,9 @@ impl Agent {
 
     fn create_reserved(self: &Arc<Self>, req: CreateContainer) -> Result<ProcessInfo, ErrorBody> {
         let id = &req.container_id;
+        marks::start();
         let plan = plan_container(&req.spec, self.cap_last_cap).map_err(plan_err)?;
+        marks::mark("plan");
         if !plan.shared_namespaces.is_empty() {
             log!(
                 "container {id}: namespaces with a host path ({}) are shared with the guest",
@@ -217,6 +220,7 @@ impl Agent {
             let _ = fs::remove_dir_all(&files_dir);
             return Err(err(code, msg));
         }
+        marks::mark("shares and files");
         let cgroup = match self.make_cgroup(id, &req) {
             Ok(c) => c,
             Err(e) => {
@@ -224,6 +228,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        marks::mark("cgroup");
         let staging = self.cfg.staging_dir.join(id);
         let result = (|| {
             fs::create_dir_all(&staging).map_err(|e| {
@@ -240,7 +245,7 @@ impl Agent {
             };
             self.spawn_proc(kind, &plan.process, req.stdin, cgroup.as_ref())
         })();
-        let (proc, spawned) = match result {
+        let (proc, mut spawned) = match result {
             Ok(v) => v,
             Err(e) => {
                 if let Some(cg) = &cgroup {
@@ -251,6 +256,7 @@ impl Agent {
                 return Err(e);
             }
         };
+        let setup = std::mem::take(&mut spawned.setup);
         let oom_baseline = cgroup.as_ref().map_or(0, Cgroup::oom_kills);
         // Held by the agent, the container's mount namespace outlives its
         // init: the kernel does not unmount the root and every other mount
@@ -272,6 +278,7 @@ impl Agent {
         Ok(ProcessInfo {
             pid: proc.pid,
             timestamps: proc.timestamps(),
+            setup,
         })
     }
 
@@ -442,6 +449,7 @@ impl Agent {
         Ok(ProcessInfo {
             pid: c.init.pid,
             timestamps: c.init.timestamps(),
+            setup: Vec::new(),
         })
     }
 
@@ -460,6 +468,7 @@ impl Agent {
                 format!("container {:?} is not running", c.id),
             ));
         }
+        marks::start();
         let plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
         let mut namespaces = Vec::new();
         for (name, flag) in [
@@ -482,7 +491,9 @@ impl Agent {
             }
         }
         let kind = SpawnKind::Exec { namespaces };
-        let (proc, spawned) = self.spawn_proc(kind, &plan, req.stdin, c.cgroup.as_ref())?;
+        marks::mark("plan and namespaces");
+        let (proc, mut spawned) = self.spawn_proc(kind, &plan, req.stdin, c.cgroup.as_ref())?;
+        let setup = std::mem::take(&mut spawned.setup);
         if !c.insert_exec(&req.exec_id, Arc::clone(&proc)) {
             let _ = sys::kill(proc.pid, libc::SIGKILL);
             self.table.wait(proc.pid);
@@ -499,6 +510,7 @@ impl Agent {
         Ok(ProcessInfo {
             pid: proc.pid,
             timestamps: proc.timestamps(),
+            setup,
         })
     }
 

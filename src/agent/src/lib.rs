@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod container;
 pub mod init;
+pub mod marks;
 pub mod net;
 pub mod reaper;
 pub mod server;

@@ -295,6 +295,33 @@ fn timing_line(outcome: &run::RunOutcome, process_start_ns: u64) -> String {
     )
 }
 
+/// `husk-timing-setup: step=ms ...`: the agent's steps creating the
+/// container, each in ms since the one before (the guest's clock; they
+/// add up to about `create_ms`, which also holds the request's transit).
+/// Steps named with spaces get underscores.
+pub fn setup_line(steps: &[husk_proto::SetupStep]) -> Option<String> {
+    let start = steps.first()?.ns;
+    let mut prev = start;
+    let mut fields = Vec::with_capacity(steps.len());
+    for s in &steps[1..] {
+        let name: String = s
+            .step
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        fields.push(format!(
+            "{name}={:.1}",
+            s.ns.saturating_sub(prev) as f64 / 1e6
+        ));
+        prev = prev.max(s.ns);
+    }
+    Some(format!(
+        "husk-timing-setup: {} total_ms={:.1}",
+        fields.join(" "),
+        prev.saturating_sub(start) as f64 / 1e6
+    ))
+}
+
 fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
     // The writable layer is a tmpfs in the guest: it always goes with the VM.
     let _always_removed = a.rm;
@@ -330,6 +357,9 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
     }
     if a.timing {
         eprintln!("{}", timing_line(&outcome, process_start_ns));
+        if let Some(line) = setup_line(&outcome.setup) {
+            eprintln!("{line}");
+        }
     }
     Ok(st.exit_code)
 }
@@ -371,6 +401,7 @@ mod tests {
             guest_clock: GuestClock::from_exchange(start + 8 * S, 4 * S, start + 8 * S + 2_000_000),
             restored: false,
             answered_ns: None,
+            setup: Vec::new(),
         };
         let line = timing_line(&outcome, start);
         assert_eq!(field(&line, "first_kvm_run_ms="), 1000.0, "{line}");
@@ -416,5 +447,24 @@ mod tests {
         let line = timing_line(&unmapped, start);
         assert_eq!(field(&line, "guest_kernel_ms="), 2000.0, "{line}");
         assert!(line.ends_with("guest_clock=unmapped"), "{line}");
+    }
+
+    #[test]
+    fn setup_steps_become_one_line_of_deltas() {
+        let step = |step: &str, ns| husk_proto::SetupStep {
+            step: step.into(),
+            ns,
+        };
+        assert_eq!(setup_line(&[]), None);
+        let line = setup_line(&[
+            step("start", 1_000_000),
+            step("cgroup", 3_500_000),
+            step("namespaces, fork", 10_000_000),
+        ])
+        .unwrap();
+        assert_eq!(
+            line,
+            "husk-timing-setup: cgroup=2.5 namespaces__fork=6.5 total_ms=9.0"
+        );
     }
 }

@@ -363,6 +363,20 @@ pub struct ProcessInfo {
     pub pid: i32,
     /// Agent timestamps so far.
     pub timestamps: Timestamps,
+    /// How the process's setup went, step by step (create and exec; the
+    /// first step is `start`, when the request arrived).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setup: Vec<SetupStep>,
+}
+
+/// One setup step and when it ended, `CLOCK_BOOTTIME` ns in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupStep {
+    /// What was done.
+    pub step: String,
+    /// When it ended.
+    pub ns: u64,
 }
 
 /// Agent-side timestamps, nanoseconds of `CLOCK_BOOTTIME` in the guest

@@ -105,9 +105,23 @@ fn all_responses() -> Vec<Outcome> {
     let info = ProcessInfo {
         pid: 42,
         timestamps: timestamps(),
+        setup: Vec::new(),
+    };
+    let created = ProcessInfo {
+        setup: vec![
+            SetupStep {
+                step: "start".into(),
+                ns: 1,
+            },
+            SetupStep {
+                step: "rootfs".into(),
+                ns: 2,
+            },
+        ],
+        ..info.clone()
     };
     vec![
-        Outcome::Ok(Response::Created(info.clone())),
+        Outcome::Ok(Response::Created(created)),
         Outcome::Ok(Response::Started(info.clone())),
         Outcome::Ok(Response::ExecStarted(info)),
         Outcome::Ok(Response::Signaled),
@@ -382,6 +396,7 @@ fn fake_agent(mut s: UnixStream) {
             Request::Start(_) => Outcome::Ok(Response::Started(ProcessInfo {
                 pid: 7,
                 timestamps: Timestamps::default(),
+                setup: Vec::new(),
             })),
             Request::Stats(_) => Outcome::Error(ErrorBody {
                 code: ErrorCode::NotFound,

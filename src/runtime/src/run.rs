@@ -123,6 +123,8 @@ pub struct RunOutcome {
     pub restored: bool,
     /// CLOCK_MONOTONIC ns when the agent first answered a handshake.
     pub answered_ns: Option<u64>,
+    /// The agent's steps creating the container (guest clock).
+    pub setup: Vec<husk_proto::SetupStep>,
 }
 
 /// Guest memory for a container with `limit` bytes: the limit plus room
@@ -185,6 +187,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     let guest_clock = session.guest_clock();
     let restored = session.sandbox.restored();
     let answered_ns = session.sandbox.answered_ns();
+    let setup = std::mem::take(&mut session.setup);
     let status = session.wait()?;
     Ok(RunOutcome {
         status,
@@ -192,6 +195,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         guest_clock,
         restored,
         answered_ns,
+        setup,
     })
 }
 
@@ -262,6 +266,8 @@ pub struct Session {
     deadline: Instant,
     budget: u64,
     boot_timeout: Duration,
+    /// The agent's steps creating the container.
+    pub setup: Vec<husk_proto::SetupStep>,
 }
 
 impl Session {
@@ -315,7 +321,7 @@ impl Session {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
-        control
+        let created = control
             .create_container(CreateContainer {
                 container_id: CONTAINER_ID.into(),
                 spec: Box::new(c.spec.clone()),
@@ -342,6 +348,7 @@ impl Session {
             deadline,
             budget,
             boot_timeout: c.boot_timeout,
+            setup: created.setup,
         })
     }
 

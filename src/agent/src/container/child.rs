@@ -30,6 +30,7 @@ use super::caps;
 use super::cgroup::{Cgroup, CgroupError};
 use super::mounts::{self, secure_join, MountError};
 use super::plan::{exec_failure, ContainerPlan, ProcessPlan};
+use crate::marks;
 use crate::reaper::ProcessTable;
 use crate::sys::{self, Fork};
 
@@ -160,6 +161,8 @@ pub struct Spawned {
     pub pid: libc::pid_t,
     /// The pty master when the process has a terminal.
     pub pty_master: Option<OwnedFd>,
+    /// Its setup steps, the agent's included (the child's list).
+    pub setup: Vec<husk_proto::SetupStep>,
     chan: Channel,
 }
 
@@ -188,6 +191,7 @@ impl Spawned {
 /// Forks and sets up a process up to its exec. On error nothing is left
 /// running.
 pub fn spawn(table: &ProcessTable, cfg: &SpawnConfig) -> Result<Spawned, SpawnError> {
+    marks::mark("staging and stdio");
     let (parent_end, child_end) = sys::seqpacket_pair().map_err(sys_err("socketpair"))?;
     let chan = Channel(parent_end);
     // SAFETY: the child branch runs `intermediate`, which only makes
@@ -234,9 +238,10 @@ fn spawn_parent(
         .map_err(sys_err("signal the container process"))
         .and_then(|()| chan.expect(MSG_READY, "during setup"));
     match ready {
-        Ok((_, pty_master)) => Ok(Spawned {
+        Ok((steps, pty_master)) => Ok(Spawned {
             pid,
             pty_master,
+            setup: marks::decode(&steps),
             chan,
         }),
         Err(e) => {
@@ -254,9 +259,11 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
     if let SpawnKind::Exec { namespaces } = &cfg.kind {
         keep.extend(namespaces.iter().map(|(fd, _)| fd.as_raw_fd()));
     }
+    marks::mark("fork");
     sys::close_fds_except(&keep);
     sys::reset_signals();
     chan.wait_for(MSG_GO);
+    marks::mark("cgroup join");
     match &cfg.kind {
         SpawnKind::Init { plan, .. } => {
             if let Err(e) = sys::unshare(plan.clone_flags) {
@@ -274,7 +281,10 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
     // SAFETY: single-threaded child; the grandchild only execs or _exits.
     match unsafe { sys::fork() } {
         Err(e) => chan.fail(&format!("fork: {e}")),
-        Ok(Fork::Child) => container_process(cfg, chan),
+        Ok(Fork::Child) => {
+            marks::mark("namespaces, fork");
+            container_process(cfg, chan)
+        }
         Ok(Fork::Parent(pid)) => {
             if chan.send(MSG_PID, &pid.to_le_bytes(), None).is_err() {
                 let _ = sys::kill(pid, libc::SIGKILL);
@@ -287,12 +297,14 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
 /// The container process: set up, report ready, wait for start, exec.
 fn container_process(cfg: &SpawnConfig, chan: Channel) -> ! {
     chan.wait_for(MSG_GO);
+    marks::mark("reparent");
     let master = match setup(cfg) {
         Ok(master) => master,
         Err(msg) => chan.fail(&msg),
     };
+    marks::mark("process");
     let master_fd = master.as_ref().map(|m| m.as_raw_fd());
-    if chan.send(MSG_READY, &[], master_fd).is_err() {
+    if chan.send(MSG_READY, &marks::encode(), master_fd).is_err() {
         sys::exit_now(1);
     }
     drop(master);
@@ -325,17 +337,21 @@ fn setup(cfg: &SpawnConfig) -> Result<Option<OwnedFd>, String> {
             "make / private",
         )?;
         let root = mounts::mount_rootfs(staging, rootfs, scratch).map_err(|e| e.to_string())?;
+        marks::mark("rootfs");
         let cgroup_dirs = cfg.cgroup.map(Cgroup::dirs).unwrap_or_default();
         mount_err(mounts::mount_all(&root, plan, &cgroup_dirs))?;
+        marks::mark("mounts");
         let cwd = step(secure_join(&root, &p.cwd), "resolve cwd")?;
         step(fs::create_dir_all(&cwd), "create cwd")?;
         mount_err(mounts::setup_dev(&root, plan))?;
+        marks::mark("devices");
         if p.terminal {
             let (master, slave) = step(sys::open_pty(&root.join("dev/pts/ptmx")), "open pty")?;
             mount_err(mounts::bind_console(&root, slave.as_raw_fd()))?;
             pty = Some((master, slave));
         }
         mount_err(mounts::enter_root(&root))?;
+        marks::mark("pivot_root");
         // Before finish_root makes /proc/sys read-only, as runc does.
         for (key, value) in &plan.sysctls {
             let path = Path::new("/proc/sys").join(key);
@@ -344,7 +360,9 @@ fn setup(cfg: &SpawnConfig) -> Result<Option<OwnedFd>, String> {
                 &format!("sysctl {}", key.display()),
             )?;
         }
+        marks::mark("sysctls");
         mount_err(mounts::finish_root(plan))?;
+        marks::mark("masked and read-only paths");
         if let Some(h) = &plan.hostname {
             step(sys::sethostname(h), "sethostname")?;
         }

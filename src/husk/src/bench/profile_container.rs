@@ -53,7 +53,8 @@ fn profile_in(
     // what is profiled.
     run.once()?;
     run.profile = Some((&samples_file, a.hz));
-    let (wall, stages, start_ns) = run.once()?;
+    let timing = run.once()?;
+    let (wall, stages, start_ns) = (timing.wall, timing.stages, timing.start_ns);
     let text = std::fs::read_to_string(&samples_file)
         .map_err(|e| format!("no samples ({}): {e}", samples_file.display()))?;
     let samples = parse_samples(&text)?;
@@ -69,6 +70,9 @@ fn profile_in(
         kernel.display(),
         a.hz
     );
+    if let Some(setup) = &timing.setup {
+        println!("the agent's steps creating the container (ms each, guest clock):\n{setup}");
+    }
     println!("stages from `husk run --timing` (the agent's stamps on the host clock)");
     for (name, window) in TIMING_KEYS.iter().zip(windows(start_ns, &stages)) {
         let inside: Vec<(u64, u64)> = samples

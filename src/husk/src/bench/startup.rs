@@ -281,7 +281,19 @@ fn husk_run(
         args: &["true"],
         profile: None,
     };
-    run.once().map(|(wall, stages, _)| (wall, stages))
+    run.once().map(|r| (r.wall, r.stages))
+}
+
+/// What one `husk run --timing` reported.
+pub(super) struct RunTiming {
+    /// Wall seconds.
+    pub wall: f64,
+    /// The stages (ms), in `TIMING_KEYS` order.
+    pub stages: Vec<f64>,
+    /// CLOCK_MONOTONIC ns just before the process was started.
+    pub start_ns: u64,
+    /// The `husk-timing-setup:` line, if it printed one.
+    pub setup: Option<String>,
 }
 
 /// `husk run --timing` of a command in a root directory.
@@ -302,9 +314,8 @@ pub(super) struct HuskRun<'a> {
 }
 
 impl HuskRun<'_> {
-    /// Runs it once: wall seconds, the stages (ms), and CLOCK_MONOTONIC ns
-    /// just before the process was started (where the stages begin).
-    pub fn once(&self) -> Result<(f64, Vec<f64>, u64), String> {
+    /// Runs it once.
+    pub fn once(&self) -> Result<RunTiming, String> {
         let mut cmd = self.command()?;
         let t0 = Instant::now();
         let start_ns = husk_vmm::vstate::vcpu::monotonic_ns();
@@ -318,7 +329,16 @@ impl HuskRun<'_> {
             .lines()
             .find(|l| l.starts_with("husk-timing:"))
             .ok_or("husk run printed no timing line")?;
-        Ok((wall, timing_fields(line), start_ns))
+        let setup = err
+            .lines()
+            .find(|l| l.starts_with("husk-timing-setup:"))
+            .map(str::to_owned);
+        Ok(RunTiming {
+            wall,
+            stages: timing_fields(line),
+            start_ns,
+            setup,
+        })
     }
 
     fn command(&self) -> Result<Command, String> {
