@@ -291,7 +291,9 @@ fn env_cwd_user_and_hostname() {
         &[
             "sh",
             "-c",
-            "echo $FOO; pwd; id -u; id -g; id -G; hostname; echo w > /dev/stdout",
+            "echo $FOO; pwd; id -u; id -g; id -G; hostname; echo w > /dev/stdout; \
+             stat -c '%n %a %u:%g %t:%T' /dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty; \
+             echo x > /dev/null && head -c 1 /dev/zero | wc -c",
         ],
         json!({"process": {
             "env": ["PATH=/bin", "FOO=bar baz"],
@@ -303,7 +305,9 @@ fn env_cwd_user_and_hostname() {
     assert_eq!(r.stderr, "");
     assert_eq!(
         r.stdout,
-        "bar baz\n/work/dir\n1000\n1000\n1000 2000 3000\nbox\nw\n"
+        "bar baz\n/work/dir\n1000\n1000\n1000 2000 3000\nbox\nw\n\
+         /dev/null 666 0:0 1:3\n/dev/zero 666 0:0 1:5\n/dev/full 666 0:0 1:7\n\
+         /dev/random 666 0:0 1:8\n/dev/urandom 666 0:0 1:9\n/dev/tty 666 0:0 5:0\n1\n"
     );
     assert_eq!(r.status.exit_code, 0);
 }

@@ -244,21 +244,19 @@ const RESIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// guest sees `size_bytes` (the configuration-change interrupt is handled
 /// by a kernel worker), then drops any block the placeholder left cached.
 fn settle_device(dev: &Path, size_bytes: Option<u64>) -> Result<(), MountError> {
-    if let (Some(want), Some(name)) = (size_bytes, dev.file_name()) {
-        let sys = Path::new("/sys/class/block").join(name).join("size");
+    // The device's own size (BLKGETSIZE64) rather than sysfs: one open for
+    // both, and no sysfs lookups, slow where guest kernel code is emulated.
+    let f = ctx(fs::File::open(dev), "open", dev)?;
+    if let Some(want) = size_bytes {
         let deadline = std::time::Instant::now() + RESIZE_WAIT;
-        loop {
-            let sectors = fs::read_to_string(&sys)
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok());
-            // The guest rounds down to whole sectors.
-            if sectors == Some(want / 512) || std::time::Instant::now() >= deadline {
-                break;
-            }
+        // The guest rounds down to whole sectors.
+        while sys::block_size_bytes(&f).ok() != Some(want / 512 * 512)
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
-    ctx(sys::flush_block_cache(dev), "flush the cache of", dev)
+    ctx(sys::flush_block_cache(&f), "flush the cache of", dev)
 }
 
 /// Mounts a device (or, with fstype `bind`, a directory) at `target`.
