@@ -123,7 +123,7 @@ pub enum TemplateCommand {
     /// Remove templates by key, or all of them.
     Rm(TemplateRmArgs),
     /// Remove every template but the one the default kernel, agent and VM
-    /// shape would use now.
+    /// shape would use now, and what builds whose process died left.
     Prune,
 }
 
@@ -172,6 +172,9 @@ pub fn cmd_template(cmd: TemplateCommand) -> Result<i32, String> {
             for t in list.into_iter().filter(|t| t.key != current) {
                 template::remove(&t.key).map_err(|e| e.to_string())?;
                 println!("{}", t.key);
+            }
+            for p in template::sweep_stale_builds() {
+                println!("{}", p.display());
             }
         }
     }

@@ -329,6 +329,43 @@ pub fn list() -> Result<Vec<Template>, RuntimeError> {
     Ok(out)
 }
 
+/// Removes what template builds left behind when their process died
+/// (`.build-KEY-PID` directories, `.placeholder-PID` files); returns the
+/// paths removed. A build whose process is alive is left alone.
+pub fn sweep_stale_builds() -> Vec<PathBuf> {
+    sweep_stale_builds_in(&dir())
+}
+
+fn sweep_stale_builds_in(base: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".build-") || name.starts_with(".placeholder-")) {
+            continue;
+        }
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        let Some(pid) = pid.filter(|&p| p > 0) else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let p = e.path();
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if gone.is_ok() {
+            removed.push(p);
+        }
+    }
+    removed
+}
+
 /// Removes a template (a running VM restored from it keeps its mapping).
 pub fn remove(key: &str) -> Result<(), RuntimeError> {
     if key.is_empty() || key.contains('/') || key.starts_with('.') {
@@ -436,5 +473,42 @@ mod tests {
         for k in ["", "../x", ".build-1", "a/b"] {
             assert!(remove(k).is_err(), "{k:?}");
         }
+    }
+
+    #[test]
+    fn stale_builds_are_swept_and_live_ones_kept() {
+        let base = std::env::temp_dir().join(format!("husk-tpl-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let live = std::process::id();
+        for d in [
+            format!(".build-k-{dead}"),
+            format!(".build-k-{live}"),
+            "somekey".into(),
+            ".build-nopid".into(),
+        ] {
+            std::fs::create_dir_all(base.join(d).join("snapshot")).unwrap();
+        }
+        std::fs::write(base.join(format!(".placeholder-{dead}")), b"").unwrap();
+        let mut removed = sweep_stale_builds_in(&base);
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                base.join(format!(".build-k-{dead}")),
+                base.join(format!(".placeholder-{dead}")),
+            ]
+        );
+        for kept in [
+            format!(".build-k-{live}"),
+            "somekey".into(),
+            ".build-nopid".into(),
+        ] {
+            assert!(base.join(kept).is_dir());
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
