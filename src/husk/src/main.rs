@@ -362,8 +362,7 @@ fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
     }
     let exit = vm.run(input);
     if let (Some(p), Some(path)) = (&profiler, &args.profile) {
-        std::fs::File::create(path)
-            .and_then(|mut f| p.write_to(&mut f))
+        p.write_file(path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(probe) = timing {

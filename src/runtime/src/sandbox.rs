@@ -108,10 +108,10 @@ pub const ROOTFS_DEVICE: &str = "/dev/vdb";
 fn profile_request() -> Option<(PathBuf, u32)> {
     let v = std::env::var_os("HUSK_PROFILE")?;
     let v = v.to_string_lossy();
-    let (path, hz) = match v.rsplit_once(':') {
-        Some((p, hz)) if hz.parse::<u32>().is_ok() => (p, hz.parse().unwrap_or(1000)),
-        _ => (&*v, 1000),
-    };
+    let (path, hz) = v
+        .rsplit_once(':')
+        .and_then(|(p, hz)| Some((p, hz.parse().ok()?)))
+        .unwrap_or((&*v, 1000));
     (!path.is_empty()).then(|| (PathBuf::from(path), hz))
 }
 
@@ -163,8 +163,7 @@ impl Sandbox {
             .spawn(move || {
                 let exit = vm.run_with(ConsoleInputSource::None, false);
                 if let Some((p, path)) = profile {
-                    let written = std::fs::File::create(&path).and_then(|mut f| p.write_to(&mut f));
-                    if let Err(e) = written {
+                    if let Err(e) = p.write_file(&path) {
                         tracing::warn!("profile {}: {e}", path.display());
                     }
                 }
