@@ -15,7 +15,7 @@ use husk_proto::{
 };
 
 use crate::container::caps::kernel_last_cap;
-use crate::container::cgroup::{Cgroup, CgroupSystem};
+use crate::container::cgroup::{Cgroup, CgroupSystem, DeviceRule};
 use crate::container::child::{spawn, SpawnConfig, SpawnKind};
 use crate::container::plan::{
     exit_code_from_wait, plan_container, plan_process, PlanError, ProcessPlan,
@@ -221,7 +221,7 @@ impl Agent {
             return Err(err(code, msg));
         }
         marks::mark("shares and files");
-        let cgroup = match self.make_cgroup(id, &req) {
+        let cgroup = match self.make_cgroup(id, &req, &plan.device_rules) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fs::remove_dir_all(&files_dir);
@@ -272,6 +272,7 @@ impl Agent {
             execs: Mutex::new(HashMap::new()),
             pending_start: Mutex::new(Some(spawned)),
             mount_ns: Mutex::new(mount_ns),
+            seccomp: plan.process.seccomp.clone(),
         });
         lock(&self.containers).insert(id.clone(), Arc::clone(&container));
         self.watch(container, Arc::clone(&proc), true);
@@ -282,7 +283,12 @@ impl Agent {
         })
     }
 
-    fn make_cgroup(&self, id: &str, req: &CreateContainer) -> Result<Option<Cgroup>, ErrorBody> {
+    fn make_cgroup(
+        &self,
+        id: &str,
+        req: &CreateContainer,
+        device_rules: &[DeviceRule],
+    ) -> Result<Option<Cgroup>, ErrorBody> {
         let Some(system) = &self.cgroups else {
             return Ok(None);
         };
@@ -294,11 +300,14 @@ impl Agent {
             .linux()
             .as_ref()
             .and_then(|l| l.resources().as_ref());
-        if let Some(res) = resources {
-            if let Err(e) = cg.apply(res) {
-                cg.remove();
-                return Err(err(ErrorCode::SetupFailed, e.to_string()));
-            }
+        let applied = match resources {
+            Some(res) => cg.apply(res),
+            None => Ok(()),
+        }
+        .and_then(|()| cg.apply_devices(device_rules));
+        if let Err(e) = applied {
+            cg.remove();
+            return Err(err(ErrorCode::SetupFailed, e.to_string()));
         }
         Ok(Some(cg))
     }
@@ -469,7 +478,9 @@ impl Agent {
             ));
         }
         marks::start();
-        let plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
+        let mut plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
+        // runc applies the container's profile to exec'd processes too.
+        plan.seccomp = c.seccomp.clone();
         let mut namespaces = Vec::new();
         for (name, flag) in [
             ("ipc", libc::CLONE_NEWIPC),

@@ -131,6 +131,17 @@ pub enum CgroupMount {
     None,
 }
 
+/// Where the guest mounts its v1 `devices` hierarchy.
+pub const DEVICES_CGROUP: &str = "/run/cgroup-devices";
+
+/// Whether `/proc/cgroups` lists `name` as enabled.
+pub fn has_enabled_controller(proc_cgroups: &str, name: &str) -> bool {
+    proc_cgroups.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 4 && f[0] == name && f[3] == "1"
+    })
+}
+
 /// Chooses the cgroup layout from `/proc/filesystems` and `/proc/cgroups`:
 /// v2 when the kernel has it, else v1 with `cpu,cpuacct` together.
 pub fn choose_cgroups(filesystems: &str, proc_cgroups: &str) -> CgroupMount {
@@ -164,17 +175,38 @@ fn mount_cgroups(filesystems: &str, proc_cgroups: &str) -> Result<(), InitError>
     let root = Path::new("/sys/fs/cgroup");
     match choose_cgroups(filesystems, proc_cgroups) {
         CgroupMount::None => Ok(()),
-        CgroupMount::V2 => ctx(
-            sys::mount(
-                Some(Path::new("cgroup2")),
+        CgroupMount::V2 => {
+            ctx(
+                sys::mount(
+                    Some(Path::new("cgroup2")),
+                    root,
+                    Some("cgroup2"),
+                    NOSUID_NODEV_NOEXEC,
+                    None,
+                ),
+                "mount",
                 root,
-                Some("cgroup2"),
-                NOSUID_NODEV_NOEXEC,
-                None,
-            ),
-            "mount",
-            root,
-        ),
+            )?;
+            // The device controller has no v2 files (v2 filters devices
+            // with BPF programs): it gets a v1 hierarchy of its own, which
+            // the agent finds in mountinfo. Containers do not see it.
+            if has_enabled_controller(proc_cgroups, "devices") {
+                let dir = Path::new(DEVICES_CGROUP);
+                ctx(fs::create_dir_all(dir), "create", dir)?;
+                ctx(
+                    sys::mount(
+                        Some(Path::new("cgroup")),
+                        dir,
+                        Some("cgroup"),
+                        NOSUID_NODEV_NOEXEC,
+                        Some("devices"),
+                    ),
+                    "mount",
+                    dir,
+                )?;
+            }
+            Ok(())
+        }
         CgroupMount::V1(hierarchies) => {
             ctx(
                 sys::mount(
@@ -254,6 +286,11 @@ mod tests {
             CgroupMount::V1(vec!["memory".into(), "cpu,cpuacct".into()])
         );
         assert_eq!(choose_cgroups("nodev\tsysfs\n", ""), CgroupMount::None);
+        let cgroups =
+            "#subsys_name\thierarchy\tnum_cgroups\tenabled\ndevices\t0\t1\t1\npids\t0\t1\t0\n";
+        assert!(has_enabled_controller(cgroups, "devices"));
+        assert!(!has_enabled_controller(cgroups, "pids"));
+        assert!(!has_enabled_controller(cgroups, "memory"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use husk_proto::{ExitStatus, StreamKind, Timestamps};
 
 use crate::container::cgroup::Cgroup;
 use crate::container::child::Spawned;
+use crate::container::seccomp::SeccompPlan;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -221,6 +222,8 @@ pub struct Container {
     pub pending_start: Mutex<Option<Spawned>>,
     /// Its mount namespace, held open until the container is cleaned up.
     pub mount_ns: Mutex<Option<OwnedFd>>,
+    /// Its compiled `linux.seccomp`, for exec'd processes.
+    pub seccomp: Option<Arc<SeccompPlan>>,
 }
 
 impl Container {

@@ -314,6 +314,36 @@ pub fn set_no_new_privs() -> io::Result<()> {
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0)
 }
 
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`. Unlike seccompiler's
+/// `apply_filter`, it leaves no_new_privs alone (the OCI process decides).
+pub fn seccomp_set_filter(
+    prog: &[seccompiler::sock_filter],
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    let len = u16::try_from(prog.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seccomp filter too long"))?;
+    let fprog = libc::sock_fprog {
+        len,
+        // seccompiler's sock_filter is the kernel's struct sock_filter
+        // (repr(C) u16, u8, u8, u32), as is libc's.
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: fprog points at `len` valid instructions for the duration of
+    // the call; the kernel copies them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `PR_SET_CHILD_SUBREAPER`.
 pub fn set_child_subreaper() -> io::Result<()> {
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0)

@@ -168,10 +168,20 @@ impl Shared {
     /// Runs `args` in the container; `stdin` is written then closed;
     /// `kill_after` sends SIGKILL once the process printed something.
     fn exec(&mut self, args: &[&str], stdin: Option<&[u8]>, tty: bool, kill: bool) -> Outcome {
-        self.next += 1;
-        let id = format!("e{}", self.next);
         let mut process = husk_proto::oci_spec::runtime::Process::default();
         process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
+        self.exec_process(process, stdin, tty, kill)
+    }
+
+    fn exec_process(
+        &mut self,
+        mut process: husk_proto::oci_spec::runtime::Process,
+        stdin: Option<&[u8]>,
+        tty: bool,
+        kill: bool,
+    ) -> Outcome {
+        self.next += 1;
+        let id = format!("e{}", self.next);
         process.set_terminal(Some(tty));
         self.control
             .exec(Exec {
@@ -307,6 +317,38 @@ fn one_sandbox_serves_every_process_check() {
         (o.code, o.stdout.as_slice(), o.stderr.as_slice()),
         (0, &b"out\n"[..], &b"err\n"[..])
     );
+
+    // The device cgroup: container root may mknod the guest's disk (as
+    // with runc) but not open it; the default nodes stay usable.
+    let mut process = husk_proto::oci_spec::runtime::Process::default();
+    process.set_args(Some(
+        [
+            "sh",
+            "-c",
+            "d=$(cat /sys/class/block/vda/dev) && mknod /dev/disk b ${d%:*} ${d#*:} && echo MADE; \
+             (exec 3</dev/disk) || echo DENIED; echo x > /dev/null && echo NULL-OK",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ));
+    let mknod: std::collections::HashSet<_> = [husk_proto::oci_spec::runtime::Capability::Mknod]
+        .into_iter()
+        .collect();
+    let mut caps = husk_proto::oci_spec::runtime::LinuxCapabilities::default();
+    caps.set_bounding(Some(mknod.clone()));
+    caps.set_permitted(Some(mknod.clone()));
+    caps.set_effective(Some(mknod));
+    caps.set_inheritable(Some(Default::default()));
+    caps.set_ambient(Some(Default::default()));
+    process.set_capabilities(Some(caps));
+    let o = s.exec_process(process, None, false, false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "MADE\nDENIED\nNULL-OK\n",
+        "{err}"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
 
     let o = s.exec(&["no-such-command"], None, false, false);
     assert_eq!(o.code, 127);

@@ -227,7 +227,7 @@ fn docker_runs_containers_in_micro_vms() {
                 "sh",
                 "-c",
                 "echo hi from docker; tty; ip -4 -o addr show eth0; cat /conf/app.conf; \
-                 touch /conf/new || echo RO-REFUSED; exit 3",
+                 touch /conf/new || echo RO-REFUSED; grep '^Seccomp:' /proc/self/status; exit 3",
             ]),
         vm_time,
     );
@@ -246,6 +246,8 @@ fn docker_runs_containers_in_micro_vms() {
     );
     assert!(out.contains("from the host\r\n"), "{out}");
     assert!(out.contains("RO-REFUSED"), "{out}");
+    // Docker's default seccomp profile (in the spec) is in force in the VM.
+    assert!(out.contains("Seccomp:\t2\r\n"), "{out}");
     assert!(!conf.join("new").exists());
     ok(web.join().unwrap());
 
@@ -278,7 +280,14 @@ fn docker_runs_containers_in_micro_vms() {
     ));
     assert_eq!(std::fs::read_to_string(&copied).unwrap(), "in the root\n");
     let o = bounded(
-        d.docker().args(["exec", "web", "sh", "-c", "exit 5"]),
+        // 5 only under a seccomp filter: execs get the container's profile.
+        d.docker().args([
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "grep -q '^Seccomp:.2' /proc/self/status && exit 5",
+        ]),
         vm_time,
     );
     assert_eq!(o.status.code(), Some(5));

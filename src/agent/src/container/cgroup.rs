@@ -10,11 +10,16 @@ use std::thread;
 use std::time::Duration;
 
 use husk_proto::Stats;
-use oci_spec::runtime::LinuxResources;
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
 
 /// v1 controllers the agent manages (cpuset is left alone: a new v1 cpuset
-/// group has no cpus and could not be joined).
-const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids"];
+/// group has no cpus and could not be joined). `devices` has no v2
+/// interface (v2 filters devices with BPF programs): the guest mounts it as
+/// a v1 hierarchy next to cgroup2, and the agent uses it on either.
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids", "devices"];
+
+/// The v1 controller for device access rules.
+const DEVICES: &str = "devices";
 
 /// v2 controllers enabled for containers.
 const V2_CONTROLLERS: &[&str] = &["memory", "cpu", "pids"];
@@ -35,8 +40,9 @@ pub struct CgroupError {
 /// The cgroup hierarchy the agent runs in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CgroupSystem {
-    /// cgroup v2: the directory of the agent's own cgroup.
-    V2(PathBuf),
+    /// cgroup v2: the directory of the agent's own cgroup, and its
+    /// directory in a v1 `devices` hierarchy if one is mounted.
+    V2(PathBuf, Option<PathBuf>),
     /// cgroup v1: (controller, directory of the agent's own cgroup in that
     /// controller's hierarchy), for the controllers the agent manages.
     V1(Vec<(String, PathBuf)>),
@@ -52,8 +58,8 @@ impl CgroupSystem {
     }
 
     /// [`CgroupSystem::detect`] on given file contents. v1 wins when any
-    /// managed v1 controller is mounted (hybrid hosts keep their
-    /// controllers there).
+    /// managed v1 controller other than `devices` is mounted (hybrid hosts
+    /// keep their controllers there).
     pub fn from_proc(mountinfo: &str, proc_cgroup: &str) -> Option<Self> {
         let mut v1 = Vec::new();
         let mut v2 = None;
@@ -85,11 +91,11 @@ impl CgroupSystem {
                 _ => {}
             }
         }
-        if !v1.is_empty() {
-            Some(CgroupSystem::V1(v1))
-        } else {
-            v2.map(CgroupSystem::V2)
+        if v1.iter().any(|(c, _)| c != DEVICES) {
+            return Some(CgroupSystem::V1(v1));
         }
+        let devices = v1.into_iter().next().map(|(_, dir)| dir);
+        v2.map(|own| CgroupSystem::V2(own, devices))
     }
 
     /// Creates the `<own>/husk` parent (enabling the v2 controllers on the
@@ -99,7 +105,12 @@ impl CgroupSystem {
     /// directories, which is slow where guest kernel code is emulated.
     pub fn prepare(&self) -> Result<(), CgroupError> {
         match self {
-            CgroupSystem::V2(own) => Self::prepare_v2(own),
+            CgroupSystem::V2(own, devices) => {
+                Self::prepare_v2(own)?;
+                devices
+                    .iter()
+                    .try_for_each(|dir| mkdir_all(&dir.join("husk")))
+            }
             CgroupSystem::V1(own) => own
                 .iter()
                 .try_for_each(|(_, dir)| mkdir_all(&dir.join("husk"))),
@@ -127,31 +138,35 @@ impl CgroupSystem {
             });
         }
         match self {
-            CgroupSystem::V2(own) => {
+            CgroupSystem::V2(own, devices) => {
                 Self::prepare_v2(own)?;
-                let dir = own.join("husk").join(name);
-                mkdir_all(&dir)?;
-                Ok(Cgroup {
-                    v2: true,
-                    dirs: vec![(String::new(), dir)],
-                })
+                let own = std::iter::once((String::new(), own.clone()))
+                    .chain(devices.iter().map(|d| (DEVICES.to_owned(), d.clone())));
+                Self::create_in(true, own, name)
             }
-            CgroupSystem::V1(own) => {
-                let mut cgroup = Cgroup {
-                    v2: false,
-                    dirs: Vec::new(),
-                };
-                for (controller, own_dir) in own {
-                    let dir = own_dir.join("husk").join(name);
-                    if let Err(e) = mkdir_all(&dir) {
-                        cgroup.remove();
-                        return Err(e);
-                    }
-                    cgroup.dirs.push((controller.clone(), dir));
-                }
-                Ok(cgroup)
-            }
+            CgroupSystem::V1(own) => Self::create_in(false, own.iter().cloned(), name),
         }
+    }
+
+    /// `<dir>/husk/<name>` in each (controller, own dir).
+    fn create_in(
+        v2: bool,
+        own: impl Iterator<Item = (String, PathBuf)>,
+        name: &str,
+    ) -> Result<Cgroup, CgroupError> {
+        let mut cgroup = Cgroup {
+            v2,
+            dirs: Vec::new(),
+        };
+        for (controller, own_dir) in own {
+            let dir = own_dir.join("husk").join(name);
+            if let Err(e) = mkdir_all(&dir) {
+                cgroup.remove();
+                return Err(e);
+            }
+            cgroup.dirs.push((controller, dir));
+        }
+        Ok(cgroup)
     }
 }
 
@@ -328,6 +343,90 @@ pub fn resource_writes(v2: bool, res: &LinuxResources) -> Result<Vec<CgroupWrite
     Ok(out)
 }
 
+/// One line for a v1 `devices.allow` (`allow`) or `devices.deny` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRule {
+    /// Which file.
+    pub allow: bool,
+    /// `TYPE MAJOR:MINOR ACCESS`, or `a` for every device.
+    pub rule: String,
+}
+
+/// runc's default device rules, allowed after the spec's: mknod of any
+/// node, and the nodes every container gets (null, random, full, tty,
+/// zero, urandom, console, pty slaves, ptmx).
+const DEFAULT_DEVICE_RULES: &[&str] = &[
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:8 rwm",
+    "c 1:7 rwm",
+    "c 5:0 rwm",
+    "c 1:5 rwm",
+    "c 1:9 rwm",
+    "c 5:1 rwm",
+    "c 136:* rwm",
+    "c 5:2 rwm",
+];
+
+/// The device cgroup of a container, in runc's order: deny everything,
+/// then `linux.resources.devices` in order, then the defaults, then read,
+/// write and mknod of each `linux.devices` node (`(kind, major, minor)`,
+/// kind `S_IFCHR` or `S_IFBLK`).
+pub fn device_rules(
+    spec_rules: &[LinuxDeviceCgroup],
+    devices: &[(u32, u32, u32)],
+) -> Result<Vec<DeviceRule>, String> {
+    let deny_all = DeviceRule {
+        allow: false,
+        rule: "a".into(),
+    };
+    let mut out = vec![deny_all];
+    for r in spec_rules {
+        let access = r.access().as_deref().unwrap_or("rwm");
+        if access.is_empty() || !access.chars().all(|c| "rwm".contains(c)) {
+            return Err(format!("device rule access {access:?} (r, w, m)"));
+        }
+        let typ = match r.typ().unwrap_or(LinuxDeviceType::A) {
+            LinuxDeviceType::A => {
+                out.push(DeviceRule {
+                    allow: r.allow(),
+                    rule: "a".into(),
+                });
+                continue;
+            }
+            LinuxDeviceType::C | LinuxDeviceType::U => 'c',
+            LinuxDeviceType::B => 'b',
+            // FIFOs are not devices: nothing to allow or deny.
+            LinuxDeviceType::P => continue,
+        };
+        let num = |n: Option<i64>| match n {
+            Some(n) if n >= 0 => n.to_string(),
+            _ => "*".to_owned(),
+        };
+        out.push(DeviceRule {
+            allow: r.allow(),
+            rule: format!("{typ} {}:{} {access}", num(r.major()), num(r.minor())),
+        });
+    }
+    out.extend(DEFAULT_DEVICE_RULES.iter().map(|r| DeviceRule {
+        allow: true,
+        rule: (*r).to_owned(),
+    }));
+    for &(kind, major, minor) in devices {
+        let typ = match kind {
+            libc::S_IFCHR => 'c',
+            libc::S_IFBLK => 'b',
+            _ => continue,
+        };
+        out.push(DeviceRule {
+            allow: true,
+            rule: format!("{typ} {major}:{minor} rwm"),
+        });
+    }
+    Ok(out)
+}
+
 fn max_or(v: i64) -> String {
     if v < 0 {
         "max".to_owned()
@@ -361,10 +460,10 @@ impl Cgroup {
     }
 
     fn dir_for(&self, file: &str) -> Option<&Path> {
-        if self.v2 {
+        let controller = file.split('.').next()?;
+        if self.v2 && controller != DEVICES {
             return self.dirs.first().map(|(_, p)| p.as_path());
         }
-        let controller = file.split('.').next()?;
         self.dirs
             .iter()
             .find(|(c, _)| c == controller)
@@ -378,6 +477,28 @@ impl Cgroup {
             path: PathBuf::new(),
             source: io::Error::new(io::ErrorKind::InvalidInput, msg),
         })?;
+        self.write_all(writes)
+    }
+
+    /// Applies device rules (see [`device_rules`]) where a `devices`
+    /// hierarchy is mounted; without one the guest has no device cgroup
+    /// and nothing is written.
+    pub fn apply_devices(&self, rules: &[DeviceRule]) -> Result<(), CgroupError> {
+        if !self.dirs.iter().any(|(c, _)| c == DEVICES) {
+            return Ok(());
+        }
+        let writes = rules.iter().map(|r| {
+            let file = if r.allow {
+                "devices.allow"
+            } else {
+                "devices.deny"
+            };
+            write(file, &r.rule)
+        });
+        self.write_all(writes.collect())
+    }
+
+    fn write_all(&self, writes: Vec<CgroupWrite>) -> Result<(), CgroupError> {
         for w in writes {
             let Some(dir) = self.dir_for(&w.file) else {
                 if w.optional {
@@ -404,7 +525,32 @@ impl Cgroup {
 
     /// Moves `pid` into the cgroup (every hierarchy).
     pub fn join(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
-        for dir in self.dirs() {
+        self.join_where(pid, |_| true)
+    }
+
+    /// Moves `pid` into every hierarchy but `devices`: a container's init
+    /// still mounts its root disk (which opens a block device) and makes
+    /// its /dev nodes, and joins the device cgroup with
+    /// [`Self::join_devices`] once that is done, before it runs anything
+    /// of the container's.
+    pub fn join_all_but_devices(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        self.join_where(pid, |c| c != DEVICES)
+    }
+
+    /// Moves `pid` into the `devices` hierarchy (if there is one).
+    pub fn join_devices(&self, pid: libc::pid_t) -> Result<(), CgroupError> {
+        self.join_where(pid, |c| c == DEVICES)
+    }
+
+    fn join_where(&self, pid: libc::pid_t, want: impl Fn(&str) -> bool) -> Result<(), CgroupError> {
+        let mut dirs: Vec<&Path> = self
+            .dirs
+            .iter()
+            .filter(|(c, _)| want(c))
+            .map(|(_, d)| d.as_path())
+            .collect();
+        dirs.dedup();
+        for dir in dirs {
             let path = dir.join("cgroup.procs");
             fs::write(&path, pid.to_string()).map_err(|source| CgroupError {
                 what: format!("add pid {pid} to"),

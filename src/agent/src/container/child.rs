@@ -11,6 +11,7 @@
 //!   <- PID(n) -----------  _exit(0)
 //!   -- GO ----------------------------------------->  mounts, pivot_root, user...
 //!   <- READY [pty master] --------------------------
+//!   (init: join the device cgroup, see Cgroup::join_all_but_devices)
 //!   -- START (init only) -------------------------->  execve
 //!   <- end of stream (the socket closed on exec) ----
 //! ```
@@ -219,8 +220,11 @@ fn spawn_parent(
     chan: Channel,
     middle: libc::pid_t,
 ) -> Result<Spawned, SpawnError> {
-    if let Some(cg) = cfg.cgroup {
-        cg.join(middle)?;
+    let init = matches!(cfg.kind, SpawnKind::Init { .. });
+    match cfg.cgroup {
+        Some(cg) if init => cg.join_all_but_devices(middle)?,
+        Some(cg) => cg.join(middle)?,
+        None => {}
     }
     chan.send(MSG_GO, &[], None)
         .map_err(sys_err("signal the child"))?;
@@ -236,7 +240,12 @@ fn spawn_parent(
     let ready = chan
         .send(MSG_GO, &[], None)
         .map_err(sys_err("signal the container process"))
-        .and_then(|()| chan.expect(MSG_READY, "during setup"));
+        .and_then(|()| chan.expect(MSG_READY, "during setup"))
+        .and_then(|r| match cfg.cgroup {
+            // Set up, waiting for START: now under the device rules.
+            Some(cg) if init => cg.join_devices(pid).map(|()| r).map_err(Into::into),
+            _ => Ok(r),
+        });
     match ready {
         Ok((steps, pty_master)) => Ok(Spawned {
             pid,
@@ -416,6 +425,13 @@ fn setup_process(p: &ProcessPlan) -> Result<(), String> {
             step(sys::fchown(fd, p.uid, p.gid), "chown stdio")?;
         }
     }
+    // Without no_new_privs installing a filter needs CAP_SYS_ADMIN: before
+    // the capabilities go (what follows must be allowed by the profile, as
+    // with runc); with it, after no_new_privs is set, the last thing before
+    // the process reports ready.
+    if let (Some(s), false) = (&p.seccomp, p.no_new_privs) {
+        step(s.install(), "install seccomp filter")?;
+    }
     if let Some(c) = &p.caps {
         step(caps::drop_bounding(c), "drop bounding capabilities")?;
         step(sys::set_keepcaps(true), "keep capabilities")?;
@@ -436,6 +452,9 @@ fn setup_process(p: &ProcessPlan) -> Result<(), String> {
     )?;
     if p.no_new_privs {
         step(sys::set_no_new_privs(), "no_new_privs")?;
+        if let Some(s) = &p.seccomp {
+            step(s.install(), "install seccomp filter")?;
+        }
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod child;
 pub mod files;
 pub mod mounts;
 pub mod plan;
+pub mod seccomp;
 pub mod shares;
 
 #[cfg(test)]

@@ -5,13 +5,16 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use oci_spec::runtime::{
     Capability, LinuxDevice, LinuxDeviceType, LinuxNamespaceType, PosixRlimitType, Process, Spec,
 };
 
 use super::caps::{cap_number, CapSets};
+use super::cgroup::{device_rules, DeviceRule};
 use super::mounts::{parse_mount_options, propagation_flag, MountOptions};
+use super::seccomp::{plan_seccomp, SeccompPlan};
 
 /// A spec the agent cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,8 @@ pub struct ProcessPlan {
     pub console_size: Option<(u16, u16)>,
     /// Written to `/proc/self/oom_score_adj`.
     pub oom_score_adj: Option<i32>,
+    /// The container's `linux.seccomp`, compiled (execs get the init's).
+    pub seccomp: Option<Arc<SeccompPlan>>,
 }
 
 /// One OCI mount, parsed.
@@ -123,6 +128,8 @@ pub struct ContainerPlan {
     pub mounts: Vec<MountPlan>,
     /// Extra device nodes (`linux.devices`).
     pub devices: Vec<DevicePlan>,
+    /// The device cgroup's rules.
+    pub device_rules: Vec<DeviceRule>,
     /// Paths masked from the container.
     pub masked_paths: Vec<PathBuf>,
     /// Paths made read-only.
@@ -219,12 +226,24 @@ pub fn plan_container(spec: &Spec, cap_last_cap: u32) -> Result<ContainerPlan, P
         });
     }
 
-    let devices = linux
+    let devices: Vec<DevicePlan> = linux
         .and_then(|l| l.devices().as_ref())
         .into_iter()
         .flatten()
         .map(plan_device)
         .collect::<Result<_, _>>()?;
+
+    let device_rules = device_rules(
+        linux
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.devices().as_deref())
+            .unwrap_or_default(),
+        &devices
+            .iter()
+            .map(|d: &DevicePlan| (d.kind, d.major, d.minor))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(PlanError::Invalid)?;
 
     let root_propagation = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         None | Some("") => None,
@@ -255,6 +274,7 @@ pub fn plan_container(spec: &Spec, cap_last_cap: u32) -> Result<ContainerPlan, P
         domainname,
         mounts,
         devices,
+        device_rules,
         masked_paths: paths(linux.and_then(|l| l.masked_paths().as_ref())),
         readonly_paths: paths(linux.and_then(|l| l.readonly_paths().as_ref())),
         root_readonly: spec
@@ -264,7 +284,13 @@ pub fn plan_container(spec: &Spec, cap_last_cap: u32) -> Result<ContainerPlan, P
             .unwrap_or(false),
         root_propagation,
         sysctls,
-        process: plan_process(process, cap_last_cap)?,
+        process: ProcessPlan {
+            seccomp: match linux.and_then(|l| l.seccomp().as_ref()) {
+                Some(s) => Some(Arc::new(plan_seccomp(s)?)),
+                None => None,
+            },
+            ..plan_process(process, cap_last_cap)?
+        },
     })
 }
 
@@ -354,6 +380,7 @@ pub fn plan_process(process: &Process, cap_last_cap: u32) -> Result<ProcessPlan,
         terminal: process.terminal().unwrap_or(false),
         console_size,
         oom_score_adj: process.oom_score_adj(),
+        seccomp: None,
     })
 }
 

@@ -4,10 +4,13 @@ use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxResources, PosixRlimitType, Spec};
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources, PosixRlimitType, Spec};
+use serde_json::json;
 
 use super::caps::{cap_number, LAST_KNOWN_CAP};
-use super::cgroup::{flat_keyed, resource_writes, shares_to_weight, CgroupSystem, CgroupWrite};
+use super::cgroup::{
+    device_rules, flat_keyed, resource_writes, shares_to_weight, CgroupSystem, CgroupWrite,
+};
 use super::mounts::{parse_mount_options, propagation_flag, secure_join};
 use super::plan::*;
 
@@ -475,10 +478,11 @@ fn cgroup_detection() {
 32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+38 31 0:35 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
 40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
-    let own = "8:pids:/\n4:memory:/box/a\n1:cpu,cpuacct:/\n0::/\n";
+    let own = "8:pids:/\n7:devices:/box\n4:memory:/box/a\n1:cpu,cpuacct:/\n0::/\n";
     let sys = CgroupSystem::from_proc(hybrid, own).unwrap();
     let CgroupSystem::V1(dirs) = sys else {
         panic!("expected v1");
@@ -492,18 +496,33 @@ fn cgroup_detection() {
         "cpuacct".into(),
         PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")
     )));
-    assert_eq!(dirs.len(), 4);
+    assert!(dirs.contains(&(
+        "devices".into(),
+        PathBuf::from("/sys/fs/cgroup/devices/box")
+    )));
+    assert_eq!(dirs.len(), 5);
 
     let v2 = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n";
     assert_eq!(
         CgroupSystem::from_proc(v2, "0::/\n"),
-        Some(CgroupSystem::V2(PathBuf::from("/sys/fs/cgroup")))
+        Some(CgroupSystem::V2(PathBuf::from("/sys/fs/cgroup"), None))
+    );
+    // The guest: cgroup2, and a v1 hierarchy for the devices controller
+    // alone (which v2 has no files for); v2 stays in charge.
+    let guest = "30 23 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                 31 23 0:28 / /run/cgroup-devices rw - cgroup cgroup rw,devices\n";
+    assert_eq!(
+        CgroupSystem::from_proc(guest, "1:devices:/\n0::/\n"),
+        Some(CgroupSystem::V2(
+            PathBuf::from("/sys/fs/cgroup"),
+            Some(PathBuf::from("/run/cgroup-devices"))
+        ))
     );
     // Inside a cgroup namespace-like mount whose root is the own path.
     let nested = "30 23 0:27 /agent /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
     assert_eq!(
         CgroupSystem::from_proc(nested, "0::/agent/sub\n"),
-        Some(CgroupSystem::V2(PathBuf::from("/sys/fs/cgroup/sub")))
+        Some(CgroupSystem::V2(PathBuf::from("/sys/fs/cgroup/sub"), None))
     );
     assert_eq!(CgroupSystem::from_proc("", "0::/\n"), None);
 }
@@ -562,4 +581,33 @@ fn secure_join_stays_inside_the_root() {
     );
     let e = secure_join(root, Path::new("/loop1")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+}
+
+#[test]
+fn device_rules_deny_all_then_the_spec_then_the_defaults() {
+    let rules: Vec<LinuxDeviceCgroup> = serde_json::from_value(json!([
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rw"},
+        {"allow": false, "type": "b", "major": 8, "access": "m"},
+        {"allow": true, "type": "p"},
+    ]))
+    .unwrap();
+    let r = device_rules(&rules, &[(libc::S_IFBLK, 253, 1), (libc::S_IFIFO, 0, 0)]).unwrap();
+    let lines: Vec<String> = r
+        .iter()
+        .map(|r| format!("{} {}", if r.allow { "allow" } else { "deny" }, r.rule))
+        .collect();
+    assert_eq!(
+        lines[..4],
+        ["deny a", "deny a", "allow c 10:200 rw", "deny b 8:* m"]
+    );
+    assert!(lines.contains(&"allow c 1:3 rwm".to_owned()), "{lines:?}");
+    assert!(lines.contains(&"allow c 136:* rwm".to_owned()), "{lines:?}");
+    assert_eq!(lines.last().unwrap(), "allow b 253:1 rwm");
+    assert!(device_rules(
+        &serde_json::from_value::<Vec<_>>(json!([{"allow": true, "access": "rwx"}])).unwrap(),
+        &[]
+    )
+    .unwrap_err()
+    .contains("rwx"));
 }

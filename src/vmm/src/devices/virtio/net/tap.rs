@@ -202,15 +202,11 @@ mod tests {
     fn a_tap_husk_creates_vanishes_with_it() {
         // In a private network namespace (this thread only), as root.
         let t = std::thread::spawn(|| {
+            // A missing precondition fails rather than passing unrun.
             // SAFETY: unshare affects only this thread's namespaces.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: cannot unshare the network namespace (not root?)");
-                return;
-            }
-            if !Path::new("/dev/net/tun").exists() {
-                eprintln!("skipped: no /dev/net/tun");
-                return;
-            }
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "cannot unshare the network namespace (needs root)");
+            assert!(Path::new("/dev/net/tun").exists(), "no /dev/net/tun");
             let tap = Tap::open("husktest0").unwrap();
             assert!(tap.created());
             assert!(interface_exists("husktest0"));
