@@ -44,14 +44,10 @@ impl DeviceFailure {
 
     /// Marks the device broken until the driver resets it.
     pub fn fail(&self, why: &str) {
-        // A guest can fail and reset a device in a loop: warn a few times only.
+        // A guest can fail and reset a device in a loop.
         static WARNED: AtomicU32 = AtomicU32::new(0);
         if !self.flag.swap(true, Ordering::SeqCst) {
-            if WARNED.fetch_add(1, Ordering::Relaxed) < 8 {
-                tracing::warn!("virtio device needs a reset: {why}");
-            } else {
-                tracing::debug!("virtio device needs a reset: {why}");
-            }
+            super::guest_warn(&WARNED, format_args!("virtio device needs a reset: {why}"));
             if let Err(e) = self.interrupt.trigger(InterruptKind::ConfigChange) {
                 tracing::warn!("cannot raise the config interrupt: {e}");
             }

@@ -23,6 +23,18 @@ pub use interrupt::{InterruptKind, IrqfdInterrupt, VirtioInterrupt};
 pub use mmio::MmioTransport;
 pub use queue::{Chain, ChainError, QueueError, Segment};
 
+/// Logs something a guest did wrong: a warning the first few times a
+/// `counter` sees one, then at debug level, so that a guest that repeats
+/// it in a loop cannot write to the host's log as fast as it can trap.
+pub fn guest_warn(counter: &std::sync::atomic::AtomicU32, msg: std::fmt::Arguments<'_>) {
+    const WARNINGS: u32 = 8;
+    if counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < WARNINGS {
+        tracing::warn!("{msg}");
+    } else {
+        tracing::debug!("{msg}");
+    }
+}
+
 /// The type used for guest memory by every device.
 pub type GuestMem = vm_memory::GuestMemoryMmap;
 

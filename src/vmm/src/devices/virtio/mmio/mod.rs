@@ -2,7 +2,7 @@
 //! file, the device status state machine, feature negotiation and queue
 //! configuration. It knows nothing about what the device does.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
@@ -344,16 +344,18 @@ impl MmioTransport {
 
     fn features_acceptable(&self) -> bool {
         let extra = self.acked_features & !self.avail_features;
+        // A guest can retry FEATURES_OK in a loop.
+        static WARNED: AtomicU32 = AtomicU32::new(0);
         if extra != 0 || self.acked_beyond_64 {
-            tracing::warn!(
+            super::guest_warn(&WARNED, format_args!(
                 "virtio-mmio: driver accepted features the device did not offer ({extra:#x}); refusing FEATURES_OK"
-            );
+            ));
             return false;
         }
         if self.acked_features & feature(VIRTIO_F_VERSION_1) == 0 {
-            tracing::warn!(
+            super::guest_warn(&WARNED, format_args!(
                 "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported); refusing FEATURES_OK"
-            );
+            ));
             return false;
         }
         true
