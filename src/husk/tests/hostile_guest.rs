@@ -13,7 +13,7 @@
 //!
 //! While it runs, the VMM must keep answering its control socket (status,
 //! pause, resume), keep its memory and its log bounded, and stop on
-//! request.
+//! request; none of its threads may hold a capability.
 //! `HUSK_HOSTILE_SECS` sets how long (default 20 s). The figures it prints
 //! (`hostile-guest: ...`) are the ones to quote.
 
@@ -247,6 +247,19 @@ fn a_hostile_guest_cannot_stall_or_bloat_the_vmm() {
         }
         assert!(Instant::now() < deadline, "the hostile guest never ran");
         std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // No thread of the VMM holds a capability (see husk_vmm::caps).
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            let v = status.lines().find_map(|l| l.strip_prefix(field)).unwrap();
+            assert_eq!(
+                v.trim(),
+                "0000000000000000",
+                "{field} of a VMM thread:\n{status}"
+            );
+        }
     }
 
     let start = Instant::now();

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod caps;
 pub mod config;
 mod control;
 pub mod devices;

@@ -87,14 +87,17 @@ thread_local! {
     static KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
 }
 
-/// Installs `kind`'s filter on the calling thread (and on threads it
-/// starts later).
+/// Drops the calling thread's capabilities ([`crate::caps`]) and installs
+/// `kind`'s filter on it (both carry over to threads it starts later).
 pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     if mode == SeccompMode::Off {
         return Ok(());
     }
     install_sigsys_handler()?;
     let prog = program(kind, mode)?;
+    // Before the filter, which does not allow capset.
+    crate::caps::drop_all()
+        .map_err(|e| SeccompError::Install(kind.name(), format!("drop capabilities: {e}")))?;
     KIND.with(|k| k.set(kind.name()));
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind.name(), e.to_string()))
 }
