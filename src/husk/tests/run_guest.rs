@@ -28,8 +28,9 @@ fn scratch(tag: &str) -> Scratch {
     Scratch(d)
 }
 
-/// `husk run` with a private HUSK_ROOT (image cache, run dirs) and the
-/// installed kernel and agent.
+/// `husk run` with a private HUSK_ROOT (image cache, run dirs), the test
+/// kernel (`HUSK_TEST_KERNEL`, else the installed one) and the installed
+/// agent.
 fn husk_run(dir: &Path, rootfs: &Path) -> Command {
     let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
     let mut c = husk();
@@ -37,7 +38,7 @@ fn husk_run(dir: &Path, rootfs: &Path) -> Command {
         .env("HUSK_ROOT", dir.join("root"))
         .arg("run")
         .arg("--kernel")
-        .arg(husk_vmm::default_kernel_path())
+        .arg(support::kernel())
         .arg("--agent")
         .arg(agent)
         .arg("--rootfs")
@@ -255,9 +256,14 @@ fn one_sandbox_serves_every_process_check() {
     let image = husk_image::ext4::image_for_dir(&rootfs, &dir.0.join("images")).unwrap();
     let agent = husk_runtime::paths::agent_binary(None).expect("agent: run tools/build-agent");
     let agent_disk = husk_runtime::paths::agent_disk(&agent).unwrap();
-    let run_dir = husk_runtime::paths::new_run_dir("test").unwrap();
+    // Under the scratch directory, not husk's root: a test leaves nothing
+    // in /var/lib/husk.
+    let run_dir = dir.0.join("run");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&run_dir)
+        .unwrap();
     let sandbox = Sandbox::boot(&SandboxConfig {
-        kernel: None,
+        kernel: Some(support::kernel()),
         agent_disk,
         rootfs_image: Some(image),
         mem_mib: 256,
