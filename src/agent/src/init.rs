@@ -134,12 +134,20 @@ pub enum CgroupMount {
 /// Where the guest mounts its v1 `devices` hierarchy.
 pub const DEVICES_CGROUP: &str = "/run/cgroup-devices";
 
+/// The controllers `/proc/cgroups` lists as enabled.
+fn enabled_controllers(proc_cgroups: &str) -> impl Iterator<Item = &str> {
+    proc_cgroups
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[3] == "1").then_some(f[0])
+        })
+}
+
 /// Whether `/proc/cgroups` lists `name` as enabled.
 pub fn has_enabled_controller(proc_cgroups: &str, name: &str) -> bool {
-    proc_cgroups.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() >= 4 && f[0] == name && f[3] == "1"
-    })
+    enabled_controllers(proc_cgroups).any(|c| c == name)
 }
 
 /// Chooses the cgroup layout from `/proc/filesystems` and `/proc/cgroups`:
@@ -156,13 +164,8 @@ pub fn choose_cgroups(filesystems: &str, proc_cgroups: &str) -> CgroupMount {
     if !has("cgroup") {
         return CgroupMount::None;
     }
-    let mut controllers: Vec<String> = proc_cgroups
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4 && f[3] == "1").then(|| f[0].to_owned())
-        })
+    let mut controllers: Vec<String> = enabled_controllers(proc_cgroups)
+        .map(str::to_owned)
         .collect();
     if controllers.iter().any(|c| c == "cpu") && controllers.iter().any(|c| c == "cpuacct") {
         controllers.retain(|c| c != "cpu" && c != "cpuacct");
@@ -191,19 +194,7 @@ fn mount_cgroups(filesystems: &str, proc_cgroups: &str) -> Result<(), InitError>
             // with BPF programs): it gets a v1 hierarchy of its own, which
             // the agent finds in mountinfo. Containers do not see it.
             if has_enabled_controller(proc_cgroups, "devices") {
-                let dir = Path::new(DEVICES_CGROUP);
-                ctx(fs::create_dir_all(dir), "create", dir)?;
-                ctx(
-                    sys::mount(
-                        Some(Path::new("cgroup")),
-                        dir,
-                        Some("cgroup"),
-                        NOSUID_NODEV_NOEXEC,
-                        Some("devices"),
-                    ),
-                    "mount",
-                    dir,
-                )?;
+                mount_v1_hierarchy(Path::new(DEVICES_CGROUP), "devices")?;
             }
             Ok(())
         }
@@ -220,24 +211,28 @@ fn mount_cgroups(filesystems: &str, proc_cgroups: &str) -> Result<(), InitError>
                 root,
             )?;
             for h in hierarchies {
-                let dir = root.join(&h);
-                ctx(fs::create_dir_all(&dir), "create", &dir)?;
-                let src = Path::new("cgroup");
-                ctx(
-                    sys::mount(
-                        Some(src),
-                        &dir,
-                        Some("cgroup"),
-                        NOSUID_NODEV_NOEXEC,
-                        Some(&h),
-                    ),
-                    "mount",
-                    &dir,
-                )?;
+                mount_v1_hierarchy(&root.join(&h), &h)?;
             }
             Ok(())
         }
     }
+}
+
+/// Creates `dir` and mounts the v1 hierarchy of `controllers` (comma-joined)
+/// there.
+fn mount_v1_hierarchy(dir: &Path, controllers: &str) -> Result<(), InitError> {
+    ctx(fs::create_dir_all(dir), "create", dir)?;
+    ctx(
+        sys::mount(
+            Some(Path::new("cgroup")),
+            dir,
+            Some("cgroup"),
+            NOSUID_NODEV_NOEXEC,
+            Some(controllers),
+        ),
+        "mount",
+        dir,
+    )
 }
 
 /// Options read from the kernel command line (`husk.NAME=VALUE`).

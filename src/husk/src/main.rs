@@ -351,13 +351,9 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
 fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
     let (vm, console) = vm_build(&args)?;
     // Everything is open: the main thread, which only waits for the VM and
-    // tears it down, keeps no capability either (see husk_vmm::caps).
-    let hardened = if args.no_seccomp {
-        husk_vmm::seccomp::SeccompMode::Off
-    } else {
-        husk_vmm::seccomp::SeccompMode::On
-    };
-    if hardened.or_env().map_err(|e| e.to_string())? != husk_vmm::seccomp::SeccompMode::Off {
+    // tears it down, keeps no capability either (see husk_vmm::caps), unless
+    // the VM's threads run unfiltered.
+    if vm.seccomp_mode() != husk_vmm::seccomp::SeccompMode::Off {
         husk_vmm::caps::drop_all().map_err(|e| format!("cannot drop capabilities: {e}"))?;
     }
     tracing::info!("guest command line: {}", vm.cmdline());

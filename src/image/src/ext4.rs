@@ -199,15 +199,15 @@ pub fn evict(cache_dir: &Path, keep: usize, min_idle: Duration) {
             .unwrap_or_default();
         if name.starts_with("rootfs-") && name.ends_with(".ext4") {
             images.push((idle, e.path()));
-        } else if let Some(pid) = name
-            .strip_suffix(".tmp")
-            .and_then(|n| n.rsplit('.').next())
-            .and_then(|p| p.parse::<i32>().ok())
-        {
-            // SAFETY: signal 0 only checks whether the process exists.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-            if name.starts_with(".rootfs-") && !alive {
+        } else if name.starts_with(".rootfs-") {
+            // `.rootfs-KEY.PID.tmp`: gone with its builder (as template
+            // builds are swept in husk-runtime).
+            let pid = name
+                .strip_suffix(".tmp")
+                .and_then(|n| n.rsplit('.').next())
+                .and_then(|p| p.parse::<u32>().ok())
+                .filter(|&p| p > 0);
+            if pid.is_some_and(|p| !Path::new("/proc").join(p.to_string()).exists()) {
                 let _ = fs::remove_file(e.path());
             }
         }

@@ -384,6 +384,12 @@ impl Vm {
         &self.cmdline
     }
 
+    /// The seccomp mode its threads run under (config, flags and
+    /// `HUSK_SECCOMP` taken into account).
+    pub fn seccomp_mode(&self) -> SeccompMode {
+        self.seccomp
+    }
+
     /// A handle that reports the first KVM_RUN time after `run` consumed the VM.
     pub fn first_run_probe(&self) -> FirstRunProbe {
         FirstRunProbe(self.latch.clone())

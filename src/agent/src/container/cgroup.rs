@@ -12,6 +12,8 @@ use std::time::Duration;
 use husk_proto::Stats;
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxDeviceType, LinuxResources};
 
+use super::plan::DevicePlan;
+
 /// v1 controllers the agent manages (cpuset is left alone: a new v1 cpuset
 /// group has no cpus and could not be joined). `devices` has no v2
 /// interface (v2 filters devices with BPF programs): the guest mounts it as
@@ -371,11 +373,10 @@ const DEFAULT_DEVICE_RULES: &[&str] = &[
 
 /// The device cgroup of a container, in runc's order: deny everything,
 /// then `linux.resources.devices` in order, then the defaults, then read,
-/// write and mknod of each `linux.devices` node (`(kind, major, minor)`,
-/// kind `S_IFCHR` or `S_IFBLK`).
+/// write and mknod of each `linux.devices` character or block node.
 pub fn device_rules(
     spec_rules: &[LinuxDeviceCgroup],
-    devices: &[(u32, u32, u32)],
+    devices: &[DevicePlan],
 ) -> Result<Vec<DeviceRule>, String> {
     let deny_all = DeviceRule {
         allow: false,
@@ -413,15 +414,15 @@ pub fn device_rules(
         allow: true,
         rule: (*r).to_owned(),
     }));
-    for &(kind, major, minor) in devices {
-        let typ = match kind {
+    for d in devices {
+        let typ = match d.kind {
             libc::S_IFCHR => 'c',
             libc::S_IFBLK => 'b',
             _ => continue,
         };
         out.push(DeviceRule {
             allow: true,
-            rule: format!("{typ} {major}:{minor} rwm"),
+            rule: format!("{typ} {}:{} rwm", d.major, d.minor),
         });
     }
     Ok(out)

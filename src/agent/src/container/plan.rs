@@ -238,10 +238,7 @@ pub fn plan_container(spec: &Spec, cap_last_cap: u32) -> Result<ContainerPlan, P
             .and_then(|l| l.resources().as_ref())
             .and_then(|r| r.devices().as_deref())
             .unwrap_or_default(),
-        &devices
-            .iter()
-            .map(|d: &DevicePlan| (d.kind, d.major, d.minor))
-            .collect::<Vec<_>>(),
+        &devices,
     )
     .map_err(PlanError::Invalid)?;
 

@@ -592,7 +592,20 @@ fn device_rules_deny_all_then_the_spec_then_the_defaults() {
         {"allow": true, "type": "p"},
     ]))
     .unwrap();
-    let r = device_rules(&rules, &[(libc::S_IFBLK, 253, 1), (libc::S_IFIFO, 0, 0)]).unwrap();
+    let dev = |kind, major, minor| DevicePlan {
+        path: "/dev/x".into(),
+        kind,
+        major,
+        minor,
+        mode: 0o666,
+        uid: 0,
+        gid: 0,
+    };
+    let r = device_rules(
+        &rules,
+        &[dev(libc::S_IFBLK, 253, 1), dev(libc::S_IFIFO, 0, 0)],
+    )
+    .unwrap();
     let lines: Vec<String> = r
         .iter()
         .map(|r| format!("{} {}", if r.allow { "allow" } else { "deny" }, r.rule))
