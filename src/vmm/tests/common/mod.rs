@@ -1,2 +1,3 @@
 //! Shared test helpers.
 pub mod tiny;
+pub mod vsock_guest;
