@@ -130,9 +130,17 @@ struct VmArgs {
     /// stop; see `husk ctl` and `husk snapshot create`).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Jail the VMM once the VM is built: dir=DIR,uid=N,gid=N[,netns]
+    /// [,nofile=N][,fsize=BYTES][,cgroup=/sys/fs/cgroup/...]... It then sees
+    /// only DIR (which must belong to uid N, mode 0700), runs as N:G without
+    /// capabilities, in its own mount (and with netns, network) namespace.
+    /// The control socket, the vsock socket and a console file must be in
+    /// DIR (snapshots go through descriptors `husk snapshot create` opens).
+    #[arg(long, value_name = "SPEC")]
+    jail: Option<husk_vmm::jail::JailConfig>,
     /// Resume the VM saved in DIR by `husk snapshot create` instead of
     /// booting one. Only --console, --api-sock, --vsock (its socket path;
-    /// the CID stays), --clock, --no-seccomp and --boot-timing apply.
+    /// the CID stays), --clock, --no-seccomp, --jail and --boot-timing apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
         "config", "kernel", "initrd", "cmdline", "mem", "vcpus", "disks", "nets", "fs",
         "no_pvm_workarounds", "profile",
@@ -318,6 +326,9 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     if let Some(p) = &args.api_sock {
         cfg.api_sock = Some(p.clone());
     }
+    if let Some(j) = &args.jail {
+        cfg.jail = Some(j.clone());
+    }
     cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
@@ -343,6 +354,7 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
         } else {
             husk_vmm::seccomp::SeccompMode::On
         },
+        jail: args.jail.clone(),
     };
     let vm = husk_vmm::snapshot::build_restored(dir, &opts).map_err(|e| e.to_string())?;
     Ok((vm, opts.console))

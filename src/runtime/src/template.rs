@@ -274,6 +274,7 @@ pub fn restore(cfg: &SandboxConfig, dir: &Path) -> Result<husk_vmm::Vm, RuntimeE
         disks: vec![(ROOTFS_DISK, rootfs)],
         // The agent sets the wall clock (`Request::Refresh`).
         clock: snapshot::ClockMode::Continue,
+        jail: None,
     };
     Ok(snapshot::build_restored(dir, &opts)?)
 }

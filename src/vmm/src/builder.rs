@@ -81,6 +81,9 @@ pub enum BuildError {
     /// A snapshot could not be restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The VMM could not enter its jail.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// A device's snapshot state does not fit it.
     #[error(transparent)]
     Transport(#[from] crate::devices::virtio::mmio::RestoreError),
@@ -156,6 +159,9 @@ pub fn build(cfg: &VmConfig) -> Result<Vm, BuildError> {
 /// Builds a VM from `cfg` with extra devices on the MMIO bus.
 pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<Vm, BuildError> {
     cfg.validate()?;
+    if let Some(j) = &cfg.jail {
+        j.precheck()?;
+    }
     let seccomp = cfg.seccomp.or_env()?;
     let kernel = match &cfg.kernel {
         Some(k) => k.clone(),
@@ -189,7 +195,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
     // reported before the console file or any KVM work, and nothing is
     // left behind.
     let virtio_devices = virtio::open_devices(&cfg)?;
-    let console = open_console(&cfg, seccomp)?;
+    let console = open_console(&cfg)?;
 
     let kvm = kvm::open()?;
     // A vhost-user backend maps guest memory: it must live in a shareable file.
@@ -213,10 +219,11 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
 
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
+    enter_jail(&cfg)?;
     let serial = SerialDevice::new(
         vm::irqfd(&vm_fd, layout::irq::COM1)?,
         clone_fd(&fifo_drained)?,
-        console,
+        console.start(seccomp)?,
     );
     let (serial, pio) = legacy_bus(serial, &latch)?;
     let mut mmio = Bus::new();
@@ -289,22 +296,48 @@ pub(crate) fn bind_api(cfg: &VmConfig) -> Result<Option<ApiSocket>, BuildError> 
         .map_err(BuildError::Api)
 }
 
-/// Where the guest's console output goes.
-pub(crate) fn open_console(
-    cfg: &VmConfig,
-    seccomp: SeccompMode,
-) -> Result<Box<dyn Write + Send>, BuildError> {
+/// Where the guest's console output goes, opened; the thread that writes
+/// to stdout starts with `start`, once the VMM is in its jail.
+pub(crate) enum PendingConsole {
+    Stdout,
+    Ready(Box<dyn Write + Send>),
+}
+
+/// Opens the guest's console destination.
+pub(crate) fn open_console(cfg: &VmConfig) -> Result<PendingConsole, BuildError> {
     Ok(match &cfg.console {
-        Console::Stdout => Box::new(
-            QueuedConsole::spawn(Box::new(std::io::stdout()), CONSOLE_QUEUE_CAP, seccomp)
-                .map_err(|e| BuildError::Host("console thread", e))?,
-        ),
-        Console::None => Box::new(std::io::sink()),
-        Console::File(p) => Box::new(
+        Console::Stdout => PendingConsole::Stdout,
+        Console::None => PendingConsole::Ready(Box::new(std::io::sink())),
+        Console::File(p) => PendingConsole::Ready(Box::new(
             ConsoleLog::create(p, CONSOLE_LOG_CAP)
                 .map_err(|e| BuildError::ConsoleFile(p.display().to_string(), e))?,
-        ),
+        )),
     })
+}
+
+impl PendingConsole {
+    /// The console's writer.
+    pub(crate) fn start(self, seccomp: SeccompMode) -> Result<Box<dyn Write + Send>, BuildError> {
+        Ok(match self {
+            PendingConsole::Ready(w) => w,
+            PendingConsole::Stdout => Box::new(
+                QueuedConsole::spawn(Box::new(std::io::stdout()), CONSOLE_QUEUE_CAP, seccomp)
+                    .map_err(|e| BuildError::Host("console thread", e))?,
+            ),
+        })
+    }
+}
+
+/// Enters the config's jail, if any: after everything is open, before the
+/// first thread starts.
+pub(crate) fn enter_jail(cfg: &VmConfig) -> Result<(), BuildError> {
+    let Some(jail) = &cfg.jail else {
+        return Ok(());
+    };
+    let kept = cfg.jail_kept_paths();
+    let created: Vec<&std::path::Path> = kept.iter().map(|(_, p)| *p).collect();
+    jail.enter(&created)?;
+    Ok(())
 }
 
 /// The port bus: COM1 and the i8042 (whose reset line stops the VM).

@@ -32,6 +32,13 @@ struct CapData {
 /// inheritable capabilities. Without CAP_SETPCAP (not root) the bounding
 /// set is left as it is: there is nothing the thread could raise anyway.
 pub fn drop_all() -> io::Result<()> {
+    drop_bounding()?;
+    clear_ambient_and_sets()
+}
+
+/// Drops the calling thread's bounding set; without CAP_SETPCAP it is left
+/// as it is.
+pub fn drop_bounding() -> io::Result<()> {
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
@@ -42,6 +49,10 @@ pub fn drop_all() -> io::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn clear_ambient_and_sets() -> io::Result<()> {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe {
         libc::prctl(

@@ -128,6 +128,9 @@ pub struct VmConfig {
     /// A control socket (pause, resume, snapshot, stop; see `api`).
     #[serde(default)]
     pub api_sock: Option<PathBuf>,
+    /// Jail the VMM once the VM is built (see `jail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// One shared host directory: `tag=TAG,dir=DIR[,ro]` on the command line.
@@ -364,6 +367,7 @@ impl Default for VmConfig {
             fs: Vec::new(),
             seccomp: SeccompMode::On,
             api_sock: None,
+            jail: None,
         }
     }
 }
@@ -466,7 +470,30 @@ impl VmConfig {
                 )));
             }
         }
+        if let Some(j) = &self.jail {
+            j.validate().map_err(ConfigError::Invalid)?;
+            for (what, path) in self.jail_kept_paths() {
+                j.check_inside(what, path).map_err(ConfigError::Invalid)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The paths a VMM keeps using once built (sockets it unlinks and
+    /// connects next to, the console file it rotates): inside the jail
+    /// directory when there is a jail.
+    pub fn jail_kept_paths(&self) -> Vec<(&'static str, &Path)> {
+        let mut kept = Vec::new();
+        if let Some(p) = &self.api_sock {
+            kept.push(("the control socket", p.as_path()));
+        }
+        if let Some(v) = &self.vsock {
+            kept.push(("the vsock socket", v.uds_path.as_path()));
+        }
+        if let Console::File(p) = &self.console {
+            kept.push(("the console file", p.as_path()));
+        }
+        kept
     }
 }
 

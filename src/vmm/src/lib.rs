@@ -10,6 +10,7 @@ mod control;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod jail;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;

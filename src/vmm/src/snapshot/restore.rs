@@ -9,8 +9,8 @@ use std::sync::Arc;
 use super::{map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::layout;
 use crate::builder::{
-    bind_api, clone_fd, eventfd, legacy_bus, open_console, start_vcpus, supported_cpuid,
-    vcpu_shared, BuildError, Vm,
+    bind_api, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
+    supported_cpuid, vcpu_shared, BuildError, Vm,
 };
 use crate::config::Console;
 use crate::devices::legacy::SerialDevice;
@@ -38,6 +38,8 @@ pub struct RestoreOptions {
     pub disks: Vec<(usize, PathBuf)>,
     /// What the guest's clock does.
     pub clock: ClockMode,
+    /// The jail the VMM enters (see `jail`).
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// The guest's clock after a restore.
@@ -67,6 +69,7 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
     cfg.console = opts.console.clone();
     cfg.api_sock = opts.api_sock.clone();
     cfg.seccomp = opts.seccomp;
+    cfg.jail = opts.jail.clone();
     if let (Some(v), Some(uds)) = (cfg.vsock.as_mut(), &opts.vsock_uds) {
         v.uds_path = uds.clone();
     }
@@ -80,6 +83,9 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
         disk.path = path.clone();
     }
     cfg.validate()?;
+    if let Some(j) = &cfg.jail {
+        j.precheck()?;
+    }
     let seccomp = cfg.seccomp.or_env()?;
     let kvm = kvm::open()?;
     let host_cpuid = supported_cpuid(&kvm)?;
@@ -87,7 +93,7 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
 
     let api = bind_api(&cfg)?;
     let virtio_devices = virtio::open_devices(&cfg)?;
-    let console = open_console(&cfg, seccomp)?;
+    let console = open_console(&cfg)?;
     let mem = memory::create(cfg.mem_mib)?;
     map_memory(&mem, &mem_file, &mem_path)?;
     drop(mem_file);
@@ -95,11 +101,12 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
 
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
+    enter_jail(&cfg)?;
     let serial = SerialDevice::from_state(
         &snap.serial,
         vm::irqfd(&vm_fd, layout::irq::COM1)?,
         clone_fd(&fifo_drained)?,
-        console,
+        console.start(seccomp)?,
     )
     .map_err(SnapshotError::Inconsistent)?;
     let (serial, pio) = legacy_bus(serial, &latch)?;
