@@ -197,6 +197,7 @@ fn current_key() -> Result<String, husk_runtime::RuntimeError> {
         seccomp: Default::default(),
         template: true,
         boot_timeout: Duration::from_secs(0),
+        jail_id: None,
     })
 }
 

@@ -274,6 +274,7 @@ fn one_sandbox_serves_every_process_check() {
         seccomp: Default::default(),
         template: false,
         boot_timeout: boot_timeout(),
+        jail_id: None,
     })
     .unwrap();
     let deadline = Instant::now() + boot_timeout();

@@ -177,6 +177,9 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         shares: share_set,
         seccomp: o.seccomp,
         template: o.template,
+        // `husk run` removes its run dir and answers its caller after the
+        // VM: it keeps its privileges.
+        jail_id: None,
     })
     // A session that never got its sandbox leaves nothing behind either.
     .inspect_err(|_| {
@@ -199,12 +202,24 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
     })
 }
 
-/// `n` bytes from the host's RNG.
+/// `n` bytes from the host's RNG (getrandom(2): a jailed VMM has no
+/// /dev).
 fn host_random(n: usize) -> Result<Vec<u8>, RuntimeError> {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| RuntimeError::Io("/dev/urandom".into(), e))?;
+    let mut filled = 0;
+    while filled < n {
+        // SAFETY: getrandom(2) writes at most `n - filled` bytes into the
+        // rest of `buf`.
+        let got = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(RuntimeError::Io("getrandom".into(), e));
+            }
+            continue;
+        }
+        filled += got as usize;
+    }
     Ok(buf)
 }
 
@@ -253,6 +268,9 @@ pub struct SessionConfig {
     /// Restore a warm template instead of booting the guest.
     #[serde(default = "crate::template::enabled_by_env")]
     pub template: bool,
+    /// Jail the VMM process in `run_dir` as this uid and gid.
+    #[serde(default)]
+    pub jail_id: Option<u32>,
 }
 
 /// A container created in its VM, stdio attached; `start`, then `wait`.
@@ -292,6 +310,7 @@ impl Session {
             seccomp: c.seccomp,
             template: c.template,
             boot_timeout: c.boot_timeout,
+            jail_id: c.jail_id,
         })?;
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;

@@ -51,6 +51,9 @@ pub struct SandboxConfig {
     pub template: bool,
     /// How long a template's first boot may take.
     pub boot_timeout: Duration,
+    /// Jail the VMM process in `run_dir` as this uid and gid (see
+    /// `husk_vmm::jail`); `run_dir` must then belong to it.
+    pub jail_id: Option<u32>,
 }
 
 /// The VM of a sandbox whose vsock socket is `uds`.
@@ -80,8 +83,28 @@ pub(crate) fn vm_config(
         net: cfg.network.nics()?,
         fs: cfg.shares.clone(),
         seccomp: cfg.seccomp,
+        jail: jail(cfg),
         ..Default::default()
     })
+}
+
+/// The jail of a sandbox's VMM process: its run dir, its uid and gid.
+pub(crate) fn jail(cfg: &SandboxConfig) -> Option<husk_vmm::jail::JailConfig> {
+    cfg.jail_id.map(|id| husk_vmm::jail::JailConfig {
+        dir: cfg.run_dir.clone(),
+        uid: id,
+        gid: id,
+        netns: false,
+        nofile: husk_vmm::jail::DEFAULT_NOFILE,
+        fsize: None,
+        cgroups: Vec::new(),
+    })
+}
+
+/// Once the taps exist, before the VMM is jailed: the guest's NICs reach
+/// the host's links.
+pub(crate) fn connect(cfg: &SandboxConfig) -> Result<(), String> {
+    cfg.network.connect().map_err(|e| e.to_string())
 }
 
 /// The guest command line of every sandbox VM (before husk's per-host and
@@ -141,16 +164,16 @@ impl Sandbox {
 
     fn boot_in(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
         let uds = cfg.run_dir.join("vsock.sock");
-        let warm = (cfg.template && crate::template::eligible(cfg))
-            .then(|| crate::template::try_restore(cfg))
-            .flatten();
+        let warm = if cfg.template && crate::template::eligible(cfg) {
+            crate::template::try_restore(cfg)?
+        } else {
+            None
+        };
         let restored = warm.is_some();
         let vm = match warm {
             Some(v) => v,
-            None => husk_vmm::build(&vm_config(cfg, &uds)?)?,
+            None => husk_vmm::build_then(&vm_config(cfg, &uds)?, &mut || connect(cfg))?,
         };
-        // The taps exist now; the guest's NICs reach the host's links.
-        cfg.network.connect()?;
         let latch = vm.stop_handle();
         let first_run = vm.first_run_probe();
         let profile = profile_request().map(|(path, hz)| {

@@ -170,6 +170,8 @@ fn build_in(
     let mut tcfg = cfg.clone();
     tcfg.rootfs_image = Some(placeholder()?);
     tcfg.run_dir = run_dir.to_path_buf();
+    // Its process goes on to snapshot it and to boot the sandbox.
+    tcfg.jail_id = None;
     let mut vm_cfg = vm_config(&tcfg, &run_dir.join("vsock.sock"))?;
     vm_cfg.api_sock = Some(api_sock.clone());
     vm_cfg.console = Console::File(console.clone());
@@ -241,27 +243,40 @@ fn wait_ready(
 /// one that cannot be restored is removed so that the next run makes a
 /// new one. A kernel or agent that cannot be read is left to the cold
 /// boot to report.
-pub fn try_restore(cfg: &SandboxConfig) -> Option<husk_vmm::Vm> {
-    let key = key(cfg)
-        .inspect_err(|e| tracing::debug!("no template: {e}"))
-        .ok()?;
-    let dir = ensure(cfg, &key, cfg.boot_timeout)
+pub fn try_restore(cfg: &SandboxConfig) -> Result<Option<husk_vmm::Vm>, RuntimeError> {
+    let Ok(key) = key(cfg).inspect_err(|e| tracing::debug!("no template: {e}")) else {
+        return Ok(None);
+    };
+    let Ok(dir) = ensure(cfg, &key, cfg.boot_timeout)
         .inspect_err(|e| tracing::warn!("booting without a template: {e}"))
-        .ok()?;
-    restore(cfg, &dir)
-        .inspect_err(|e| {
+    else {
+        return Ok(None);
+    };
+    let mut connected = false;
+    match restore(cfg, &dir, &mut connected) {
+        Ok(vm) => Ok(Some(vm)),
+        // The taps are connected, the jail perhaps entered: no going back
+        // to a cold boot in this process.
+        Err(e) if connected => Err(e),
+        Err(e) => {
             tracing::warn!(
                 "cannot restore template {}, removed; booting: {e}",
                 dir.display()
             );
             let _ = std::fs::remove_dir_all(&dir);
-        })
-        .ok()
+            Ok(None)
+        }
+    }
 }
 
 /// Builds `cfg`'s VM from the template in `dir`: its console, vsock
-/// socket and root disk are the sandbox's own.
-pub fn restore(cfg: &SandboxConfig, dir: &Path) -> Result<husk_vmm::Vm, RuntimeError> {
+/// socket and root disk are the sandbox's own; its taps are connected
+/// (`connected` says whether that began) before it enters its jail.
+pub fn restore(
+    cfg: &SandboxConfig,
+    dir: &Path,
+    connected: &mut bool,
+) -> Result<husk_vmm::Vm, RuntimeError> {
     let rootfs = cfg
         .rootfs_image
         .clone()
@@ -274,9 +289,12 @@ pub fn restore(cfg: &SandboxConfig, dir: &Path) -> Result<husk_vmm::Vm, RuntimeE
         disks: vec![(ROOTFS_DISK, rootfs)],
         // The agent sets the wall clock (`Request::Refresh`).
         clock: snapshot::ClockMode::Continue,
-        jail: None,
+        jail: crate::sandbox::jail(cfg),
     };
-    Ok(snapshot::build_restored(dir, &opts)?)
+    Ok(snapshot::build_restored_then(dir, &opts, &mut || {
+        *connected = true;
+        crate::sandbox::connect(cfg)
+    })?)
 }
 
 /// One template on disk.
@@ -398,6 +416,7 @@ mod tests {
             seccomp: Default::default(),
             template: true,
             boot_timeout: Duration::from_secs(1),
+            jail_id: None,
         }
     }
 

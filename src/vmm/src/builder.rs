@@ -81,6 +81,9 @@ pub enum BuildError {
     /// A snapshot could not be restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The caller's work before the first thread failed.
+    #[error("{0}")]
+    BeforeThreads(String),
     /// The VMM could not enter its jail.
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
@@ -158,6 +161,24 @@ pub fn build(cfg: &VmConfig) -> Result<Vm, BuildError> {
 
 /// Builds a VM from `cfg` with extra devices on the MMIO bus.
 pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<Vm, BuildError> {
+    build_inner(cfg, mmio_devices, &mut || Ok(()))
+}
+
+/// Work the caller does once the VM's devices exist (its taps, say) and
+/// before the VMM enters its jail and starts any thread.
+pub type BeforeThreads<'a> = &'a mut dyn FnMut() -> Result<(), String>;
+
+/// Builds a VM from `cfg`, running `before_threads` once its devices exist
+/// and before the jail (if any) and the first thread.
+pub fn build_then(cfg: &VmConfig, before_threads: BeforeThreads<'_>) -> Result<Vm, BuildError> {
+    build_inner(cfg, Vec::new(), before_threads)
+}
+
+fn build_inner(
+    cfg: &VmConfig,
+    mmio_devices: Vec<MmioDevice>,
+    before_threads: BeforeThreads<'_>,
+) -> Result<Vm, BuildError> {
     cfg.validate()?;
     if let Some(j) = &cfg.jail {
         j.precheck()?;
@@ -219,7 +240,7 @@ pub fn build_with_mmio(cfg: &VmConfig, mmio_devices: Vec<MmioDevice>) -> Result<
 
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
-    enter_jail(&cfg)?;
+    enter_jail(&cfg, before_threads)?;
     let serial = SerialDevice::new(
         vm::irqfd(&vm_fd, layout::irq::COM1)?,
         clone_fd(&fifo_drained)?,
@@ -328,9 +349,13 @@ impl PendingConsole {
     }
 }
 
-/// Enters the config's jail, if any: after everything is open, before the
-/// first thread starts.
-pub(crate) fn enter_jail(cfg: &VmConfig) -> Result<(), BuildError> {
+/// Runs the caller's `before_threads`, then enters the config's jail, if
+/// any: after everything is open, before the first thread starts.
+pub(crate) fn enter_jail(
+    cfg: &VmConfig,
+    before_threads: BeforeThreads<'_>,
+) -> Result<(), BuildError> {
+    before_threads().map_err(BuildError::BeforeThreads)?;
     let Some(jail) = &cfg.jail else {
         return Ok(());
     };

@@ -198,7 +198,7 @@ impl JailConfig {
     /// Enters the jail. `created` are the files husk made in the jail
     /// directory (sockets, the console file), handed to the jail's uid.
     pub fn enter(&self, created: &[&Path]) -> Result<(), JailError> {
-        let threads = thread_count().map_err(step("count threads"))?;
+        let threads = single_threaded().map_err(step("count threads"))?;
         if threads != 1 {
             return Err(JailError::Invalid(format!(
                 "the VMM must enter its jail single-threaded ({threads} threads)"
@@ -364,6 +364,19 @@ fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
         return Err(io::Error::last_os_error());
     }
     Ok(st)
+}
+
+/// The process's thread count, given a moment to drop to 1: a thread
+/// just joined may still be listed until the kernel has released it.
+fn single_threaded() -> io::Result<usize> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let n = thread_count()?;
+        if n == 1 || std::time::Instant::now() >= deadline {
+            return Ok(n);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// The process's thread count.

@@ -15,6 +15,8 @@ pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{build, build_with_mmio, default_kernel_path, ConsoleInputSource, Vm};
+pub use builder::{
+    build, build_then, build_with_mmio, default_kernel_path, ConsoleInputSource, Vm,
+};
 pub use config::VmConfig;
 pub use exit::VmExit;

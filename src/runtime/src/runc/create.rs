@@ -59,6 +59,15 @@ pub enum RootMode {
     Image,
 }
 
+/// Whether VMM processes are jailed: unless `HUSK_JAIL` is off (for
+/// debugging, as `HUSK_SECCOMP=off`).
+pub fn jail_enabled_by_env() -> bool {
+    !matches!(
+        std::env::var("HUSK_JAIL").as_deref(),
+        Ok("off" | "0" | "false" | "no")
+    )
+}
+
 /// The bundle's choice (annotation `io.husk.rootfs`), else
 /// `$HUSK_ROOTFS`, else sharing.
 pub fn root_mode(spec: &oci_spec::runtime::Spec) -> Result<RootMode, RuntimeError> {
@@ -136,6 +145,8 @@ pub fn create(root: &Path, o: &CreateOptions) -> Result<(), RuntimeError> {
         seccomp: Default::default(),
         // HUSK_TEMPLATE=off likewise.
         template: crate::template::enabled_by_env(),
+        // HUSK_JAIL=off likewise.
+        jail_id: jail_enabled_by_env().then(|| super::store::jail_id(&c.dir)),
     };
     let annotations: BTreeMap<String, String> = b
         .spec

@@ -230,6 +230,19 @@ pub fn vm_dir(state_dir: &Path) -> PathBuf {
     Path::new(VM_DIR_ROOT).join(hex)
 }
 
+/// The first uid (and gid) of jailed VMM processes: a range no account
+/// or subordinate-id allocation uses.
+pub const JAIL_ID_BASE: u32 = 0x7000_0000;
+
+/// The uid and gid the VMM process of the container whose state dir is
+/// `state_dir` runs as once jailed: one per container (a hash of the state
+/// dir, like `vm_dir`), so that two VMMs do not share a user.
+pub fn jail_id(state_dir: &Path) -> u32 {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    JAIL_ID_BASE + u32::from_be_bytes([0, hash[0], hash[1], hash[2]])
+}
+
 /// The agent's vsock socket in a container's VM.
 pub fn vsock_path(state_dir: &Path) -> PathBuf {
     vm_dir(state_dir).join("vsock.sock")

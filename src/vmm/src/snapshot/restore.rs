@@ -10,7 +10,7 @@ use super::{map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::layout;
 use crate::builder::{
     bind_api, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
-    supported_cpuid, vcpu_shared, BuildError, Vm,
+    supported_cpuid, vcpu_shared, BeforeThreads, BuildError, Vm,
 };
 use crate::config::Console;
 use crate::devices::legacy::SerialDevice;
@@ -61,6 +61,16 @@ pub enum ClockMode {
 
 /// Builds a paused VM from the snapshot in `dir`; `run` resumes it.
 pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildError> {
+    build_restored_then(dir, opts, &mut || Ok(()))
+}
+
+/// `build_restored`, running `before_threads` once the devices exist and
+/// before the jail (if any) and the first thread.
+pub fn build_restored_then(
+    dir: &Path,
+    opts: &RestoreOptions,
+    before_threads: BeforeThreads<'_>,
+) -> Result<Vm, BuildError> {
     let snap = Snapshot::read(&dir.join(STATE_FILE))?;
     let mem_path = dir.join(MEMORY_FILE);
     let mem_file = std::fs::File::open(&mem_path)
@@ -101,7 +111,7 @@ pub fn build_restored(dir: &Path, opts: &RestoreOptions) -> Result<Vm, BuildErro
 
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
-    enter_jail(&cfg)?;
+    enter_jail(&cfg, before_threads)?;
     let serial = SerialDevice::from_state(
         &snap.serial,
         vm::irqfd(&vm_fd, layout::irq::COM1)?,

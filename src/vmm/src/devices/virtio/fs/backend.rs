@@ -116,7 +116,12 @@ impl Drop for Virtiofsd {
         if self.exited(EXIT_GRACE).is_some() {
             return;
         }
-        let _ = self.child.kill();
+        // A jailed VMM may not signal it (another uid): it goes when its
+        // connection does, at the latest when this process exits.
+        if let Err(e) = self.child.kill() {
+            tracing::warn!("virtiofsd {}: cannot stop it: {e}", self.child.id());
+            return;
+        }
         let _ = self.child.wait();
     }
 }
