@@ -27,12 +27,14 @@ use crate::devices::virtio::mmio::TransportState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::VmState;
 
-pub use restore::{build_restored, ClockMode, RestoreOptions};
+pub use restore::{build_restored, build_restored_then, ClockMode, RestoreOptions};
 
 /// What `state.json` says it is.
 pub const FORMAT: &str = "husk-snapshot";
-/// The state format this husk writes and reads.
-pub const VERSION: u32 = 1;
+/// The state format this husk writes and reads. 2: virtio-blk offers
+/// `size_max` and enforces it (a guest saved under 1 never acked it, and
+/// may send longer segments).
+pub const VERSION: u32 = 2;
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.

@@ -4,9 +4,11 @@
 use vm_memory::Bytes;
 
 use super::disk::{Disk, DiskError};
-use super::features::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
+use super::features::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+};
 use super::request::{self, Request, RequestType};
-use super::{status, BlockError, ID_BYTES, MAX_DESCRIPTORS, QUEUE_SIZE, SEG_MAX};
+use super::{status, BlockError, ID_BYTES, MAX_DESCRIPTORS, QUEUE_SIZE, SEG_MAX, SIZE_MAX};
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
 };
@@ -18,6 +20,9 @@ use crate::devices::virtio::{device_type, feature, GuestMem};
 
 /// Chains handled per wake-up before yielding to the rest of the event loop.
 const BUDGET: usize = 256;
+/// Data bytes read or written per wake-up before yielding (one request
+/// goes through whole, and carries at most `MAX_REQUEST_BYTES`).
+const BYTE_BUDGET: u64 = 16 << 20;
 /// Bytes of config space husk fills: capacity (8), size_max (4), seg_max (4).
 const CONFIG_LEN: usize = 16;
 
@@ -50,12 +55,14 @@ impl Block {
             | feature(VIRTIO_RING_F_EVENT_IDX)
             | feature(VIRTIO_RING_F_INDIRECT_DESC)
             | feature(VIRTIO_BLK_F_SEG_MAX)
+            | feature(VIRTIO_BLK_F_SIZE_MAX)
             | feature(VIRTIO_BLK_F_FLUSH);
         if disk.read_only() {
             avail_features |= feature(VIRTIO_BLK_F_RO);
         }
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&disk.capacity().to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         Ok(Self {
             disk,
@@ -86,6 +93,7 @@ impl Block {
             disk: &mut self.disk,
             id: &self.id,
             counters: &mut self.counters,
+            bytes: 0,
         };
         match drain(active, &mut ctx) {
             Ok(true) => {
@@ -103,9 +111,12 @@ struct Exec<'a> {
     disk: &'a mut Disk,
     id: &'a [u8; ID_BYTES],
     counters: &'a mut BlockCounters,
+    /// Data bytes read or written in this wake-up.
+    bytes: u64,
 }
 
-/// Returns true when the budget ran out with requests left.
+/// Returns true when a budget (chains or bytes) ran out, with requests
+/// perhaps left.
 fn drain(a: &mut Active, ctx: &mut Exec<'_>) -> Result<bool, QueueError> {
     let mem = &a.mem;
     let drained = queue::drain(
@@ -114,14 +125,14 @@ fn drain(a: &mut Active, ctx: &mut Exec<'_>) -> Result<bool, QueueError> {
         a.interrupt.as_ref(),
         BUDGET,
         |chain| {
-            queue::Served::written(handle_chain(
-                ctx,
-                mem,
-                collect_chain(chain, mem, MAX_DESCRIPTORS),
-            ))
+            let len = handle_chain(ctx, mem, collect_chain(chain, mem, MAX_DESCRIPTORS));
+            queue::Served {
+                len,
+                stop: ctx.bytes >= BYTE_BUDGET,
+            }
         },
     )?;
-    Ok(drained == queue::Drained::BudgetSpent)
+    Ok(drained != queue::Drained::Empty)
 }
 
 /// Handles one chain; returns the used length (bytes written to the guest).
@@ -138,7 +149,12 @@ fn handle_chain(ctx: &mut Exec<'_>, mem: &GuestMem, chain: queue::Chain) -> u32 
             (status::IOERR, 0)
         }
         None => match request::parse(&chain.segments, mem) {
-            Ok(req) => execute(ctx, mem, &req),
+            Ok(req) => {
+                if matches!(req.request_type, RequestType::In | RequestType::Out) {
+                    ctx.bytes += req.data_len();
+                }
+                execute(ctx, mem, &req)
+            }
             Err(e) => {
                 tracing::debug!("virtio-blk: bad request: {e}");
                 (status::IOERR, 0)

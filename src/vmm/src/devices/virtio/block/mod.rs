@@ -28,9 +28,17 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Most descriptors accepted in one request chain.
 pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+/// Largest data segment (config `size_max`): with `SEG_MAX`, it bounds what
+/// one request may ask of the disk, which the event loop does in one go.
+pub const SIZE_MAX: u32 = 64 << 10;
+/// Most data bytes in one read or write request (`SEG_MAX` x `SIZE_MAX`,
+/// ~16 MiB; Linux sends at most `max_sectors_kb`, 1280 KiB by default).
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 
 /// Feature bits (virtio 1.x, 5.2.3).
 pub mod features {
+    /// `size_max` in config space is valid.
+    pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
     /// `seg_max` in config space is valid.
     pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
     /// The disk is read-only.

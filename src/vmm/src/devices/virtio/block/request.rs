@@ -8,7 +8,7 @@
 
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{request_type, ID_BYTES, REQUEST_HEADER_LEN, SECTOR_SIZE};
+use super::{request_type, ID_BYTES, MAX_REQUEST_BYTES, REQUEST_HEADER_LEN, SECTOR_SIZE, SIZE_MAX};
 use crate::devices::virtio::queue::Segment;
 use crate::devices::virtio::GuestMem;
 
@@ -81,6 +81,12 @@ pub enum RequestError {
     /// Read or write of a length that is not a whole number of sectors.
     #[error("data length {0} is not a multiple of {SECTOR_SIZE}")]
     PartialSector(u64),
+    /// A data segment longer than `size_max`.
+    #[error("data segment of {0} bytes (size_max is {SIZE_MAX})")]
+    SegmentTooLarge(u32),
+    /// More data than one request may carry.
+    #[error("{0} bytes of data (at most {MAX_REQUEST_BYTES} per request)")]
+    TooLarge(u64),
 }
 
 /// The status byte's address: the last byte of the chain's final buffer,
@@ -178,7 +184,14 @@ pub fn parse(segs: &[Segment], mem: &GuestMem) -> Result<Request, RequestError> 
         status,
     };
     if matches!(request_type, RequestType::In | RequestType::Out) {
+        // Before any I/O: one request is done in one go on the event loop.
+        if let Some(s) = req.data.iter().find(|s| s.len > SIZE_MAX) {
+            return Err(RequestError::SegmentTooLarge(s.len));
+        }
         let len = req.data_len();
+        if len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(len));
+        }
         if len % SECTOR_SIZE != 0 {
             return Err(RequestError::PartialSector(len));
         }

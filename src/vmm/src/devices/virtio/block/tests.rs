@@ -156,7 +156,12 @@ fn config_space_has_capacity_and_seg_max() {
     let mut d = [0u8; 16];
     r.dev.read_config(0, &mut d);
     assert_eq!(u64::from_le_bytes(d[0..8].try_into().unwrap()), 8);
+    assert_eq!(u32::from_le_bytes(d[8..12].try_into().unwrap()), SIZE_MAX);
     assert_eq!(u32::from_le_bytes(d[12..16].try_into().unwrap()), SEG_MAX);
+    assert_ne!(
+        r.dev.avail_features() & (1 << features::VIRTIO_BLK_F_SIZE_MAX),
+        0
+    );
     assert_eq!(r.dev.avail_features() & (1 << features::VIRTIO_BLK_F_RO), 0);
     assert_ne!(r.dev.avail_features() & (1 << 32), 0, "VERSION_1");
 }
@@ -627,4 +632,81 @@ fn parser_reports_each_error() {
     assert_eq!(status_address(&seg(0x10, 4, false)), None);
     assert_eq!(status_address(&seg(u64::MAX, 2, true)), None);
     let _ = GuestAddress(0).unchecked_add(1);
+}
+
+fn seg(addr: u64, len: u32, writable: bool) -> Segment {
+    Segment {
+        addr: GuestAddress(addr),
+        len,
+        writable,
+    }
+}
+
+#[test]
+fn segments_past_size_max_and_oversized_requests_are_refused_before_io() {
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    mem.write_obj(request_type::IN, GuestAddress(HDR)).unwrap();
+    let hdr = seg(HDR, 16, false);
+    let status = seg(STATUS, 1, true);
+    assert!(parse(&[hdr, seg(DATA, SIZE_MAX, true), status], &mem).is_ok());
+    let e = parse(&[hdr, seg(DATA, SIZE_MAX + 512, true), status], &mem).unwrap_err();
+    assert!(
+        matches!(e, RequestError::SegmentTooLarge(n) if n == SIZE_MAX + 512),
+        "{e}"
+    );
+    // The status byte may end the last data segment.
+    assert!(parse(&[hdr, seg(DATA, SIZE_MAX + 1, true)], &mem).is_ok());
+    // Each segment within size_max, one more of them than seg_max (the
+    // last one carries the status byte): more than a request may carry.
+    let mut segs = vec![hdr];
+    segs.extend((0..SEG_MAX).map(|_| seg(DATA, SIZE_MAX, true)));
+    segs.push(seg(DATA, SIZE_MAX + 1, true));
+    assert_eq!(segs.len(), MAX_DESCRIPTORS);
+    let e = parse(&segs, &mem).unwrap_err();
+    assert!(
+        matches!(e, RequestError::TooLarge(n) if n == u64::from(SEG_MAX + 1) * u64::from(SIZE_MAX)),
+        "{e}"
+    );
+    // A write whose data shares the header's descriptor.
+    mem.write_obj(request_type::OUT, GuestAddress(HDR)).unwrap();
+    let e = parse(&[seg(HDR, 16 + SIZE_MAX + 512, false), status], &mem).unwrap_err();
+    assert!(matches!(e, RequestError::SegmentTooLarge(_)), "{e}");
+}
+
+#[test]
+fn a_wake_up_stops_after_its_byte_budget_and_comes_back() {
+    let mut r = rig_with("bytes", &vec![0u8; 16 << 20], false, false);
+    r.header(request_type::IN, 0);
+    // Three chains, each an indirect table: the header, 200 data segments
+    // of size_max over one buffer, the status byte (12.5 MiB each).
+    let data = 200u16;
+    let n = data + 2;
+    let mut heads = Vec::new();
+    for c in 0..3u64 {
+        let table = 0x80_0000 + c * 0x1_0000;
+        for i in 0..n {
+            let d = match i {
+                0 => SplitDescriptor::new(HDR, 16, NEXT, 1),
+                i if i == n - 1 => SplitDescriptor::new(STATUS, 1, WRITE, 0),
+                i => SplitDescriptor::new(DATA, SIZE_MAX, WRITE | NEXT, i + 1),
+            };
+            r.mem
+                .write_obj(d, GuestAddress(table + u64::from(i) * 16))
+                .unwrap();
+        }
+        heads.push(desc(table, u32::from(n) * 16, INDIRECT, 0));
+    }
+    let mem = r.mem.clone();
+    let m = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    m.add_desc_chains(&heads, 0).unwrap();
+    r.activate(&m);
+    r.dev.process_queue();
+    // 12.5 MiB, then 25 MiB: past the 16 MiB budget after the second.
+    assert_eq!(r.used_idx(&m), 2);
+    assert_eq!(r.dev.counters().ok, 2);
+    // The device asked to be woken again, and finishes then.
+    assert_eq!(r.dev.core.queue_events()[0].read().unwrap(), 1);
+    r.dev.process_queue();
+    assert_eq!(r.used_idx(&m), 3);
+    assert_eq!(r.dev.counters().ok, 3);
 }
