@@ -173,7 +173,12 @@ pub fn pull(store: &Store, r: &ImageRef, opts: &PullOptions) -> Result<ImageReco
     result
 }
 
-fn pull_from(
+/// Reads the image `r` names from `src` into `store`: the manifest (through
+/// an index when there is one), the config and the layer blobs, every one
+/// checked (digests, sizes, media types, platform) before the next is
+/// asked for. The record is not written, and no disk is built (`pull` does
+/// both); `disk::unpack` applies the layers.
+pub fn pull_from(
     store: &Store,
     r: &ImageRef,
     src: &mut dyn Source,
