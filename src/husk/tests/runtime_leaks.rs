@@ -1,11 +1,14 @@
 //! Leak check of the runc command line: create/start/kill/delete cycles,
 //! and cycles whose VMM process is SIGKILLed from outside before `delete
-//! --force`, on bundles that name a network namespace with a veth in it
-//! (so each VM gets a tap and tc filters) and a cgroupsPath. Afterwards
-//! the test counts what could be left: processes, taps, tc filters,
-//! mounts, VM sockets and run dirs, state dirs, cgroups, virtiofsd processes
-//! (each container has a host directory volume). Several slots run
-//! at once (one namespace each: a veth serves one VM at a time).
+//! --force` (in turn: at a random moment of `create`, once the container
+//! runs, while an `exec` runs), on bundles that name a network namespace
+//! with a veth in it (so each VM gets a tap and tc filters) and a
+//! cgroupsPath. Afterwards the test counts what could be left: processes,
+//! taps, tc filters, mounts, VM sockets and run dirs, Unix sockets, state
+//! dirs, cgroups, virtiofsd processes (each container has a host directory
+//! volume), loop devices and this process's (the shim's) descriptors.
+//! Several slots run at once (one namespace each: a veth serves one VM at
+//! a time).
 //!
 //! `HUSK_LEAK_CYCLES=N,M` sets the counts (default 20 ordinary cycles and
 //! 5 with the VMM killed).
@@ -14,7 +17,8 @@ mod support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use support::runc_cli::{bundle, created, ok, reap, runc, spawn_create, state, Scratch};
 use support::{pids_naming, TestNetns};
@@ -87,10 +91,70 @@ fn netns_leftovers(ns: &TestNetns) -> Vec<String> {
     left
 }
 
+/// When a cycle SIGKILLs its VMM process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kill {
+    /// Never: `kill` (SIGTERM) and `delete`.
+    Never,
+    /// This long after `create` started it (hooks, network, VM build and
+    /// boot, agent handshake: wherever that is).
+    DuringCreate(Duration),
+    /// Once the container runs.
+    AfterStart,
+    /// While an `exec` runs in the container.
+    DuringExec,
+}
+
+/// The kill of killed cycle `k`: the three kinds in turn, create's delay
+/// random in 0-8 s (from `seed`).
+fn kill_of(k: usize, seed: u64) -> Kill {
+    match k % 3 {
+        0 => {
+            // splitmix64
+            let mut z = seed.wrapping_add((k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            Kill::DuringCreate(Duration::from_millis((z ^ (z >> 31)) % 8000))
+        }
+        1 => Kill::AfterStart,
+        _ => Kill::DuringExec,
+    }
+}
+
+/// Waits (bounded) for the VMM process of container `id` to appear.
+fn vmm_pid(root: &Path, id: &str) -> i32 {
+    // Only its command line names the container's state dir.
+    let needle = root.join(id).display().to_string();
+    let deadline = Instant::now() + support::boot_timeout();
+    loop {
+        if let Some(pid) = pids_naming(&needle).first() {
+            return *pid;
+        }
+        assert!(Instant::now() < deadline, "no VMM process for {id}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reaps `pid` if it is ours to reap (a VMM killed while `create`, its
+/// parent, was still there is `create`'s).
+fn reap_if_ours(pid: i32) {
+    let deadline = Instant::now() + support::boot_timeout();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid on a pid we may be the (sub)reaper of.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r != 0 {
+            return; // reaped, or not our child
+        }
+        assert!(Instant::now() < deadline, "VMM {pid} did not go");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// One cycle on slot `ns`: create and start; then either kill (SIGTERM,
 /// which the container's trap turns into exit 0) and delete, or SIGKILL
-/// the VMM process from outside and delete --force.
-fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed: bool) {
+/// the VMM process from outside (`kill`) and delete --force.
+fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, kill: Kill) {
     let b = bundle(
         dir,
         id,
@@ -120,7 +184,24 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
         }));
     std::fs::write(&path, cfg.to_string()).unwrap();
 
-    let mut c = created(spawn_create(root, &b, id), &b);
+    let child = spawn_create(root, &b, id);
+    if let Kill::DuringCreate(after) = kill {
+        let mut child = child;
+        let pid = vmm_pid(root, id);
+        std::thread::sleep(after);
+        // SAFETY: kill(2) of the VMM process just found.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + support::boot_timeout();
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "create did not return");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        reap_if_ours(pid);
+        ok(&runc(root).args(["delete", "--force", id]).output().unwrap());
+        let _ = std::fs::remove_dir_all(&b);
+        return;
+    }
+    let mut c = created(child, &b);
     ok(&runc(root).args(["start", id]).output().unwrap());
     // PID 1 ignores a SIGTERM that comes before its trap is set: wait for
     // the container to say it is (the VMM process relays its stdout).
@@ -128,10 +209,35 @@ fn cycle(root: &Path, dir: &Path, ns: &TestNetns, cg: &str, id: &str, vmm_killed
     c.stdout.read_exact(&mut line).unwrap();
     assert_eq!(&line, b"ready\n");
     assert_eq!(state(root, id)["status"], "running");
-    if vmm_killed {
+    if kill != Kill::Never {
+        let exec = (kill == Kill::DuringExec).then(|| {
+            let mut e = runc(root)
+                .args(["exec", id, "sh", "-c", "echo in-exec; sleep 1000"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut line = [0u8; 8];
+            e.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+            assert_eq!(&line, b"in-exec\n");
+            e
+        });
         // SAFETY: kill(2) of our own (reparented) child.
         unsafe { libc::kill(c.pid, libc::SIGKILL) };
         assert_eq!(reap(c.pid), 137);
+        if let Some(mut e) = exec {
+            // The exec loses its container with the VM, and says so.
+            let deadline = Instant::now() + support::boot_timeout();
+            let status = loop {
+                if let Some(s) = e.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "exec outlived its VM");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(!status.success(), "exec of a killed VM: {status}");
+        }
         ok(&runc(root).args(["delete", "--force", id]).output().unwrap());
     } else {
         ok(&runc(root).args(["kill", id, "TERM"]).output().unwrap());
@@ -168,7 +274,13 @@ fn cycles_leave_nothing_behind() {
     let fs_dirs_before = fs_socket_dirs();
     let slots: Vec<TestNetns> = (0..SLOTS).map(slot_netns).collect();
     let vm_dirs_before = vm_dirs();
+    let loops_before = loop_devices();
+    let fds_before = open_fds();
     let (plain, killed) = cycles();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     let started = Instant::now();
 
     std::thread::scope(|s| {
@@ -176,13 +288,18 @@ fn cycles_leave_nothing_behind() {
             let (root, dir, cg) = (&root, &dir.0, &cg);
             s.spawn(move || {
                 for i in (n..plain + killed).step_by(SLOTS) {
-                    cycle(root, dir, ns, cg, &format!("c{i}"), i >= plain);
+                    let kill = match i.checked_sub(plain) {
+                        None => Kill::Never,
+                        Some(k) => kill_of(k, seed),
+                    };
+                    cycle(root, dir, ns, cg, &format!("c{i}"), kill);
                 }
             });
         }
     });
+    let kills: Vec<Kill> = (0..killed).map(|k| kill_of(k, seed)).collect();
     eprintln!(
-        "{plain} + {killed} cycles on {SLOTS} slots: {:.0} s",
+        "{plain} + {killed} cycles on {SLOTS} slots: {:.0} s; VMMs killed: {kills:?} (seed {seed})",
         started.elapsed().as_secs_f64()
     );
 
@@ -201,8 +318,10 @@ fn cycles_leave_nothing_behind() {
         "virtio-fs socket dirs left"
     );
     for i in 0..plain + killed {
+        // A VMM killed during create may go before its container runs.
+        let during_create = i >= plain && matches!(kill_of(i - plain, seed), Kill::DuringCreate(_));
         assert!(
-            vol.join(format!("c{i}")).exists(),
+            during_create || vol.join(format!("c{i}")).exists(),
             "c{i} wrote to its volume"
         );
     }
@@ -222,7 +341,20 @@ fn cycles_leave_nothing_behind() {
     );
     for ns in &slots {
         assert_eq!(netns_leftovers(ns), Vec::<String>::new(), "in {}", ns.0);
+        // The VMM's sockets are bound in the namespace it lived in.
+        let unix = in_ns(ns, &["cat", "/proc/net/unix"]);
+        let left: Vec<&str> = unix.lines().filter(|l| ours(l, &dir.0)).collect();
+        assert!(left.is_empty(), "Unix sockets left in {}: {left:?}", ns.0);
     }
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let left: Vec<&str> = unix.lines().filter(|l| ours(l, &dir.0)).collect();
+    assert!(left.is_empty(), "Unix sockets left: {left:?}");
+    assert_eq!(loop_devices(), loops_before, "loop devices");
+    assert_eq!(
+        open_fds(),
+        fds_before,
+        "descriptors of the shim (this test)"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let ours: Vec<&str> = mounts
         .lines()
@@ -244,6 +376,31 @@ fn cycles_leave_nothing_behind() {
         // while another was being made; remove it for the next run.
         let _ = std::fs::remove_dir(&parent);
     }
+}
+
+/// A /proc/net/unix line of a socket husk made (a VM's, a share's).
+fn ours(line: &str, scratch: &Path) -> bool {
+    line.contains(husk_runtime::runc::store::VM_DIR_ROOT)
+        || line.contains("/run/husk-fs-")
+        || line.contains(&*scratch.to_string_lossy())
+}
+
+/// Loop devices with a backing file.
+fn loop_devices() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("loop/backing_file").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// This process's open descriptors (the shim's view: pipes to each VMM
+/// process, the pid files it read).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 fn vm_dirs() -> Vec<PathBuf> {
