@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use husk_image::oci::pull::{pull_from, PullOptions};
 use husk_image::oci::registry::{RegistryAuth, RegistryOptions};
-use husk_image::oci::sources::Source;
+use husk_image::oci::sources::{copy_with_progress, Source};
 use husk_image::oci::store::sha256_digest;
 use husk_image::oci::{ImageRef, OciError, Store};
 use libfuzzer_sys::fuzz_target;
@@ -82,11 +82,8 @@ impl Source for FuzzSource {
         out: &mut dyn Write,
         progress: &dyn Fn(u64),
     ) -> Result<(), OciError> {
-        let b = self.find(digest)?;
-        out.write_all(b)
-            .map_err(|e| OciError::Invalid("blob", e.to_string()))?;
-        progress(b.len() as u64);
-        Ok(())
+        let mut b = self.find(digest)?;
+        copy_with_progress(&mut b, out, progress, digest)
     }
 }
 

@@ -28,6 +28,14 @@ fn jail_id() -> u32 {
     3_900_000 + std::process::id() % 100_000
 }
 
+/// A scratch dir holding the vsock guest's kernel, and that kernel's path.
+fn scratch_with_kernel(tag: &str) -> (PathBuf, PathBuf) {
+    let base = tiny::tempdir(tag);
+    let kernel = base.join("k");
+    std::fs::write(&kernel, vsock_guest::kernel()).unwrap();
+    (base, kernel)
+}
+
 /// `base/j`, owned by `owner`, mode 0700.
 fn jail_dir(base: &Path, owner: u32) -> PathBuf {
     let j = base.join("j");
@@ -94,9 +102,7 @@ impl Drop for TestCgroup {
 #[test]
 fn a_jailed_vmm_serves_its_guest_and_keeps_nothing_else() {
     let id = jail_id();
-    let base = tiny::tempdir("jail");
-    let kernel = base.join("k");
-    std::fs::write(&kernel, vsock_guest::kernel()).unwrap();
+    let (base, kernel) = scratch_with_kernel("jail");
     let j = jail_dir(&base, id);
     let (uds, api, console) = (j.join("v.sock"), j.join("api.sock"), j.join("console"));
     // Guest connections are made as the jail's uid, to its own sockets.
@@ -283,9 +289,7 @@ fn a_jailed_vmm_serves_its_guest_and_keeps_nothing_else() {
 #[test]
 fn jail_mistakes_are_one_line_errors_that_leave_nothing() {
     let id = jail_id();
-    let base = tiny::tempdir("jail-errors");
-    let kernel = base.join("k");
-    std::fs::write(&kernel, vsock_guest::kernel()).unwrap();
+    let (base, kernel) = scratch_with_kernel("jail-errors");
     let vm = |j: &Path, jail: &str| {
         let mut c = husk();
         c.args(["vm", "--mem", "64", "--kernel"])

@@ -26,6 +26,15 @@ pub fn boot_timeout(flag: Option<u64>) -> Result<u64, RuntimeError> {
     }
 }
 
+/// Whether the environment turns a default-on feature off: `var` is
+/// `off`, `0`, `false` or `no` (`HUSK_TEMPLATE`, `HUSK_JAIL`).
+pub fn env_off(var: &str) -> bool {
+    matches!(
+        std::env::var(var).as_deref(),
+        Ok("off" | "0" | "false" | "no")
+    )
+}
+
 /// Errors of the host side of a container. Each is one line for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

@@ -206,20 +206,7 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
 /// /dev).
 fn host_random(n: usize) -> Result<Vec<u8>, RuntimeError> {
     let mut buf = vec![0u8; n];
-    let mut filled = 0;
-    while filled < n {
-        // SAFETY: getrandom(2) writes at most `n - filled` bytes into the
-        // rest of `buf`.
-        let got = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), n - filled, 0) };
-        if got < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(RuntimeError::Io("getrandom".into(), e));
-            }
-            continue;
-        }
-        filled += got as usize;
-    }
+    husk_vmm::sys::fill_random(&mut buf).map_err(|e| RuntimeError::Io("getrandom".into(), e))?;
     Ok(buf)
 }
 

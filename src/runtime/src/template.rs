@@ -44,10 +44,7 @@ pub fn dir() -> PathBuf {
 /// Whether templates are on: `HUSK_TEMPLATE=off|0|false|no` turns them
 /// off for every caller (`husk run --no-template` for one run).
 pub fn enabled_by_env() -> bool {
-    !matches!(
-        std::env::var("HUSK_TEMPLATE").as_deref(),
-        Ok("off" | "0" | "false" | "no")
-    )
+    !crate::env_off("HUSK_TEMPLATE")
 }
 
 /// Whether a sandbox can come from a template: its root is a disk, and it

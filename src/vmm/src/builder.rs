@@ -179,10 +179,7 @@ fn build_inner(
     mmio_devices: Vec<MmioDevice>,
     before_threads: BeforeThreads<'_>,
 ) -> Result<Vm, BuildError> {
-    cfg.validate()?;
-    if let Some(j) = &cfg.jail {
-        j.precheck()?;
-    }
+    check(cfg)?;
     let seccomp = cfg.seccomp.or_env()?;
     let kernel = match &cfg.kernel {
         Some(k) => k.clone(),
@@ -349,6 +346,16 @@ impl PendingConsole {
     }
 }
 
+/// Checks `cfg` before anything is opened or created: its values, and the
+/// host side of its jail.
+pub(crate) fn check(cfg: &VmConfig) -> Result<(), BuildError> {
+    cfg.validate()?;
+    if let Some(j) = &cfg.jail {
+        j.precheck()?;
+    }
+    Ok(())
+}
+
 /// Runs the caller's `before_threads`, then enters the config's jail, if
 /// any: after everything is open, before the first thread starts.
 pub(crate) fn enter_jail(
@@ -359,8 +366,7 @@ pub(crate) fn enter_jail(
     let Some(jail) = &cfg.jail else {
         return Ok(());
     };
-    let kept = cfg.jail_kept_paths();
-    let created: Vec<&std::path::Path> = kept.iter().map(|(_, p)| *p).collect();
+    let created: Vec<_> = cfg.jail_kept_paths().into_iter().map(|(_, p)| p).collect();
     jail.enter(&created)?;
     Ok(())
 }

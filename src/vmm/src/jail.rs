@@ -26,12 +26,13 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::sys::{c_path, fstat, open_path};
 
 /// Open files a jailed VMM may hold unless asked otherwise (Firecracker's
 /// jailer default).
@@ -206,7 +207,7 @@ impl JailConfig {
         }
         let dir = self.open_dir()?;
         for p in created {
-            chown_nofollow(p, self.uid, self.gid)
+            std::os::unix::fs::lchown(p, Some(self.uid), Some(self.gid))
                 .map_err(step(format!("chown {}", p.display())))?;
         }
         for c in &self.cgroups {
@@ -356,16 +357,6 @@ fn reopen_same(path: &Path, was: &OwnedFd) -> Result<OwnedFd, JailError> {
     }
 }
 
-fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
-    // SAFETY: fstat(2) writes only into the buffer we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open; `st` is a valid out-pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
 /// The process's thread count, given a moment to drop to 1: a thread
 /// just joined may still be listed until the kernel has released it.
 fn single_threaded() -> io::Result<usize> {
@@ -387,40 +378,6 @@ fn thread_count() -> io::Result<usize> {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no Threads: line"))
-}
-
-fn c_path(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
-}
-
-fn open_path(p: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let c = c_path(p)?;
-    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn chown_nofollow(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    let c = c_path(p)?;
-    // SAFETY: fchownat(2) of a NUL-terminated path; symlinks not followed.
-    let rc = unsafe {
-        libc::fchownat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            uid,
-            gid,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {

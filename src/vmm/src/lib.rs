@@ -13,6 +13,7 @@ pub mod exit;
 pub mod jail;
 pub mod seccomp;
 pub mod snapshot;
+pub mod sys;
 pub mod vstate;
 
 pub use builder::{

@@ -62,10 +62,7 @@ pub enum RootMode {
 /// Whether VMM processes are jailed: unless `HUSK_JAIL` is off (for
 /// debugging, as `HUSK_SECCOMP=off`).
 pub fn jail_enabled_by_env() -> bool {
-    !matches!(
-        std::env::var("HUSK_JAIL").as_deref(),
-        Ok("off" | "0" | "false" | "no")
-    )
+    !crate::env_off("HUSK_JAIL")
 }
 
 /// The bundle's choice (annotation `io.husk.rootfs`), else

@@ -218,14 +218,19 @@ impl Container {
 /// Where the VMs' run directories live.
 pub const VM_DIR_ROOT: &str = "/run/husk-vm";
 
+/// SHA-256 of a state dir's path: what names its VM's run dir and uid.
+fn state_dir_hash(state_dir: &Path) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes()).into()
+}
+
 /// The run directory (vsock socket, console log) of the VM of the
 /// container whose state dir is `state_dir`. It is not inside the state
 /// dir: a socket path has room for 107 bytes, and a state root plus a
 /// 64-character Docker id takes more. Named by a hash of the state dir, so
 /// every command finds it.
 pub fn vm_dir(state_dir: &Path) -> PathBuf {
-    use sha2::Digest;
-    let hash = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let hash = state_dir_hash(state_dir);
     let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
     Path::new(VM_DIR_ROOT).join(hex)
 }
@@ -238,8 +243,7 @@ pub const JAIL_ID_BASE: u32 = 0x7000_0000;
 /// `state_dir` runs as once jailed: one per container (a hash of the state
 /// dir, like `vm_dir`), so that two VMMs do not share a user.
 pub fn jail_id(state_dir: &Path) -> u32 {
-    use sha2::Digest;
-    let hash = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    let hash = state_dir_hash(state_dir);
     JAIL_ID_BASE + u32::from_be_bytes([0, hash[0], hash[1], hash[2]])
 }
 

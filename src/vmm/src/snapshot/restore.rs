@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::{map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::layout;
 use crate::builder::{
-    bind_api, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
+    bind_api, check, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
     supported_cpuid, vcpu_shared, BeforeThreads, BuildError, Vm,
 };
 use crate::config::Console;
@@ -92,10 +92,7 @@ pub fn build_restored_then(
         })?;
         disk.path = path.clone();
     }
-    cfg.validate()?;
-    if let Some(j) = &cfg.jail {
-        j.precheck()?;
-    }
+    check(&cfg)?;
     let seccomp = cfg.seccomp.or_env()?;
     let kvm = kvm::open()?;
     let host_cpuid = supported_cpuid(&kvm)?;

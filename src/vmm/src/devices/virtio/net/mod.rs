@@ -76,9 +76,7 @@ impl MacAddr {
     /// A random locally administered unicast address.
     pub fn random() -> Self {
         let mut b = [0u8; 6];
-        // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
-        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-        if n != b.len() as isize {
+        if crate::sys::fill_random(&mut b).is_err() {
             // Unlikely; fall back to something that still differs per process.
             let pid = std::process::id().to_le_bytes();
             let t = crate::vstate::vcpu::monotonic_ns().to_le_bytes();

@@ -39,26 +39,8 @@ fn sockaddr(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
 /// with `O_PATH | O_NOFOLLOW`, checked, and connected to through
 /// `/proc/self/fd`, so it cannot be swapped in between).
 pub(super) fn connect(path: &Path) -> io::Result<UnixStream> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket path contains NUL"))?;
-    // SAFETY: open(2) of a NUL-terminated path; the result is checked.
-    let fd = unsafe {
-        libc::open(
-            c_path.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new descriptor that nothing else owns.
-    let file = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fstat(2) writes only into the stat buffer we pass.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is an open descriptor; `st` is a valid out-pointer.
-    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let file = crate::sys::open_path(path, libc::O_PATH | libc::O_NOFOLLOW)?;
+    let st = crate::sys::fstat(&file)?;
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
