@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+/// Bytes of `sockaddr_un.sun_path`, the terminating NUL included.
+const SUN_PATH_MAX: usize = 108;
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 4096;
 /// How long a connection may take to send its request or read the reply.
@@ -112,23 +114,42 @@ pub struct ApiSocket {
 }
 
 impl ApiSocket {
-    /// Binds `path` (which must not exist), mode 0600, non-blocking.
+    /// Binds `path` (which must not exist), mode 0600, non-blocking. The
+    /// socket is bound and listening under a temporary name first, then
+    /// renamed into place: once `path` exists, it accepts connections (a
+    /// client that waits for it to appear may connect at once).
     pub fn bind(path: &Path) -> Result<Self, ApiError> {
         let name = || path.display().to_string();
         if path.symlink_metadata().is_ok() {
             return Err(ApiError::Exists(name()));
         }
-        let listener = UnixListener::bind(path).map_err(|e| ApiError::Io(name(), e))?;
-        // From here the Drop below removes the path on every error.
-        let sock = Self {
-            listener,
-            path: path.to_path_buf(),
+        let mut tag = [0u8; 4];
+        crate::sys::fill_random(&mut tag).map_err(|e| ApiError::Io(name(), e))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{:08x}", u32::from_ne_bytes(tag)));
+        // (A path too long for sun_path with the suffix is bound as is.)
+        let tmp = match PathBuf::from(tmp) {
+            t if t.as_os_str().len() < SUN_PATH_MAX => t,
+            _ => path.to_path_buf(),
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        let listener = UnixListener::bind(&tmp).map_err(|e| ApiError::Io(name(), e))?;
+        // From here the Drop below removes the path on every error.
+        let mut sock = Self {
+            listener,
+            path: tmp.clone(),
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| ApiError::Io(name(), e))?;
         sock.listener
             .set_nonblocking(true)
             .map_err(|e| ApiError::Io(name(), e))?;
+        if tmp != path {
+            crate::sys::rename_noreplace(&tmp, path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => ApiError::Exists(name()),
+                _ => ApiError::Io(name(), e),
+            })?;
+        }
+        sock.path = path.to_path_buf();
         Ok(sock)
     }
 

@@ -1,6 +1,7 @@
 //! Thin wrappers over the libc calls std does not offer, shared by the
 //! VMM's parts: paths as C strings, `open(2)` with any flags (`O_PATH`),
-//! `fstat(2)` of a descriptor, the kernel's RNG.
+//! `fstat(2)` of a descriptor, the kernel's RNG, a rename that does not
+//! replace.
 
 use std::ffi::CString;
 use std::io;
@@ -35,6 +36,27 @@ pub fn fstat(fd: &impl AsRawFd) -> io::Result<libc::stat> {
         return Err(io::Error::last_os_error());
     }
     Ok(st)
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2(2)` with
+/// RENAME_NOREPLACE: an existing `to` is `AlreadyExists`).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let (f, t) = (c_path(from)?, c_path(to)?);
+    // SAFETY: renameat2(2) of two NUL-terminated paths relative to the
+    // working directory; the result is checked.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Fills `buf` from the kernel's RNG (getrandom(2): no /dev needed, so it
