@@ -131,9 +131,10 @@ struct VmArgs {
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// Jail the VMM once the VM is built: dir=DIR,uid=N,gid=N[,netns]
-    /// [,nofile=N][,fsize=BYTES][,cgroup=/sys/fs/cgroup/...]... It then sees
-    /// only DIR (which must belong to uid N, mode 0700), runs as N:G without
-    /// capabilities, in its own mount (and with netns, network) namespace.
+    /// [,pidns][,nofile=N][,fsize=BYTES][,cgroup=/sys/fs/cgroup/...]... It
+    /// then sees only DIR (which must belong to uid N, mode 0700), runs as
+    /// N:G without capabilities, in its own mount (and with netns, network;
+    /// with pidns, PID) namespace.
     /// The control socket, the vsock socket and a console file must be in
     /// DIR (snapshots go through descriptors `husk snapshot create` opens).
     #[arg(long, value_name = "SPEC")]
@@ -361,6 +362,18 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
 }
 
 fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
+    // First of all (single-threaded, nothing open): only the child returns.
+    if let Some(j) = &args.jail {
+        j.enter_pid_namespace().map_err(|e| e.to_string())?;
+    }
+    // Created now: the thread that writes it at the end is filtered (no
+    // file creation) and may be jailed.
+    let mut profile_out = match &args.profile {
+        Some(path) => {
+            Some(std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
     let (vm, console) = vm_build(&args)?;
     // Everything is open: the main thread, which only waits for the VM and
     // tears it down, keeps no capability either (see husk_vmm::caps), unless
@@ -378,9 +391,9 @@ fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
     if let Some(p) = &profiler {
         p.enable(args.profile_hz);
     }
-    let exit = vm.run(input);
-    if let (Some(p), Some(path)) = (&profiler, &args.profile) {
-        p.write_file(path)
+    let exit = vm.run_confined(input, true);
+    if let (Some(p), Some(out), Some(path)) = (&profiler, &mut profile_out, &args.profile) {
+        p.write_to(out)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     if let Some(probe) = timing {

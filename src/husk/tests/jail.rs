@@ -166,11 +166,23 @@ fn a_jailed_vmm_serves_its_guest_and_keeps_nothing_else() {
     assert_eq!(field(&status, "Uid:"), ids, "{status}");
     assert_eq!(field(&status, "Gid:"), ids, "{status}");
     assert_eq!(field(&status, "Groups:"), "", "{status}");
+    // The main thread filters itself just after it starts the event loop,
+    // which may already have served the guest.
+    while field(
+        &std::fs::read_to_string(proc.join("status")).unwrap(),
+        "Seccomp:",
+    ) != "2"
+    {
+        assert!(Instant::now() < deadline, "the main thread has no filter");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for task in std::fs::read_dir(proc.join("task")).unwrap() {
         let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
         for f in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
             assert_eq!(field(&status, f), "0000000000000000", "{f}:\n{status}");
         }
+        // Every thread (main, event loop, vCPUs) runs under a filter.
+        assert_eq!(field(&status, "Seccomp:"), "2", "{status}");
     }
     for ns in ["mnt", "net"] {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
@@ -245,42 +257,89 @@ fn a_jailed_vmm_serves_its_guest_and_keeps_nothing_else() {
     let j2 = base.join("j2");
     std::fs::rename(&j, &j2).unwrap();
     let api2 = j2.join("api.sock");
-    let mut c = husk();
-    c.arg("vm")
-        .arg("--restore")
-        .arg(&snap)
-        .arg("--vsock")
-        .arg(format!(
-            "cid={},uds={}",
-            vsock_guest::CID,
-            j2.join("v.sock").display()
-        ))
-        .arg("--api-sock")
-        .arg(&api2)
-        .arg("--jail")
-        .arg(format!("dir={},uid={id},gid={id}", j2.display()))
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut vmm = Vmm(c.spawn().unwrap());
-    let pid = vmm.0.id();
-    let deadline = Instant::now() + support::boot_timeout();
-    while !api2.exists() {
-        assert!(
-            vmm.0.try_wait().unwrap().is_none(),
-            "the restored VMM exited"
+    // Twice, in a PID namespace: the process started is a supervisor
+    // outside it, the VMM its child and PID 1 inside. SIGTERM to the
+    // supervisor stops the VM; SIGKILL takes the VMM with it.
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        let mut c = husk();
+        c.arg("vm")
+            .arg("--restore")
+            .arg(&snap)
+            .arg("--vsock")
+            .arg(format!(
+                "cid={},uds={}",
+                vsock_guest::CID,
+                j2.join("v.sock").display()
+            ))
+            .arg("--api-sock")
+            .arg(&api2)
+            .arg("--jail")
+            .arg(format!("dir={},uid={id},gid={id},pidns", j2.display()))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut vmm = Vmm(c.spawn().unwrap());
+        let supervisor = vmm.0.id();
+        let deadline = Instant::now() + support::boot_timeout();
+        while !api2.exists() {
+            assert!(
+                vmm.0.try_wait().unwrap().is_none(),
+                "the restored VMM exited"
+            );
+            assert!(Instant::now() < deadline, "no control socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The socket is bound before the jail is entered; an answer comes
+        // from the event loop, which starts after it.
+        let r = request(&api2, Request::Status, &[], support::boot_timeout()).unwrap();
+        assert_eq!(r.state.as_deref(), Some("running"), "{r:?}");
+        let children =
+            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
+                .unwrap();
+        let pid: u32 = children.trim().parse().expect("one child, the VMM");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert_eq!(field(&status, "Uid:"), ids, "{status}");
+        assert_eq!(field(&status, "NSpid:"), format!("{pid}\t1"), "{status}");
+        assert_eq!(field(&status, "Seccomp:"), "2", "{status}");
+        let ours = std::fs::read_link("/proc/self/ns/pid").unwrap();
+        assert_ne!(
+            ours,
+            std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap()
         );
-        assert!(Instant::now() < deadline, "no control socket");
-        std::thread::sleep(Duration::from_millis(10));
+        // Inside, its procfs shows only itself.
+        let seen: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .into_string()
+                    .unwrap()
+                    .parse::<u32>()
+                    .ok()
+            })
+            .collect();
+        assert_eq!(seen, [1], "processes the VMM sees");
+        // SAFETY: kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(supervisor as i32, sig) }, 0);
+        let exit = vmm.exit_within(support::boot_timeout(), "the supervisor did not exit");
+        // The VMM is gone too (or a zombie for init to reap).
+        let deadline = Instant::now() + support::boot_timeout();
+        while let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if field(&st, "State:").starts_with('Z') {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the VMM outlived its supervisor");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if sig == libc::SIGTERM {
+            assert_eq!(exit.code(), Some(husk_vmm::exit::code::KILLED));
+            assert!(!api2.exists() && !j2.join("v.sock").exists());
+        } else {
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(exit.signal(), Some(libc::SIGKILL));
+            let _ = std::fs::remove_file(&api2);
+            let _ = std::fs::remove_file(j2.join("v.sock"));
+        }
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert_eq!(field(&status, "Uid:"), ids, "{status}");
-    let r = request(&api2, Request::Status, &[], support::boot_timeout()).unwrap();
-    assert_eq!(r.state.as_deref(), Some("running"), "{r:?}");
-    let r = request(&api2, Request::Stop, &[], support::boot_timeout()).unwrap();
-    assert!(r.ok, "{r:?}");
-    let exit = vmm.exit_within(support::boot_timeout(), "the restored VM did not stop");
-    assert_eq!(exit.code(), Some(0));
-    assert!(!api2.exists() && !j2.join("v.sock").exists());
     drop(listener);
     drop(cgroup);
     std::fs::remove_dir_all(base).unwrap();

@@ -95,6 +95,10 @@ pub(crate) fn jail(cfg: &SandboxConfig) -> Option<husk_vmm::jail::JailConfig> {
         uid: id,
         gid: id,
         netns: false,
+        // The sandbox's VMM is a thread of a process that runs others (the
+        // agent protocol, stdio): it cannot fork into a PID namespace. Its
+        // uid of its own keeps it from signalling anything else.
+        pidns: false,
         nofile: husk_vmm::jail::DEFAULT_NOFILE,
         fsize: None,
         cgroups: Vec::new(),
@@ -176,17 +180,28 @@ impl Sandbox {
         };
         let latch = vm.stop_handle();
         let first_run = vm.first_run_probe();
-        let profile = profile_request().map(|(path, hz)| {
-            let p = vm.profiler();
-            p.enable(hz);
-            (p, path)
-        });
+        // The file is created here: the VMM thread that writes it at the
+        // end may create none (its seccomp filter).
+        let profile = match profile_request() {
+            Some((path, hz)) => match std::fs::File::create(&path) {
+                Ok(out) => {
+                    let p = vm.profiler();
+                    p.enable(hz);
+                    Some((p, out, path))
+                }
+                Err(e) => {
+                    tracing::warn!("no profile: {}: {e}", path.display());
+                    None
+                }
+            },
+            None => None,
+        };
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
-                let exit = vm.run_with(ConsoleInputSource::None, false);
-                if let Some((p, path)) = profile {
-                    if let Err(e) = p.write_file(&path) {
+                let exit = vm.run_confined(ConsoleInputSource::None, false);
+                if let Some((p, mut out, path)) = profile {
+                    if let Err(e) = p.write_to(&mut out) {
                         tracing::warn!("profile {}: {e}", path.display());
                     }
                 }

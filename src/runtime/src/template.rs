@@ -176,7 +176,7 @@ fn build_in(
     let latch = vm.stop_handle();
     let thread = std::thread::Builder::new()
         .name("template-vmm".into())
-        .spawn(move || vm.run_with(ConsoleInputSource::None, false))
+        .spawn(move || vm.run_confined(ConsoleInputSource::None, false))
         .map_err(|e| RuntimeError::Io("spawn VMM thread".into(), e))?;
     let snap = work.join("snapshot");
     let result = (|| {

@@ -357,11 +357,17 @@ pub(crate) fn check(cfg: &VmConfig) -> Result<(), BuildError> {
 }
 
 /// Runs the caller's `before_threads`, then enters the config's jail, if
-/// any: after everything is open, before the first thread starts.
+/// any: after everything is open, before the first thread starts. The stop
+/// signals are blocked first, so that every thread (the console's, the
+/// vCPUs) inherits a mask without them and the event loop's signalfd sees
+/// them: a thread that left them unblocked would take their default
+/// action, ending the process instead of stopping the VM.
 pub(crate) fn enter_jail(
     cfg: &VmConfig,
     before_threads: BeforeThreads<'_>,
 ) -> Result<(), BuildError> {
+    event_loop::block_signals(&event_loop::STOP_SIGNALS)
+        .map_err(|e| BuildError::Host("sigprocmask", e))?;
     before_threads().map_err(BuildError::BeforeThreads)?;
     let Some(jail) = &cfg.jail else {
         return Ok(());
@@ -419,13 +425,12 @@ pub(crate) fn vcpu_shared(
 
 /// Starts the vCPU threads (paused), only once nothing else can fail, so
 /// an error leaves no thread behind. They inherit a mask without the stop
-/// signals, which the event loop reads from a signalfd instead.
+/// signals ([`enter_jail`] blocked them), which the event loop reads from a
+/// signalfd instead.
 pub(crate) fn start_vcpus(
     vcpus: Vec<Vcpu>,
     seccomp: SeccompMode,
 ) -> Result<Vec<VcpuHandle>, BuildError> {
-    event_loop::block_signals(&event_loop::STOP_SIGNALS)
-        .map_err(|e| BuildError::Host("sigprocmask", e))?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         match v.start(seccomp) {
@@ -478,6 +483,19 @@ impl Vm {
     /// SIGTERM and SIGHUP stop the VM; without, the caller handles them
     /// (`husk run` forwards them to the container).
     pub fn run_with(self, input: ConsoleInputSource, stop_on_signals: bool) -> VmExit {
+        self.run_as(input, stop_on_signals, false)
+    }
+
+    /// [`Vm::run_with`], and the calling thread confines itself to the
+    /// teardown's syscalls once the event loop runs (the VM's seccomp mode:
+    /// [`ThreadKind::Teardown`]). The filter stays after this returns: call
+    /// it from a thread that does no more than report the exit, write to
+    /// fds it holds and end (`husk vm`'s main thread, a sandbox's VMM thread).
+    pub fn run_confined(self, input: ConsoleInputSource, stop_on_signals: bool) -> VmExit {
+        self.run_as(input, stop_on_signals, true)
+    }
+
+    fn run_as(self, input: ConsoleInputSource, stop_on_signals: bool, confine: bool) -> VmExit {
         let hz = self.profiler.hz();
         let sampler = if hz > 0 {
             let threads: Vec<_> = self.vcpus.iter().map(|v| &v.thread).collect();
@@ -494,6 +512,13 @@ impl Vm {
             let looped = std::thread::Builder::new()
                 .name("event-loop".into())
                 .spawn_scoped(s, || self.run_inner(input, stop_on_signals));
+            // After the spawn: a thread inherits its creator's filter, and
+            // the event loop's calls are not the teardown's.
+            if confine && looped.is_ok() {
+                if let Err(e) = seccomp::install(ThreadKind::Teardown, self.seccomp) {
+                    self.latch.stop(VmExit::VmmError(e.to_string()));
+                }
+            }
             match looped.map(|t| t.join()) {
                 Ok(Ok(exit)) => exit,
                 Ok(Err(_)) => VmExit::VmmError("the event loop panicked".into()),

@@ -15,6 +15,9 @@
 //!   following symlinks);
 //! - optionally an empty network namespace (taps opened before keep
 //!   working; Unix sockets are reached by path);
+//! - optionally a PID namespace of its own ([`pidns`]: entered first, by
+//!   forking before the VM exists, since KVM ties a VM to its creator's
+//!   address space);
 //! - a dedicated uid and gid, with no supplementary groups, no capability
 //!   and an empty bounding set.
 //!
@@ -34,6 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::sys::{c_path, fstat, open_path};
 
+pub mod pidns;
+
 /// Open files a jailed VMM may hold unless asked otherwise (Firecracker's
 /// jailer default).
 pub const DEFAULT_NOFILE: u64 = 2048;
@@ -42,7 +47,7 @@ const MIN_NOFILE: u64 = 64;
 /// Where cgroups are.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// A jail: `dir=DIR,uid=N,gid=N[,netns][,nofile=N][,fsize=BYTES][,cgroup=PATH]...`.
+/// A jail: `dir=DIR,uid=N,gid=N[,netns][,pidns][,nofile=N][,fsize=BYTES][,cgroup=PATH]...`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JailConfig {
@@ -55,6 +60,9 @@ pub struct JailConfig {
     /// A new, empty network namespace.
     #[serde(default)]
     pub netns: bool,
+    /// A new PID namespace, the VMM its PID 1 (see [`pidns`]).
+    #[serde(default)]
+    pub pidns: bool,
     /// RLIMIT_NOFILE.
     #[serde(default = "default_nofile")]
     pub nofile: u64,
@@ -108,6 +116,7 @@ impl FromStr for JailConfig {
             uid: 0,
             gid: 0,
             netns: false,
+            pidns: false,
             nofile: DEFAULT_NOFILE,
             fsize: None,
             cgroups: Vec::new(),
@@ -122,12 +131,13 @@ impl FromStr for JailConfig {
                 "uid" => uid = Some(number("uid", value)?),
                 "gid" => gid = Some(number("gid", value)?),
                 "netns" if value.is_none() => jail.netns = true,
+                "pidns" if value.is_none() => jail.pidns = true,
                 "nofile" => jail.nofile = number("nofile", value)?,
                 "fsize" => jail.fsize = Some(number("fsize", value)?),
                 "cgroup" => jail.cgroups.push(value.map(PathBuf::from).unwrap_or_default()),
                 _ => {
                     return Err(format!(
-                        "invalid jail option {part:?}: expected dir=DIR,uid=N,gid=N[,netns][,nofile=N][,fsize=BYTES][,cgroup=PATH]..."
+                        "invalid jail option {part:?}: expected dir=DIR,uid=N,gid=N[,netns][,pidns][,nofile=N][,fsize=BYTES][,cgroup=PATH]..."
                     ))
                 }
             }
@@ -196,6 +206,17 @@ impl JailConfig {
         Ok(())
     }
 
+    /// With `pidns`, forks into a new PID namespace ([`pidns::enter`]):
+    /// returns in the child, which is to build the VM; the parent never
+    /// returns. Call it first, single-threaded, before anything is opened.
+    pub fn enter_pid_namespace(&self) -> Result<(), JailError> {
+        if self.pidns {
+            pidns::enter()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Enters the jail. `created` are the files husk made in the jail
     /// directory (sockets, the console file), handed to the jail's uid.
     pub fn enter(&self, created: &[&Path]) -> Result<(), JailError> {
@@ -223,7 +244,8 @@ impl JailConfig {
         }
         self.pivot(&dir)?;
         drop(dir);
-        self.drop_privileges()
+        self.drop_privileges()?;
+        pidns::rearm()
     }
 
     /// Opens the jail directory and checks that it belongs to the jail.
@@ -429,11 +451,12 @@ mod tests {
 
     #[test]
     fn specs_parse_and_bad_ones_are_named() {
-        let j: JailConfig = "dir=/run/j,uid=4242,gid=4243,netns,nofile=128,fsize=1048576,cgroup=/sys/fs/cgroup/husk/a"
+        let j: JailConfig = "dir=/run/j,uid=4242,gid=4243,netns,pidns,nofile=128,fsize=1048576,cgroup=/sys/fs/cgroup/husk/a"
             .parse()
             .unwrap();
         assert_eq!(j.dir, Path::new("/run/j"));
         assert_eq!((j.uid, j.gid, j.netns, j.nofile), (4242, 4243, true, 128));
+        assert!(j.pidns);
         assert_eq!(j.fsize, Some(1 << 20));
         assert_eq!(j.cgroups, [Path::new("/sys/fs/cgroup/husk/a")]);
         let two: JailConfig =
@@ -442,7 +465,10 @@ mod tests {
                 .unwrap();
         assert_eq!(two.cgroups.len(), 2);
         let d: JailConfig = "dir=/run/j,uid=1,gid=2".parse().unwrap();
-        assert_eq!((d.netns, d.nofile, d.fsize), (false, DEFAULT_NOFILE, None));
+        assert_eq!(
+            (d.netns, d.pidns, d.nofile, d.fsize),
+            (false, false, DEFAULT_NOFILE, None)
+        );
         assert!(d.cgroups.is_empty());
         for (spec, says) in [
             ("dir=/run/j,uid=1", "needs"),

@@ -2,9 +2,12 @@
 //! KVM_RUN and the device register code the guest's port and MMIO exits
 //! reach; the event-loop thread runs the devices' queues, console input
 //! and the vsock muxer; the console thread writes the guest's output to
-//! stdout. The thread that builds the VM and tears it down is not
-//! filtered: it serves no guest request. Each installs, before the guest
-//! runs, an allow-list of the syscalls it needs, ioctls by request number.
+//! stdout; the thread that started the VM with [`crate::Vm::run_confined`]
+//! waits for it and tears it down (joins, signals vCPUs and virtiofsd,
+//! unlinks the VM's sockets). Each installs, before the guest runs (the
+//! teardown thread: once the event loop is started), an allow-list of the
+//! syscalls it needs, ioctls by request number. Building the VM (opening
+//! files, creating the VM) happens before any filter.
 //! Anything else raises SIGSYS, whose handler prints one line naming the
 //! thread and the syscall and ends the process with 159 (128 + SIGSYS).
 //!
@@ -57,6 +60,8 @@ pub enum ThreadKind {
     EventLoop,
     /// Writes queued guest console output to husk's stdout.
     Console,
+    /// Waits for the VM to stop and tears it down.
+    Teardown,
 }
 
 impl ThreadKind {
@@ -65,6 +70,7 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::EventLoop => "event-loop",
             Self::Console => "console",
+            Self::Teardown => "teardown",
         }
     }
 }
@@ -190,6 +196,16 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_timerfd_gettime,
 ];
 
+/// What only the teardown thread does: reap (or stop) virtiofsd, kick the
+/// vCPUs out of the guest, remove the VM's socket files.
+const TEARDOWN: &[i64] = &[
+    libc::SYS_wait4,
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 const KVMIO: u32 = 0xAE;
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
@@ -239,7 +255,7 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             KVM_GET_PIT2(),
             KVM_GET_CLOCK(),
         ],
-        ThreadKind::Console => Vec::new(),
+        ThreadKind::Console | ThreadKind::Teardown => Vec::new(),
     }
 }
 
@@ -248,6 +264,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     let extra: &[i64] = match kind {
         ThreadKind::Vcpu | ThreadKind::Console => &[],
         ThreadKind::EventLoop => EVENT_LOOP,
+        ThreadKind::Teardown => TEARDOWN,
     };
     for nr in COMMON.iter().chain(extra) {
         map.insert(*nr, Vec::new());

@@ -13,7 +13,12 @@ fn ioctl_numbers_are_the_kernels() {
 
 #[test]
 fn filters_compile_and_the_vcpu_list_is_the_narrower() {
-    for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::Console] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::EventLoop,
+        ThreadKind::Console,
+        ThreadKind::Teardown,
+    ] {
         for mode in [SeccompMode::On, SeccompMode::Log] {
             assert!(!program(kind, mode).unwrap().is_empty());
         }
@@ -21,6 +26,7 @@ fn filters_compile_and_the_vcpu_list_is_the_narrower() {
     let (v, e) = (allowed(ThreadKind::Vcpu), allowed(ThreadKind::EventLoop));
     // The README and docs/threat-model.md give these: change them together.
     assert_eq!((v, e, allowed(ThreadKind::Console)), (30, 59, 29));
+    assert_eq!(allowed(ThreadKind::Teardown), 34);
     let console = rules(ThreadKind::Console).unwrap();
     assert!(!console.contains_key(&libc::SYS_ioctl), "no ioctl at all");
     assert_eq!(console.len() + 1, v, "the vCPU list less ioctl");
@@ -35,6 +41,22 @@ fn filters_compile_and_the_vcpu_list_is_the_narrower() {
         libc::SYS_clone3,
     ] {
         assert!(!vcpu.contains_key(&nr), "vCPU threads may not make {nr}");
+    }
+    // The teardown: no ioctl, no socket, no file opened or created.
+    let teardown = rules(ThreadKind::Teardown).unwrap();
+    for nr in [
+        libc::SYS_ioctl,
+        libc::SYS_socket,
+        libc::SYS_openat,
+        libc::SYS_open,
+        libc::SYS_execve,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+    ] {
+        assert!(
+            !teardown.contains_key(&nr),
+            "the teardown may not make {nr}"
+        );
     }
     let ev = rules(ThreadKind::EventLoop).unwrap();
     for nr in [

@@ -72,11 +72,6 @@ impl Profiler {
             .clone()
     }
 
-    /// [`Profiler::write_to`] a new file at `path`.
-    pub fn write_file(&self, path: &std::path::Path) -> io::Result<()> {
-        self.write_to(&mut std::fs::File::create(path)?)
-    }
-
     /// Writes `# husk-profile v1 hz=N dropped=N` and one `ns vcpu rip` line
     /// per sample (rip in hex).
     pub fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
