@@ -249,7 +249,13 @@ echo "MAC: $($bb cat /sys/class/net/eth0/address)"
 if $bb ping -c 3 -W 10 10.213.7.1 >/dev/null; then echo "PING: ok"; else echo "PING: failed"; fi
 $bb dd if=/dev/urandom of=/tmp/blob bs=1024 count=1024 2>/dev/null
 $bb nc 10.213.7.1 7007 < /tmp/blob > /tmp/echo
-echo "ECHO: sent=$($bb md5sum < /tmp/blob | $bb cut -d' ' -f1) got=$($bb md5sum < /tmp/echo | $bb cut -d' ' -f1) bytes=$($bb wc -c < /tmp/echo)"
+nc_rc=$?
+sent=$($bb md5sum < /tmp/blob 2>&1)
+sent_rc=$?
+got=$($bb md5sum < /tmp/echo 2>&1)
+got_rc=$?
+echo "ECHO: sent=${sent%% *} got=${got%% *} bytes=$($bb wc -c < /tmp/echo) status=$nc_rc,$sent_rc,$got_rc"
+echo "MD5: sent=[$sent] got=[$got]"
 $bb reboot -f
 "#;
 
@@ -290,9 +296,13 @@ fn guest_pings_and_echoes_a_mebibyte_over_a_tap() {
             .unwrap_or_default()
             .to_string()
     };
-    assert_eq!(field("bytes="), "1048576", "{echo}");
-    assert_eq!(field("sent="), field("got="), "{echo}");
-    assert_eq!(field("sent=").len(), 32, "{echo}");
+    // On a mismatch, everything: each md5sum's own output and status
+    // (nc, md5sum of what was sent, of what came back), and the console.
+    let all = format!("{echo}\nconsole:\n{console}\nstderr:\n{stderr}");
+    assert_eq!(field("status="), "0,0,0", "{all}");
+    assert_eq!(field("bytes="), "1048576", "{all}");
+    assert_eq!(field("sent="), field("got="), "{all}");
+    assert_eq!(field("sent=").len(), 32, "{all}");
     assert_eq!(
         echoed
             .recv_timeout(Duration::from_secs(10))
