@@ -212,7 +212,8 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
         })?;
         let sock = super::store::vsock_path(dir);
         let open = |kind| {
-            let s = uds::connect(&sock, STDIO_PORT, Instant::now() + Duration::from_secs(10))
+            let answer = Duration::from_secs(crate::boot_timeout(None)?);
+            let s = uds::connect(&sock, STDIO_PORT, Instant::now() + answer)
                 .map_err(|e| RuntimeError::Io(sock.display().to_string(), e))?;
             let hello = StreamHello {
                 version: PROTOCOL_VERSION,
@@ -220,7 +221,6 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
                 exec_id: Some(exec_id.clone()),
                 stream: kind,
             };
-            let answer = Duration::from_secs(crate::boot_timeout(None)?);
             uds::attach(s, &hello, Instant::now() + answer)
         };
         // A terminal of ours: the user's (foreground), or the pty whose

@@ -14,9 +14,6 @@ use super::vmm;
 use crate::run::CONTAINER_ID;
 use crate::{uds, RuntimeError};
 
-/// How long a container's agent may take to accept a connection (it is up
-/// once `create` returned).
-const AGENT_CONNECT: Duration = Duration::from_secs(10);
 /// How long a SIGKILLed VMM process may take to go away.
 const VMM_EXIT: Duration = Duration::from_secs(10);
 
@@ -35,7 +32,10 @@ pub fn agent_waiting(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
 
 fn agent_with(dir: &Path, reply: Option<Duration>) -> Result<Client<UnixStream>, RuntimeError> {
     let sock = super::store::vsock_path(dir);
-    let deadline = Instant::now() + AGENT_CONNECT;
+    // The agent is up once `create` returned, but on a slow or loaded
+    // host (kvm_pvm emulates the guest kernel) accepting and answering
+    // can take seconds: the boot timeout bounds it, as the error says.
+    let deadline = Instant::now() + Duration::from_secs(crate::boot_timeout(None)?);
     let s = uds::connect(&sock, CONTROL_PORT, deadline)
         .map_err(|e| RuntimeError::Io(format!("the container's agent ({})", sock.display()), e))?;
     uds::client(s, deadline, reply)
