@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::legacy::SerialDevice;
 use crate::exit::VmExit;
+use crate::sys::{sigmask, sigset};
 use crate::vstate::vcpu::ExitLatch;
 
 /// Signals that stop the VM when sent to the VMM.
@@ -42,28 +43,10 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &sig in signals {
-        // SAFETY: as above; sig is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    set
-}
-
 /// Blocks `signals` in the calling thread and in the threads it spawns
 /// afterwards (vCPUs), so they are only seen through a signalfd.
 pub fn block_signals(signals: &[libc::c_int]) -> std::io::Result<()> {
-    let set = sigset(signals);
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
+    sigmask(libc::SIG_BLOCK, &sigset(signals), None)
 }
 
 /// Blocks `signals` and returns a non-blocking signalfd that reports them.

@@ -220,12 +220,7 @@ impl JailConfig {
     /// Enters the jail. `created` are the files husk made in the jail
     /// directory (sockets, the console file), handed to the jail's uid.
     pub fn enter(&self, created: &[&Path]) -> Result<(), JailError> {
-        let threads = single_threaded().map_err(step("count threads"))?;
-        if threads != 1 {
-            return Err(JailError::Invalid(format!(
-                "the VMM must enter its jail single-threaded ({threads} threads)"
-            )));
-        }
+        require_single_thread("enter its jail")?;
         let dir = self.open_dir()?;
         for p in created {
             std::os::unix::fs::lchown(p, Some(self.uid), Some(self.gid))
@@ -377,6 +372,18 @@ fn reopen_same(path: &Path, was: &OwnedFd) -> Result<OwnedFd, JailError> {
             "jail dir {name} was replaced while the VM was built"
         ))),
     }
+}
+
+/// An error unless the process is single-threaded: namespaces and
+/// credentials are per thread, and a fork copies only the calling one.
+fn require_single_thread(what: &str) -> Result<(), JailError> {
+    let threads = single_threaded().map_err(step("count threads"))?;
+    if threads != 1 {
+        return Err(JailError::Invalid(format!(
+            "the VMM must {what} single-threaded ({threads} threads)"
+        )));
+    }
+    Ok(())
 }
 
 /// The process's thread count, given a moment to drop to 1: a thread

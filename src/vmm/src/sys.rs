@@ -1,7 +1,7 @@
 //! Thin wrappers over the libc calls std does not offer, shared by the
 //! VMM's parts: paths as C strings, `open(2)` with any flags (`O_PATH`),
 //! `fstat(2)` of a descriptor, the kernel's RNG, a rename that does not
-//! replace.
+//! replace, signal sets and the calling thread's signal mask.
 
 use std::ffi::CString;
 use std::io;
@@ -55,6 +55,35 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A signal set holding `signals`.
+pub fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &sig in signals {
+        // SAFETY: as above; sig is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// `pthread_sigmask(3)` of the calling thread: `how` (SIG_BLOCK,
+/// SIG_UNBLOCK, SIG_SETMASK) with `set`; the previous mask into `old`.
+pub fn sigmask(
+    how: libc::c_int,
+    set: &libc::sigset_t,
+    old: Option<&mut libc::sigset_t>,
+) -> io::Result<()> {
+    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut _);
+    // SAFETY: `set` is initialised; `old` is null or a valid sigset_t.
+    let rc = unsafe { libc::pthread_sigmask(how, set, old) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
     }
     Ok(())
 }

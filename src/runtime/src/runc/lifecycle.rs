@@ -20,25 +20,25 @@ const VMM_EXIT: Duration = Duration::from_secs(10);
 /// A control connection to the agent of the container in `dir`; each
 /// reply may take up to the boot timeout ($HUSK_BOOT_TIMEOUT).
 pub fn agent(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
-    let reply = Duration::from_secs(crate::boot_timeout(None)?);
-    agent_with(dir, Some(reply))
+    agent_with(dir, true)
 }
 
 /// As [`agent`], with replies unbounded: for `Wait`, which lasts as long
 /// as the process.
 pub fn agent_waiting(dir: &Path) -> Result<Client<UnixStream>, RuntimeError> {
-    agent_with(dir, None)
+    agent_with(dir, false)
 }
 
-fn agent_with(dir: &Path, reply: Option<Duration>) -> Result<Client<UnixStream>, RuntimeError> {
+fn agent_with(dir: &Path, bounded_replies: bool) -> Result<Client<UnixStream>, RuntimeError> {
     let sock = super::store::vsock_path(dir);
     // The agent is up once `create` returned, but on a slow or loaded
     // host (kvm_pvm emulates the guest kernel) accepting and answering
     // can take seconds: the boot timeout bounds it, as the error says.
-    let deadline = Instant::now() + Duration::from_secs(crate::boot_timeout(None)?);
+    let bound = Duration::from_secs(crate::boot_timeout(None)?);
+    let deadline = Instant::now() + bound;
     let s = uds::connect(&sock, CONTROL_PORT, deadline)
         .map_err(|e| RuntimeError::Io(format!("the container's agent ({})", sock.display()), e))?;
-    uds::client(s, deadline, reply)
+    uds::client(s, deadline, bounded_replies.then_some(bound))
 }
 
 fn id_of(c: &Container) -> String {

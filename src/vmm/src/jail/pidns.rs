@@ -13,8 +13,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-use super::{single_threaded, step, JailError};
+use super::{require_single_thread, step, JailError};
 use crate::event_loop::STOP_SIGNALS;
+use crate::sys::sigset;
+
+/// The calling thread's mask; with valid arguments pthread_sigmask cannot
+/// fail.
+fn sigmask(how: libc::c_int, set: &libc::sigset_t, old: Option<&mut libc::sigset_t>) {
+    let _ = crate::sys::sigmask(how, set, old);
+}
 
 /// What the supervisor passes on to the VMM.
 const FORWARDED: [libc::c_int; 7] = [
@@ -27,25 +34,6 @@ const FORWARDED: [libc::c_int; 7] = [
     libc::SIGWINCH,
 ];
 
-fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame.
-    unsafe { libc::sigemptyset(&mut set) };
-    for &sig in signals {
-        // SAFETY: as above; sig is a valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    set
-}
-
-fn sigmask(how: libc::c_int, set: &libc::sigset_t, old: Option<&mut libc::sigset_t>) {
-    let old = old.map_or(std::ptr::null_mut(), |o| o as *mut _);
-    // SAFETY: `set` is initialised and `old` is null or a valid sigset_t;
-    // pthread_sigmask cannot fail with a valid `how`.
-    unsafe { libc::pthread_sigmask(how, set, old) };
-}
-
 /// Does nothing: a namespace's init receives only the signals it handles
 /// (the kernel drops the others, even from the supervisor), and the stop
 /// signals stay blocked, for the event loop's signalfd.
@@ -55,12 +43,7 @@ extern "C" fn ignore(_: libc::c_int) {}
 /// the parent never returns: it supervises the child and exits with its
 /// status. Call it single-threaded, before the VM is built.
 pub fn enter() -> Result<(), JailError> {
-    let threads = single_threaded().map_err(step("count threads"))?;
-    if threads != 1 {
-        return Err(JailError::Invalid(format!(
-            "the VMM must enter a PID namespace single-threaded ({threads} threads)"
-        )));
-    }
+    require_single_thread("enter a PID namespace")?;
     // SAFETY: unshare(2) with a flag; it changes the namespace of this
     // process's future children only.
     if unsafe { libc::unshare(libc::CLONE_NEWPID) } != 0 {
