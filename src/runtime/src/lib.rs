@@ -62,6 +62,17 @@ pub enum RuntimeError {
     /// The agent refused a request or the protocol failed.
     #[error("guest agent: {0}")]
     Agent(#[from] husk_proto::ProtoError),
+    /// Talking to a running container's agent failed at `step`; the guest
+    /// console's last line follows when the failure was the connection's.
+    #[error("{step}: {source}{console}")]
+    AgentStep {
+        /// What husk was doing.
+        step: &'static str,
+        /// What failed.
+        source: Box<RuntimeError>,
+        /// ` (guest console: ...)`, or empty.
+        console: String,
+    },
     /// A stdio stream was rejected.
     #[error("guest agent refused the {0} stream: {1}")]
     StreamRejected(String, String),

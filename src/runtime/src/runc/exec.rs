@@ -202,19 +202,23 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
     let tty = process.terminal().unwrap_or(false);
     let exec_id = format!("exec-{}", unique());
     let done = Arc::new(AtomicBool::new(false));
+    let step = |step| move |e| lifecycle::in_step(dir, step, e);
     let started = (|| {
-        let mut client = lifecycle::agent_waiting(dir)?;
-        client.exec(Exec {
-            container_id: CONTAINER_ID.into(),
-            exec_id: exec_id.clone(),
-            process: Box::new(process),
-            stdin: !tty,
-        })?;
+        let mut client = lifecycle::agent_waiting(dir).map_err(step("connecting to the agent"))?;
+        client
+            .exec(Exec {
+                container_id: CONTAINER_ID.into(),
+                exec_id: exec_id.clone(),
+                process: Box::new(process),
+                stdin: !tty,
+            })
+            .map_err(|e| step("starting the process")(e.into()))?;
         let sock = super::store::vsock_path(dir);
         let open = |kind| {
             let answer = Duration::from_secs(crate::boot_timeout(None)?);
             let s = uds::connect(&sock, STDIO_PORT, Instant::now() + answer)
-                .map_err(|e| RuntimeError::Io(sock.display().to_string(), e))?;
+                .map_err(|e| RuntimeError::Io(sock.display().to_string(), e))
+                .map_err(step("attaching the process's stdio"))?;
             let hello = StreamHello {
                 version: PROTOCOL_VERSION,
                 container_id: CONTAINER_ID.into(),
@@ -222,6 +226,7 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
                 stream: kind,
             };
             uds::attach(s, &hello, Instant::now() + answer)
+                .map_err(step("attaching the process's stdio"))
         };
         // A terminal of ours: the user's (foreground), or the pty whose
         // master went to the console socket (a detached helper's stdio).
@@ -231,7 +236,7 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
         let (relays, raw) = attach_stdio(&open, tty, true, host_terminal)?;
         let resizer = match host_terminal {
             true => Some(watch_winsize(
-                lifecycle::agent(dir)?,
+                lifecycle::agent(dir).map_err(step("connecting for the terminal's size"))?,
                 Some(exec_id.clone()),
                 done.clone(),
             )),
@@ -251,10 +256,12 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
         }
         (Err(e), Mode::Foreground) => return Err(e),
     };
-    let status = client.wait(ProcessRef {
-        container_id: CONTAINER_ID.into(),
-        exec_id: Some(exec_id),
-    })?;
+    let status = client
+        .wait(ProcessRef {
+            container_id: CONTAINER_ID.into(),
+            exec_id: Some(exec_id),
+        })
+        .map_err(|e| step("waiting for the process")(e.into()))?;
     relays.wait(if status.output_drained {
         OUTPUT_DRAIN
     } else {

@@ -41,6 +41,30 @@ fn agent_with(dir: &Path, bounded_replies: bool) -> Result<Client<UnixStream>, R
     uds::client(s, deadline, bounded_replies.then_some(bound))
 }
 
+/// Says at which `step` of talking to the agent of the container in `dir`
+/// `e` happened; when the connection itself failed (rather than the agent
+/// refusing), adds the guest console's last line, which usually says why.
+pub fn in_step(dir: &Path, step: &'static str, e: RuntimeError) -> RuntimeError {
+    let connection_failed = match &e {
+        RuntimeError::Agent(husk_proto::ProtoError::Remote(_)) => false,
+        RuntimeError::Agent(_) | RuntimeError::Io(..) | RuntimeError::AgentTimeout(_) => true,
+        _ => false,
+    };
+    let console = connection_failed
+        .then(|| {
+            let log = super::store::vm_dir(dir).join("console.log");
+            husk_vmm::devices::legacy::console_log::last_line(&log)
+        })
+        .flatten()
+        .map(|l| format!(" (guest console: {l})"))
+        .unwrap_or_default();
+    RuntimeError::AgentStep {
+        step,
+        source: Box::new(e),
+        console,
+    }
+}
+
 fn id_of(c: &Container) -> String {
     c.dir
         .file_name()

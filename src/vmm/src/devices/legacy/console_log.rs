@@ -86,7 +86,9 @@ pub fn previous(path: &Path) -> PathBuf {
 
 /// The last non-blank line of the console log at `path` (looking into its
 /// previous part when the current one has none), read from at most the
-/// last 64 KiB of each.
+/// last 64 KiB of each. The guest wrote it: control characters become `?`
+/// and it is cut to [`LAST_LINE_MAX`] characters, so it can go into a
+/// one-line error message.
 pub fn last_line(path: &Path) -> Option<String> {
     const TAIL: u64 = 64 << 10;
     [path.to_path_buf(), previous(path)].iter().find_map(|p| {
@@ -97,9 +99,18 @@ pub fn last_line(path: &Path) -> Option<String> {
         f.take(TAIL).read_to_end(&mut bytes).ok()?;
         let text = String::from_utf8_lossy(&bytes);
         let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
-        Some(line.trim().to_string())
+        Some(
+            line.trim()
+                .chars()
+                .take(LAST_LINE_MAX)
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
     })
 }
+
+/// The most of a console line [`last_line`] returns, in characters.
+pub const LAST_LINE_MAX: usize = 300;
 
 #[cfg(test)]
 mod tests {
@@ -155,6 +166,21 @@ mod tests {
         log.write_all(b"   ").unwrap();
         assert_eq!(last_line(&path).as_deref(), Some("panic!"));
         assert_eq!(last_line(&d.join("none.log")), None);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn the_last_line_is_one_printable_bounded_line() {
+        let d = dir("hostile");
+        let path = d.join("console.log");
+        let mut line = b"\x1b[2Jowned\rby\x07 the guest ".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 10_000));
+        line.extend(b"\r\n");
+        std::fs::write(&path, &line).unwrap();
+        let got = last_line(&path).unwrap();
+        assert!(got.starts_with("?[2Jowned?by? the guest xxx"), "{got}");
+        assert_eq!(got.chars().count(), LAST_LINE_MAX);
+        assert!(!got.chars().any(char::is_control), "{got}");
         std::fs::remove_dir_all(d).unwrap();
     }
 }
