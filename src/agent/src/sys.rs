@@ -314,18 +314,50 @@ pub fn set_no_new_privs() -> io::Result<()> {
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0)
 }
 
-/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`. Unlike seccompiler's
-/// `apply_filter`, it leaves no_new_privs alone (the OCI process decides).
-pub fn seccomp_set_filter(
-    prog: &[seccompiler::sock_filter],
-    flags: libc::c_ulong,
-) -> io::Result<()> {
+/// One classic BPF instruction: the kernel's `struct sock_filter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct SockFilter {
+    /// Opcode.
+    pub code: u16,
+    /// Jump offset if true.
+    pub jt: u8,
+    /// Jump offset if false.
+    pub jf: u8,
+    /// Operand.
+    pub k: u32,
+}
+
+impl SockFilter {
+    /// Instructions from their in-memory bytes (8 each, native endian), as
+    /// libseccomp exports them; `None` if the length is not a multiple of 8.
+    pub fn parse(bytes: &[u8]) -> Option<Vec<SockFilter>> {
+        let chunks = bytes.chunks_exact(8);
+        if !chunks.remainder().is_empty() {
+            return None;
+        }
+        Some(
+            chunks
+                .map(|c| SockFilter {
+                    code: u16::from_ne_bytes([c[0], c[1]]),
+                    jt: c[2],
+                    jf: c[3],
+                    k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`. It leaves
+/// no_new_privs alone (the OCI process decides).
+pub fn seccomp_set_filter(prog: &[SockFilter], flags: libc::c_ulong) -> io::Result<()> {
     let len = u16::try_from(prog.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seccomp filter too long"))?;
     let fprog = libc::sock_fprog {
         len,
-        // seccompiler's sock_filter is the kernel's struct sock_filter
-        // (repr(C) u16, u8, u8, u32), as is libc's.
+        // SockFilter is the kernel's struct sock_filter (repr(C) u16, u8,
+        // u8, u32), as is libc's.
         filter: prog.as_ptr() as *mut libc::sock_filter,
     };
     // SAFETY: fprog points at `len` valid instructions for the duration of
