@@ -159,9 +159,16 @@ impl Proc {
         lock(&self.state).timestamps
     }
 
-    /// Records that the process exec'd.
+    /// Records that the process exec'd. Its starter learns that late: the
+    /// process may have run and exited (and the exit been recorded) first;
+    /// then it exec'd no later than it exited, and its exit status says so.
     pub fn set_exec_time(&self, ns: u64) {
-        lock(&self.state).timestamps.exec_ns = Some(ns);
+        let mut st = lock(&self.state);
+        let ns = st.timestamps.exited_ns.map_or(ns, |exited| ns.min(exited));
+        st.timestamps.exec_ns = Some(ns);
+        if let Some(exit) = st.exit.as_mut() {
+            exit.timestamps.exec_ns = Some(ns);
+        }
     }
 
     /// Records the exit and wakes waiters.
@@ -258,5 +265,41 @@ impl Container {
     /// Takes the not-yet-started init.
     pub fn take_pending(&self) -> Option<Spawned> {
         lock(&self.pending_start).take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> ExitStatus {
+        ExitStatus {
+            exit_code: 0,
+            signal: None,
+            oom_killed: false,
+            output_drained: true,
+            timestamps: Timestamps::default(),
+        }
+    }
+
+    #[test]
+    fn an_exit_recorded_before_the_exec_still_comes_after_it() {
+        let created = Timestamps {
+            created_ns: Some(10),
+            ..Timestamps::default()
+        };
+        // The usual order.
+        let p = Proc::new(1, false, false, StdioEnds::default(), None, created);
+        p.set_exec_time(20);
+        p.set_exit(status(), 30);
+        let t = p.exit_status().unwrap().timestamps;
+        assert_eq!((t.exec_ns, t.exited_ns), (Some(20), Some(30)));
+        // The process exec'd, ran and exited before its starter stamped it.
+        let p = Proc::new(1, false, false, StdioEnds::default(), None, created);
+        p.set_exit(status(), 30);
+        p.set_exec_time(40);
+        let t = p.exit_status().unwrap().timestamps;
+        assert_eq!((t.exec_ns, t.exited_ns), (Some(30), Some(30)));
+        assert_eq!(p.timestamps().exec_ns, Some(30));
     }
 }
