@@ -320,7 +320,38 @@ pub fn host_pids(root: &Path, id: &str) -> Result<Vec<i32>, RuntimeError> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_signal;
+    use super::{in_step, parse_signal};
+    use crate::RuntimeError;
+    use husk_proto::{ErrorBody, ErrorCode, FrameError, ProtoError};
+
+    #[test]
+    fn a_broken_agent_connection_names_the_step_and_the_guest_console() {
+        let state = std::env::temp_dir().join(format!("husk-in-step-{}", std::process::id()));
+        let vm = super::super::store::vm_dir(&state);
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::write(
+            vm.join("console.log"),
+            "boot\nhusk-agent: out of \x1b[1mmemory\n",
+        )
+        .unwrap();
+        let closed = RuntimeError::Agent(ProtoError::Frame(FrameError::Closed));
+        assert_eq!(
+            in_step(&state, "starting the process", closed).to_string(),
+            "starting the process: guest agent: connection closed by peer \
+             (guest console: husk-agent: out of ?[1mmemory)"
+        );
+        // The agent answered: its answer says why; no console.
+        let refused = RuntimeError::Agent(ProtoError::Remote(ErrorBody {
+            code: ErrorCode::NotFound,
+            message: "no such process".into(),
+        }));
+        let e = in_step(&state, "waiting for the process", refused).to_string();
+        assert!(
+            e.starts_with("waiting for the process: ") && !e.contains("console"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&vm).unwrap();
+    }
 
     #[test]
     fn signals_by_number_and_name_as_runc_takes_them() {
