@@ -14,7 +14,8 @@
 //! What runc does, this does: names this architecture does not have
 //! (profiles list the 32-bit ones too) are skipped; a rule whose action is
 //! the default one is left out (libseccomp refuses it; the result is the
-//! same); conditions on one argument twice become one rule each. Only
+//! same); conditions on one argument twice become one rule each; when two
+//! rules give one call different actions, the first one given holds. Only
 //! x86_64 calls are filtered (the guest kernel runs no other ABI); a call
 //! through another ABI is killed.
 
@@ -442,5 +443,28 @@ mod tests {
             checks.iter().position(|ok| !ok).map_or(0, |i| i as i32 + 1)
         });
         assert_eq!(code, 0, "check {code} failed (100 + errno: install failed)");
+    }
+
+    #[test]
+    fn of_two_rules_for_one_call_the_first_holds_as_under_runc() {
+        for (first, second, want) in [
+            ("SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", 0),
+            ("SCMP_ACT_ERRNO", "SCMP_ACT_ALLOW", 95),
+        ] {
+            let p = plan_seccomp(&profile(json!({
+                "defaultAction": "SCMP_ACT_ERRNO",
+                "syscalls": [
+                    {"names": ["exit", "exit_group"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["getuid"], "action": first, "errnoRet": 95},
+                    {"names": ["getuid"], "action": second, "errnoRet": 95},
+                ],
+            })))
+            .unwrap();
+            let code = in_child(&p, || {
+                let e = -errno_or_value(libc::SYS_getuid, 0, 0);
+                i32::try_from(e.max(0)).unwrap_or(99)
+            });
+            assert_eq!(code, want, "{first} then {second}");
+        }
     }
 }
