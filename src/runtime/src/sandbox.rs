@@ -2,7 +2,7 @@
 //! rootfs disk and a vsock device whose host side is a Unix socket.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -379,11 +379,16 @@ impl Sandbox {
 
     /// The last lines of the guest console, for error messages.
     fn console_tail(&self) -> String {
-        match console_log::last_line(&self.run_dir.join("console.log")) {
-            Some(l) => format!(" (guest console: {l})"),
-            None => String::new(),
-        }
+        console_note(&self.run_dir)
     }
+}
+
+/// ` (guest console: LINE)` with the last line of the console log in a
+/// VM's run directory, or empty: the end of an error message.
+pub fn console_note(run_dir: &Path) -> String {
+    console_log::last_line(&run_dir.join("console.log"))
+        .map(|l| format!(" (guest console: {l})"))
+        .unwrap_or_default()
 }
 
 /// Attaches a fresh connection to the agent's stdio port to the stream

@@ -50,14 +50,10 @@ pub fn in_step(dir: &Path, step: &'static str, e: RuntimeError) -> RuntimeError 
         RuntimeError::Agent(_) | RuntimeError::Io(..) | RuntimeError::AgentTimeout(_) => true,
         _ => false,
     };
-    let console = connection_failed
-        .then(|| {
-            let log = super::store::vm_dir(dir).join("console.log");
-            husk_vmm::devices::legacy::console_log::last_line(&log)
-        })
-        .flatten()
-        .map(|l| format!(" (guest console: {l})"))
-        .unwrap_or_default();
+    let console = match connection_failed {
+        true => crate::sandbox::console_note(&super::store::vm_dir(dir)),
+        false => String::new(),
+    };
     RuntimeError::AgentStep {
         step,
         source: Box::new(e),
