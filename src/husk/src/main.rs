@@ -77,6 +77,12 @@ enum Command {
     /// Manage the warm templates `husk run` restores instead of booting.
     #[command(subcommand)]
     Template(snapshot::TemplateCommand),
+    /// `husk run`'s VM process (started by `husk run`).
+    #[command(name = husk_runtime::run_vm::SUBCOMMAND, hide = true)]
+    RunVm {
+        /// The run directory with the session.
+        dir: PathBuf,
+    },
     #[command(flatten)]
     Runc(runc::RuncCommand),
 }
@@ -215,6 +221,9 @@ fn main() -> ExitCode {
         return ExitCode::from(runc::cmd(c, cli.root, &cli.runc, &cli.log_level) as u8);
     }
     init_logging(&cli.log_level, None);
+    if let Command::RunVm { dir } = &cli.cmd {
+        return ExitCode::from(husk_runtime::run_vm::serve(dir) as u8);
+    }
     // runc's `run` (with --bundle): --root is the state root, as for the
     // other runc commands, so it must not become HUSK_ROOT.
     if let Command::Run(args) = cli.cmd {
@@ -225,6 +234,10 @@ fn main() -> ExitCode {
         }
         if let Some(root) = &cli.root {
             std::env::set_var("HUSK_ROOT", root);
+        }
+        // The VM's process (`husk run-vm`) logs as this one does.
+        if std::env::var_os("HUSK_LOG").is_none() {
+            std::env::set_var("HUSK_LOG", &cli.log_level);
         }
         return ExitCode::from(run::cmd_run(args, start_ns) as u8);
     }
@@ -247,7 +260,7 @@ fn main() -> ExitCode {
         Command::Image(c) => return ExitCode::from(image::cmd_image(c) as u8),
         Command::Login(a) => return ExitCode::from(image::cmd_login(a) as u8),
         Command::Logout(a) => return ExitCode::from(image::cmd_logout(a) as u8),
-        Command::Runc(_) => unreachable!("handled above"),
+        Command::Runc(_) | Command::RunVm { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

@@ -56,14 +56,22 @@ fn disk_use(dir: &Path) -> u64 {
     total
 }
 
-/// The inode of `disk` as held open by process `pid`, once it is.
+/// The inode of `disk` as held open by process `pid` or its child (husk
+/// run's VM process), once it is.
 fn held_inode(pid: u32, disk: &Path, deadline: Instant) -> u64 {
     loop {
-        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        // husk run's VM process (its child) opens the disk.
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        let fds = std::iter::once(pid.to_string())
+            .chain(children.split_whitespace().map(String::from))
+            .flat_map(|p| {
+                std::fs::read_dir(format!("/proc/{p}/fd"))
+                    .into_iter()
+                    .flatten()
+            })
+            .flatten();
+        for fd in fds {
             if std::fs::read_link(fd.path()).ok().as_deref() == Some(disk) {
                 return std::fs::metadata(fd.path()).unwrap().ino();
             }

@@ -44,13 +44,7 @@ fn jail_dir(base: &Path, owner: u32) -> PathBuf {
     j
 }
 
-fn field<'a>(status: &'a str, name: &str) -> &'a str {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
-        .trim()
-}
+use support::status_field as field;
 
 struct Vmm(Child);
 

@@ -98,17 +98,54 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     assert!((guest + field("teardown_ms") - total).abs() < 1.0, "{line}");
 }
 
+/// `husk run`'s VM process is jailed (a uid of its own, no capability in
+/// any thread, a root that holds only its run dir and a procfs, every
+/// thread seccomp-filtered: the VMM's, the agent protocol's and the stdio
+/// relays it started), while `husk run` itself stays root to remove the
+/// run dir afterwards.
+fn assert_vm_process_jailed(husk_pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{husk_pid}/status")).unwrap();
+    assert_eq!(support::status_field(&status, "Uid:"), "0\t0\t0\t0");
+    let children =
+        std::fs::read_to_string(format!("/proc/{husk_pid}/task/{husk_pid}/children")).unwrap();
+    let kids: Vec<u32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 1, "one VM process: {children:?}");
+    let jailed = support::assert_jailed(kids[0]);
+    for t in ["vcpu0", "event-loop", "vmm", "husk"] {
+        assert!(
+            jailed.threads.iter().any(|f| f == t),
+            "no {t} thread: {:?}",
+            jailed.threads
+        );
+    }
+    // The run dir's top directory (under a test's temporary HUSK_ROOT).
+    assert_eq!(jailed.root.len(), 2, "{:?}", jailed.root);
+    assert!(
+        jailed.root.contains(&"proc".to_string()),
+        "{:?}",
+        jailed.root
+    );
+}
+
 #[test]
-fn sigterm_to_husk_reaches_the_container() {
+fn sigterm_to_husk_run_s_group_reaches_the_container() {
+    use std::os::unix::process::CommandExt;
     let dir = scratch("sig");
     let rootfs = busybox_tree(&dir.0);
     let mut c = husk_run(&dir.0, &rootfs);
+    // The trap counts the SIGTERMs it sees (the shell merges two that
+    // arrive together; which copy is passed on is unit-tested in run_vm).
     c.args([
         "--",
         "sh",
         "-c",
-        "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 1; done",
+        "n=0; trap 'n=$((n+1)); echo got-term-$n' TERM; echo ready; \
+         while [ $n -eq 0 ]; do sleep 1; done; sleep 3; exit $((40+n))",
     ])
+    .process_group(0)
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
@@ -116,6 +153,24 @@ fn sigterm_to_husk_reaches_the_container() {
     let mut out = child.stdout.take().unwrap();
     let mut seen = Vec::new();
     let deadline = Instant::now() + boot_timeout() * 2;
+    // Bounded: a husk run that never ends is killed (with its group), which
+    // ends the reads below.
+    let group = child.id() as i32;
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            while Instant::now() < deadline {
+                if ended.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // SAFETY: SIGKILL to the process group of our own child, not
+            // yet reaped (the test waits for the watchdog first).
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        })
+    };
     let mut b = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("ready\n") {
         assert!(Instant::now() < deadline, "container never got ready");
@@ -123,16 +178,24 @@ fn sigterm_to_husk_reaches_the_container() {
         assert!(n > 0, "husk exited early: {:?}", child.wait());
         seen.extend_from_slice(&b[..n]);
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_vm_process_jailed(child.id());
+    // To the whole process group, as `timeout` and service managers send
+    // it: husk run and its VM process both get it; the VM process passes on
+    // only the copy husk run forwards.
+    // SAFETY: signalling the process group of our own child.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGTERM) };
     out.read_to_end(&mut seen).unwrap();
+    ended.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
     let status = child.wait().unwrap();
-    assert!(
-        String::from_utf8_lossy(&seen).contains("got-term"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
-    assert_eq!(status.code(), Some(42));
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains("got-term-1"), "{seen}");
+    assert_eq!(status.code(), Some(41), "{seen}");
+    let runs = dir.0.join("root/run");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", runs.display());
 }
 
 /// One process's outcome inside the shared sandbox.

@@ -24,41 +24,13 @@ fn fails(root: &Path, args: &[&str], needle: &str) {
 }
 
 /// The VMM process `pid` is in its jail: a uid and gid of its own, no
-/// capability in any thread, a mount namespace whose root holds only the
-/// VM's run directory (under /run) and a procfs.
+/// capability and a seccomp filter in every thread, a mount namespace
+/// whose root holds only the VM's run directory (under /run) and a procfs.
 fn assert_jailed(pid: i32) {
-    let proc = format!("/proc/{pid}");
-    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
-    let field = |status: &str, name: &str| -> String {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let uid: Vec<u32> = field(&status, "Uid:")
-        .split_whitespace()
-        .map(|v| v.parse().unwrap())
-        .collect();
-    assert!(
-        uid.iter().all(|u| *u == uid[0] && *u >= 0x7000_0000),
-        "{status}"
-    );
-    assert_eq!(field(&status, "Gid:"), field(&status, "Uid:"), "{status}");
-    for task in std::fs::read_dir(format!("{proc}/task")).unwrap() {
-        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-        for f in ["CapEff:", "CapPrm:", "CapBnd:"] {
-            assert_eq!(field(&status, f), "0000000000000000", "{status}");
-        }
-    }
-    let mut top: Vec<String> = std::fs::read_dir(format!("{proc}/root"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    top.sort();
-    assert_eq!(top, ["proc", "run"]);
-    let runs: Vec<_> = std::fs::read_dir(format!("{proc}/root/run/husk-vm"))
+    // The VMM's threads and the agent protocol's (with its relays).
+    let jailed = support::assert_jailed(pid as u32);
+    assert_eq!(jailed.root, ["proc", "run"]);
+    let runs: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/run/husk-vm"))
         .unwrap()
         .collect();
     assert_eq!(runs.len(), 1, "one run dir");

@@ -383,3 +383,62 @@ pub fn remove_empty_cgroups(name: &str, subs: &[&str]) {
         let _ = std::fs::remove_dir(h.path().join(name));
     }
 }
+
+/// The value of field `name` ("Uid:", ...) in a /proc status text.
+pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .unwrap_or_else(|| panic!("no {name} in\n{status}"))
+        .trim()
+}
+
+/// A jailed VMM process as the host sees it.
+pub struct Jailed {
+    /// Its threads' names.
+    pub threads: Vec<String>,
+    /// What its root directory holds, sorted.
+    pub root: Vec<String>,
+}
+
+/// Asserts that process `pid` is jailed: one uid and gid of the jail range
+/// (0x70000000 and up) in every slot, and in every thread no capability
+/// (effective, permitted, bounding) and a seccomp filter.
+pub fn assert_jailed(pid: u32) -> Jailed {
+    let proc = format!("/proc/{pid}");
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
+    let uid: Vec<u32> = status_field(&status, "Uid:")
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(
+        uid.iter().all(|u| *u == uid[0] && *u >= 0x7000_0000),
+        "{status}"
+    );
+    assert_eq!(
+        status_field(&status, "Gid:"),
+        status_field(&status, "Uid:"),
+        "{status}"
+    );
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("{proc}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        for f in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(
+                status_field(&status, f),
+                "0000000000000000",
+                "{comm}: {status}"
+            );
+        }
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "{comm}: {status}");
+        threads.push(comm.trim().to_string());
+    }
+    let mut root: Vec<String> = std::fs::read_dir(format!("{proc}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    root.sort();
+    Jailed { threads, root }
+}

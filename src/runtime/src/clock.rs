@@ -7,7 +7,7 @@
 
 /// host `CLOCK_MONOTONIC` ns = guest `CLOCK_BOOTTIME` ns + `offset_ns`,
 /// within ± `error_ns`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestClock {
     pub offset_ns: i64,
     pub error_ns: u64,

@@ -1,22 +1,20 @@
 //! `husk run`: one container in a fresh micro-VM, docker-run style: stdio
 //! relayed, signals forwarded, the container's exit status returned.
 
-use std::io::{Read, Write};
-use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_proto::{
-    Client, CreateContainer, ExitStatus, GuestFile, ProcessRef, ResizeTty, Rootfs, Scratch, Signal,
-    StreamKind,
+    Client, CreateContainer, ExitStatus, GuestFile, ProcessRef, ResizeTty, Rootfs, Scratch,
 };
 
 use crate::clock::GuestClock;
 use crate::net::HostNetwork;
+use crate::relay::{attach_stdio, forward_signals, terminal_size, watch_winsize, Relays};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shares::{self, ShareSet, Volume};
 use crate::spec::{self, RunSpec};
@@ -26,7 +24,8 @@ use husk_vmm::seccomp::SeccompMode;
 /// Container id inside the sandbox.
 pub const CONTAINER_ID: &str = "run";
 /// Signals `husk run` forwards to the container.
-const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+pub(crate) const FORWARDED: [libc::c_int; 4] =
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 /// How long output may still come after the agent said a background
 /// process holds it open.
 pub(crate) const UNDRAINED_GRACE: Duration = Duration::from_secs(1);
@@ -109,7 +108,7 @@ pub struct RunOptions {
 }
 
 /// What happened to the container.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RunOutcome {
     /// Its exit status (128+N for signal N).
     pub status: ExitStatus,
@@ -161,7 +160,11 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         }
         None => (paths::new_run_dir("run")?, None),
     };
-    let mut session = Session::create(&SessionConfig {
+    // The VM's process enters a jail of its own (uid, mount namespace) once
+    // the VM is built; this one keeps root to remove the run dir after it.
+    let jail_id =
+        crate::runc::create::jail_enabled_by_env().then(|| crate::runc::store::jail_id(&run_dir));
+    let cfg = SessionConfig {
         spec,
         root,
         mem_mib: vm_mem_mib(o.spec.memory),
@@ -177,29 +180,12 @@ pub fn run(o: &RunOptions) -> Result<RunOutcome, RuntimeError> {
         shares: share_set,
         seccomp: o.seccomp,
         template: o.template,
-        // `husk run` removes its run dir and answers its caller after the
-        // VM: it keeps its privileges.
-        jail_id: None,
-    })
-    // A session that never got its sandbox leaves nothing behind either.
-    .inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&run_dir);
-    })?;
-    session.start()?;
-    let first_run_ns = session.first_run_ns();
-    let guest_clock = session.guest_clock();
-    let restored = session.sandbox.restored();
-    let answered_ns = session.sandbox.answered_ns();
-    let setup = std::mem::take(&mut session.setup);
-    let status = session.wait()?;
-    Ok(RunOutcome {
-        status,
-        first_run_ns,
-        guest_clock,
-        restored,
-        answered_ns,
-        setup,
-    })
+        jail_id,
+    };
+    let outcome = crate::run_vm::supervise(&cfg);
+    // Whatever happened in the VM's process, nothing of it stays.
+    let _ = std::fs::remove_dir_all(&run_dir);
+    outcome
 }
 
 /// `n` bytes from the host's RNG (getrandom(2): a jailed VMM has no
@@ -271,6 +257,8 @@ pub struct Session {
     deadline: Instant,
     budget: u64,
     boot_timeout: Duration,
+    /// Where `husk run` relays the signals processes send it.
+    relayed_signals: Option<UnixStream>,
     /// The agent's steps creating the container.
     pub setup: Vec<husk_proto::SetupStep>,
 }
@@ -299,6 +287,17 @@ impl Session {
             boot_timeout: c.boot_timeout,
             jail_id: c.jail_id,
         })?;
+        if c.jail_id.is_some() {
+            // Jailed, the VM running: from here this thread and the ones it
+            // starts (stdio relays, signals, terminal size) talk to the
+            // guest and relay; filtered as the VMM's own threads are.
+            let mode = c
+                .seccomp
+                .or_env()
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+            husk_vmm::seccomp::install(husk_vmm::seccomp::ThreadKind::Protocol, mode)
+                .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        }
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
         // Replies to set-up requests are bounded; `wait` lifts the bound.
@@ -354,7 +353,35 @@ impl Session {
             deadline,
             budget,
             boot_timeout: c.boot_timeout,
+            relayed_signals: None,
             setup: created.setup,
+        })
+    }
+
+    /// Takes the signals processes send from `relayed` (one byte each,
+    /// from `husk run`) instead of this process's own: see
+    /// [`crate::run_vm`].
+    pub fn relay_signals_from(&mut self, relayed: UnixStream) {
+        self.relayed_signals = Some(relayed);
+    }
+
+    /// Starts the container and waits for it: what happened, with the
+    /// VM's and the agent's stamps.
+    pub fn run_to_end(mut self) -> Result<RunOutcome, RuntimeError> {
+        self.start()?;
+        let first_run_ns = self.first_run_ns();
+        let guest_clock = self.guest_clock();
+        let restored = self.sandbox.restored();
+        let answered_ns = self.sandbox.answered_ns();
+        let setup = std::mem::take(&mut self.setup);
+        let status = self.wait()?;
+        Ok(RunOutcome {
+            status,
+            first_run_ns,
+            guest_clock,
+            restored,
+            answered_ns,
+            setup,
         })
     }
 
@@ -399,7 +426,12 @@ impl Session {
         // send one must not hang husk when the container ends.
         let reply = Some(self.boot_timeout);
         let forwarder = match self.sandbox.control(self.deadline, self.budget, reply) {
-            Ok(c) => Some(forward_signals(self.sigfd, c, done.clone())),
+            Ok(c) => Some(forward_signals(
+                self.sigfd,
+                c,
+                self.relayed_signals.take(),
+                done.clone(),
+            )),
             Err(e) => {
                 tracing::warn!("signals will not be forwarded: {e}");
                 None
@@ -449,191 +481,6 @@ impl Session {
         }
         Ok(status)
     }
-}
-
-/// Attaches a process's streams to fds 0-2: output relayed in threads,
-/// fd 0 relayed when `interactive`; a pty when `tty` (fd 0 in raw mode
-/// when `host_terminal`).
-pub(crate) fn attach_stdio(
-    open: &dyn Fn(StreamKind) -> Result<UnixStream, RuntimeError>,
-    tty: bool,
-    interactive: bool,
-    host_terminal: bool,
-) -> Result<(Relays, Option<husk_vmm::event_loop::RawTerminal>), RuntimeError> {
-    let mut relays = Relays::default();
-    let mut raw_terminal = None;
-    if tty {
-        let s = open(StreamKind::Pty)?;
-        if host_terminal {
-            raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
-        }
-        relays.spawn(clone(&s)?, std::io::stdout());
-        if interactive {
-            spawn_stdin(s, false);
-        }
-    } else {
-        relays.spawn(open(StreamKind::Stdout)?, std::io::stdout());
-        relays.spawn(open(StreamKind::Stderr)?, std::io::stderr());
-        if interactive {
-            spawn_stdin(open(StreamKind::Stdin)?, true);
-        }
-    }
-    Ok((relays, raw_terminal))
-}
-
-fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {
-    s.try_clone()
-        .map_err(|e| RuntimeError::Io("vsock stream".into(), e))
-}
-
-/// Threads copying guest output streams to host writers until EOF.
-pub(crate) struct Relays {
-    tx: mpsc::Sender<()>,
-    rx: mpsc::Receiver<()>,
-    running: usize,
-}
-
-impl Default for Relays {
-    fn default() -> Self {
-        let (tx, rx) = mpsc::channel();
-        Relays { tx, rx, running: 0 }
-    }
-}
-
-impl Relays {
-    /// Copies `from` to `to` until EOF, in a thread.
-    fn spawn<W: Write + Send + 'static>(&mut self, mut from: UnixStream, mut to: W) {
-        let done = self.tx.clone();
-        self.running += 1;
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 32 * 1024];
-            loop {
-                match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        let _ = to.flush();
-                    }
-                }
-            }
-            let _ = done.send(());
-        });
-    }
-
-    /// Waits up to `timeout` for every stream to end. Threads still
-    /// running end when the VM stops (their sockets close).
-    pub(crate) fn wait(mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.running > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if self.rx.recv_timeout(left).is_err() {
-                tracing::warn!("{} output stream(s) still open; not waiting", self.running);
-                return;
-            }
-            self.running -= 1;
-        }
-    }
-}
-
-/// Copies husk's stdin to the stream; at EOF half-closes it (the
-/// container sees EOF) when `eof_closes`.
-fn spawn_stdin(mut to: UnixStream, eof_closes: bool) {
-    // Not joined: a read on a terminal cannot be interrupted; the thread
-    // ends with the process.
-    std::thread::spawn(move || {
-        let mut stdin = std::io::stdin();
-        let mut buf = [0u8; 32 * 1024];
-        loop {
-            match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        if eof_closes {
-            let _ = to.shutdown(Shutdown::Write);
-        }
-    });
-}
-
-fn terminal_size() -> Option<(u16, u16)> {
-    // SAFETY: winsize is plain data filled by the ioctl.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: TIOCGWINSZ writes a winsize into the pointer we pass.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
-}
-
-/// Passes the size of the terminal at fd 1 on to the process's terminal
-/// in the guest whenever it changes (checked every [`WINSIZE_POLL`]: a
-/// caller's resize of a console socket's master raises no signal here),
-/// until `done`.
-pub(crate) fn watch_winsize(
-    mut client: husk_proto::Client<UnixStream>,
-    exec_id: Option<String>,
-    done: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut last = None;
-        while !done.load(Ordering::SeqCst) {
-            let now = terminal_size();
-            if now.is_some() && now != last {
-                let (rows, cols) = now.unwrap_or_default();
-                let r = client.resize_tty(ResizeTty {
-                    container_id: CONTAINER_ID.into(),
-                    exec_id: exec_id.clone(),
-                    rows,
-                    cols,
-                });
-                if let Err(e) = r {
-                    tracing::debug!("terminal resize: {e}");
-                    return;
-                }
-                last = now;
-            }
-            std::thread::sleep(WINSIZE_POLL);
-        }
-    })
-}
-
-/// How often a terminal's size is checked.
-const WINSIZE_POLL: Duration = Duration::from_millis(200);
-
-/// Forwards signals from `fd` to the container until `done`.
-fn forward_signals(
-    fd: OwnedFd,
-    mut client: husk_proto::Client<UnixStream>,
-    done: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !done.load(Ordering::SeqCst) {
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-            if n <= 0 {
-                continue;
-            }
-            let Some(signal) = husk_vmm::event_loop::read_signal(&fd) else {
-                continue;
-            };
-            if let Err(e) = client.signal(Signal {
-                container_id: CONTAINER_ID.into(),
-                exec_id: None,
-                signal,
-            }) {
-                tracing::warn!("forwarding signal {signal}: {e}");
-            }
-        }
-    })
 }
 
 #[cfg(test)]

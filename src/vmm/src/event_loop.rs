@@ -62,8 +62,26 @@ pub fn signalfd(signals: &[libc::c_int]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A signal read from a signalfd: its number, and who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalInfo {
+    /// The signal number.
+    pub signo: i32,
+    /// `si_code`: > 0 when the kernel sent it (e.g. a terminal's ^C),
+    /// <= 0 when a process did (kill(2), sigqueue(3), tgkill(2)).
+    pub code: i32,
+    /// The sending process, when a process sent it.
+    pub pid: u32,
+}
+
 /// Reads one signal number from a signalfd; None if none is pending.
 pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    read_signal_info(fd).map(|i| i.signo)
+}
+
+/// Reads one signal and its sender from a signalfd; None if none is
+/// pending.
+pub fn read_signal_info(fd: &OwnedFd) -> Option<SignalInfo> {
     // SAFETY: signalfd_siginfo is plain data.
     let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::signalfd_siginfo>();
@@ -75,7 +93,11 @@ pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
             size,
         )
     };
-    (n as usize == size).then_some(info.ssi_signo as i32)
+    (n as usize == size).then_some(SignalInfo {
+        signo: info.ssi_signo as i32,
+        code: info.ssi_code,
+        pid: info.ssi_pid,
+    })
 }
 
 /// Stops the VM when a stop signal arrives.
@@ -105,15 +127,37 @@ impl MutEventSubscriber for SignalWatcher {
     }
 }
 
-/// Saved terminal settings, restored on drop.
+/// A terminal in raw mode, its settings put back when dropped.
 pub struct RawTerminal {
-    fd: RawFd,
-    saved: libc::termios,
+    _restore: SavedTerminal,
 }
 
 impl RawTerminal {
     /// Puts `fd` in raw mode if it is a terminal.
     pub fn enter(fd: RawFd) -> Option<Self> {
+        let saved = SavedTerminal::save(fd)?;
+        let mut raw = saved.saved;
+        // SAFETY: `raw` is a valid termios.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output processing so the host terminal renders "\n" sanely.
+        raw.c_oflag = saved.saved.c_oflag;
+        // SAFETY: `raw` is a valid termios for this fd.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { _restore: saved })
+    }
+}
+
+/// A terminal's settings, put back when dropped.
+pub struct SavedTerminal {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl SavedTerminal {
+    /// The settings of `fd`, if it is a terminal.
+    pub fn save(fd: RawFd) -> Option<Self> {
         // SAFETY: isatty only inspects the fd.
         if unsafe { libc::isatty(fd) } != 1 {
             return None;
@@ -124,20 +168,11 @@ impl RawTerminal {
         if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
             return None;
         }
-        let mut raw = saved;
-        // SAFETY: `raw` is a valid termios.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output processing so the host terminal renders "\n" sanely.
-        raw.c_oflag = saved.c_oflag;
-        // SAFETY: `raw` is a valid termios for this fd.
-        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return None;
-        }
         Some(Self { fd, saved })
     }
 }
 
-impl Drop for RawTerminal {
+impl Drop for SavedTerminal {
     fn drop(&mut self) {
         // SAFETY: restoring the settings read from the same fd.
         unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };

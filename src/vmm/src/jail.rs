@@ -239,7 +239,9 @@ impl JailConfig {
         }
         self.pivot(&dir)?;
         drop(dir);
+        let death = ParentDeath::get();
         self.drop_privileges()?;
+        death.rearm()?;
         pidns::rearm()
     }
 
@@ -356,6 +358,40 @@ impl JailConfig {
             return Err(step(format!("setresuid {u}"))(io::Error::last_os_error()));
         }
         crate::caps::drop_all().map_err(step("drop capabilities"))
+    }
+}
+
+/// The signal a process asked for when its parent dies (PR_SET_PDEATHSIG),
+/// which a change of credentials clears, and the parent it was for.
+struct ParentDeath {
+    signal: libc::c_int,
+    parent: libc::pid_t,
+}
+
+impl ParentDeath {
+    fn get() -> Self {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+        // SAFETY: getppid(2) has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        ParentDeath { signal, parent }
+    }
+
+    /// Asks for the signal again; an error if the parent is gone already.
+    fn rearm(&self) -> Result<(), JailError> {
+        if self.signal == 0 {
+            return Ok(());
+        }
+        // SAFETY: prctl(2) with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, self.signal) };
+        // SAFETY: getppid(2) has no preconditions.
+        if unsafe { libc::getppid() } != self.parent {
+            return Err(JailError::Invalid(
+                "the process that started the VMM is gone".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -62,6 +62,10 @@ pub enum ThreadKind {
     Console,
     /// Waits for the VM to stop and tears it down.
     Teardown,
+    /// Speaks the agent protocol and relays the container's stdio, in a
+    /// jailed process that also runs a VM (`husk run`'s VM process, the
+    /// runtime's VMM processes); the threads it starts inherit its filter.
+    Protocol,
 }
 
 impl ThreadKind {
@@ -71,6 +75,7 @@ impl ThreadKind {
             Self::EventLoop => "event-loop",
             Self::Console => "console",
             Self::Teardown => "teardown",
+            Self::Protocol => "agent-protocol",
         }
     }
 }
@@ -90,8 +95,13 @@ pub enum SeccompError {
 
 thread_local! {
     /// The filtered thread's kind, for the SIGSYS line.
-    static KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
+    static KIND: Cell<&'static str> = const { Cell::new("") };
 }
+
+/// Whether an agent-protocol filter was installed: of the filtered kinds,
+/// only that thread starts threads (which inherit its filter).
+static PROTOCOL_INSTALLED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Drops the calling thread's capabilities ([`crate::caps`]) and installs
 /// `kind`'s filter on it (both carry over to threads it starts later).
@@ -105,7 +115,34 @@ pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> 
     crate::caps::drop_all()
         .map_err(|e| SeccompError::Install(kind.name(), format!("drop capabilities: {e}")))?;
     KIND.with(|k| k.set(kind.name()));
-    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Install(kind.name(), e.to_string()))
+    if kind == ThreadKind::Protocol {
+        PROTOCOL_INSTALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let install = |p: &BpfProgram| {
+        seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(kind.name(), e.to_string()))
+    };
+    if kind == ThreadKind::Protocol {
+        install(&no_clone3(kind)?)?;
+    }
+    install(&prog)
+}
+
+/// A filter under which clone3(2) fails with ENOSYS, so that glibc
+/// starts threads with clone(2), whose flags a filter can see (clone3's
+/// are behind a pointer). Stacked with the allow-list, which lets clone3
+/// through: the kernel applies the stricter answer.
+fn no_clone3(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let err = |e: seccompiler::BackendError| SeccompError::Build(kind.name(), e.to_string());
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(err)?
+    .try_into()
+    .map_err(err)
 }
 
 /// The compiled filter of `kind`.
@@ -206,6 +243,34 @@ const TEARDOWN: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
+/// What the agent-protocol thread does beyond [`COMMON`]: connect to the
+/// VM's vsock socket and talk over it with timeouts, wait on fds and its
+/// signalfd, start threads (clone with CLONE_THREAD only, below; a new
+/// thread's glibc asks for its robust list, rseq area and CPU set), read a
+/// file of the jail dir (the console log's tail for an error) and empty
+/// the jail dir when the VM is gone.
+const PROTOCOL: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_connect,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_getdents64,
+    libc::SYS_unlinkat,
+];
+
 const KVMIO: u32 = 0xAE;
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
@@ -255,6 +320,15 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
             KVM_GET_PIT2(),
             KVM_GET_CLOCK(),
         ],
+        // The user's terminal: raw mode and back, its size; sockets
+        // (non-)blocking.
+        ThreadKind::Protocol => vec![
+            libc::TCGETS,
+            libc::TCSETS,
+            libc::TCSETSW,
+            libc::TIOCGWINSZ,
+            libc::FIONBIO,
+        ],
         ThreadKind::Console | ThreadKind::Teardown => Vec::new(),
     }
 }
@@ -265,6 +339,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         ThreadKind::Vcpu | ThreadKind::Console => &[],
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::Teardown => TEARDOWN,
+        ThreadKind::Protocol => PROTOCOL,
     };
     for nr in COMMON.iter().chain(extra) {
         map.insert(*nr, Vec::new());
@@ -278,8 +353,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     // before closing it); the event loop also sets fds non-blocking and
     // duplicates them.
     let mut fcntl = vec![libc::F_GETFD as u64];
-    if kind == ThreadKind::EventLoop {
+    if matches!(kind, ThreadKind::EventLoop | ThreadKind::Protocol) {
         fcntl.extend([libc::F_GETFL, libc::F_SETFL, libc::F_DUPFD_CLOEXEC].map(|c| c as u64));
+    }
+    if kind == ThreadKind::Protocol {
+        // glibc's fdopendir, emptying the jail dir, sets close-on-exec.
+        fcntl.push(libc::F_SETFD as u64);
     }
     map.insert(libc::SYS_fcntl, arg_is(1, SeccompCmpOp::Eq, &fcntl)?);
     // mprotect: glibc grows a thread's malloc arena with it; never to make
@@ -288,14 +367,31 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
         libc::SYS_mprotect,
         arg_is(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), &[0])?,
     );
-    // Unix sockets only (the vsock muxer's host side), and paths opened
-    // O_PATH only (the muxer checks a socket before it connects to it).
+    if kind == ThreadKind::Protocol {
+        // Threads only: no new process.
+        let thread = libc::CLONE_THREAD as u64;
+        map.insert(
+            libc::SYS_clone,
+            arg_is(0, SeccompCmpOp::MaskedEq(thread), &[thread])?,
+        );
+        // Files opened for reading only, none created.
+        let write = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+        map.insert(
+            libc::SYS_openat,
+            arg_is(2, SeccompCmpOp::MaskedEq(write), &[0])?,
+        );
+    }
+    // Unix sockets only (the vsock muxer's host side; the agent's vsock
+    // socket), and paths opened O_PATH only (the muxer checks a socket
+    // before it connects to it).
     if kind == ThreadKind::EventLoop {
         let o_path = libc::O_PATH as u64;
         map.insert(
             libc::SYS_openat,
             arg_is(2, SeccompCmpOp::MaskedEq(o_path), &[o_path])?,
         );
+    }
+    if matches!(kind, ThreadKind::EventLoop | ThreadKind::Protocol) {
         map.insert(
             libc::SYS_socket,
             arg_is(0, SeccompCmpOp::Eq, &[libc::AF_UNIX as u64])?,
@@ -352,7 +448,13 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // SAFETY: the kernel passes a valid siginfo_t (128 bytes) with
     // SA_SIGINFO; offset 24 is inside it.
     let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
-    let kind = KIND.with(|k| k.get());
+    let kind = match KIND.with(|k| k.get()) {
+        "" if PROTOCOL_INSTALLED.load(std::sync::atomic::Ordering::SeqCst) => {
+            ThreadKind::Protocol.name()
+        }
+        "" => "unfiltered",
+        k => k,
+    };
     let mut digits = [0u8; 12];
     let mut buf = [0u8; 160];
     let mut n = 0;

@@ -16,7 +16,8 @@ use crate::RuntimeError;
 /// Names the fd on which a detached helper reports readiness.
 pub const READY_FD_ENV: &str = "HUSK_READY_FD";
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+/// A pipe, both ends close-on-exec: (read, write).
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds that we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

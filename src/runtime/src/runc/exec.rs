@@ -15,7 +15,8 @@ use oci_spec::runtime::Process;
 
 use super::store::{write_atomic, Container, Status};
 use super::{bundle, console, detach, lifecycle};
-use crate::run::{attach_stdio, watch_winsize, CONTAINER_ID, UNDRAINED_GRACE};
+use crate::relay::{attach_stdio, watch_winsize};
+use crate::run::{CONTAINER_ID, UNDRAINED_GRACE};
 use crate::{spec, uds, RuntimeError};
 
 /// How long the process's output may take to arrive after it exited.

@@ -18,6 +18,7 @@ fn filters_compile_and_the_vcpu_list_is_the_narrower() {
         ThreadKind::EventLoop,
         ThreadKind::Console,
         ThreadKind::Teardown,
+        ThreadKind::Protocol,
     ] {
         for mode in [SeccompMode::On, SeccompMode::Log] {
             assert!(!program(kind, mode).unwrap().is_empty());
@@ -27,6 +28,7 @@ fn filters_compile_and_the_vcpu_list_is_the_narrower() {
     // The README and docs/threat-model.md give these: change them together.
     assert_eq!((v, e, allowed(ThreadKind::Console)), (30, 59, 29));
     assert_eq!(allowed(ThreadKind::Teardown), 34);
+    assert_eq!(allowed(ThreadKind::Protocol), 52);
     let console = rules(ThreadKind::Console).unwrap();
     assert!(!console.contains_key(&libc::SYS_ioctl), "no ioctl at all");
     assert_eq!(console.len() + 1, v, "the vCPU list less ioctl");
@@ -43,6 +45,21 @@ fn filters_compile_and_the_vcpu_list_is_the_narrower() {
     // The teardown: no ioctl, no socket, no file opened or created.
     refuses(ThreadKind::Teardown, &no_open_no_spawn);
     refuses(ThreadKind::Teardown, &[libc::SYS_ioctl]);
+    // The agent protocol: threads (clone, checked below), no process, no
+    // file opened for writing, no ioctl on KVM.
+    refuses(
+        ThreadKind::Protocol,
+        &[
+            libc::SYS_execve,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_ptrace,
+            libc::SYS_open,
+            libc::SYS_kill,
+            libc::SYS_mount,
+            libc::SYS_unshare,
+        ],
+    );
     refuses(
         ThreadKind::EventLoop,
         &[
@@ -97,6 +114,9 @@ fn child() {
     let Ok(what) = std::env::var("HUSK_SECCOMP_CHILD") else {
         return;
     };
+    if let Some(then) = what.strip_prefix("agent-protocol-") {
+        return protocol_child(then);
+    }
     let (kind, mode) = match what.as_str() {
         "vcpu" => (ThreadKind::Vcpu, SeccompMode::On),
         "event-loop" => (ThreadKind::EventLoop, SeccompMode::On),
@@ -126,6 +146,47 @@ fn a_forbidden_syscall_ends_the_process_with_one_line() {
         );
         assert!(err.contains(&want), "{err}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"));
+    }
+}
+
+/// Under the agent-protocol filter: a thread starts (clone3 refused with
+/// ENOSYS, glibc falls back to clone with CLONE_THREAD) and reads a file;
+/// then `then`: a fork (clone without CLONE_THREAD) or creating a file,
+/// either of which ends the process.
+fn protocol_child(then: &str) {
+    install(ThreadKind::Protocol, SeccompMode::On).unwrap();
+    let t = std::thread::spawn(|| std::fs::read_to_string("/proc/self/status").map(|s| s.len()));
+    let read = t.join().unwrap().unwrap();
+    assert!(read > 0);
+    println!("a thread ran and read {read} bytes");
+    if then == "create" {
+        let file = std::env::temp_dir().join(format!("husk-seccomp-{}", std::process::id()));
+        let created = std::fs::File::create(&file);
+        println!("survived: create {}", created.is_ok());
+        return;
+    }
+    // SAFETY: fork(2); the child (if any) exits at once.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: _exit in the forked child.
+        unsafe { libc::_exit(0) };
+    }
+    println!("survived: fork returned {pid}");
+}
+
+#[test]
+fn the_agent_protocol_thread_starts_threads_but_no_process() {
+    for (then, nr) in [("fork", libc::SYS_clone), ("create", libc::SYS_openat)] {
+        let out = in_child(&format!("agent-protocol-{then}"));
+        let (stdout, err) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(stdout.contains("a thread ran and read"), "{stdout}\n{err}");
+        assert!(!stdout.contains("survived"), "{then}: {stdout}");
+        assert_eq!(out.status.code(), Some(SIGSYS_EXIT), "{stdout}\n{err}");
+        let want = format!("husk: seccomp: the agent-protocol thread made syscall {nr},");
+        assert!(err.contains(&want), "{then}: {err}");
     }
 }
 

@@ -1,0 +1,237 @@
+//! A container process's stdio and signals between the host's fds and the
+//! agent's streams: output relayed in threads, stdin relayed, the
+//! terminal's size passed on, signals forwarded. Used by `husk run`'s
+//! session and by `husk exec`.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use husk_proto::{ResizeTty, Signal, StreamKind};
+
+use crate::run::CONTAINER_ID;
+use crate::RuntimeError;
+
+/// Attaches a process's streams to fds 0-2: output relayed in threads,
+/// fd 0 relayed when `interactive`; a pty when `tty` (fd 0 in raw mode
+/// when `host_terminal`).
+pub(crate) fn attach_stdio(
+    open: &dyn Fn(StreamKind) -> Result<UnixStream, RuntimeError>,
+    tty: bool,
+    interactive: bool,
+    host_terminal: bool,
+) -> Result<(Relays, Option<husk_vmm::event_loop::RawTerminal>), RuntimeError> {
+    let mut relays = Relays::default();
+    let mut raw_terminal = None;
+    if tty {
+        let s = open(StreamKind::Pty)?;
+        if host_terminal {
+            raw_terminal = husk_vmm::event_loop::RawTerminal::enter(libc::STDIN_FILENO);
+        }
+        relays.spawn(clone(&s)?, std::io::stdout());
+        if interactive {
+            spawn_stdin(s, false);
+        }
+    } else {
+        relays.spawn(open(StreamKind::Stdout)?, std::io::stdout());
+        relays.spawn(open(StreamKind::Stderr)?, std::io::stderr());
+        if interactive {
+            spawn_stdin(open(StreamKind::Stdin)?, true);
+        }
+    }
+    Ok((relays, raw_terminal))
+}
+
+fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {
+    s.try_clone()
+        .map_err(|e| RuntimeError::Io("vsock stream".into(), e))
+}
+
+/// Threads copying guest output streams to host writers until EOF.
+pub(crate) struct Relays {
+    tx: mpsc::Sender<()>,
+    rx: mpsc::Receiver<()>,
+    running: usize,
+}
+
+impl Default for Relays {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Relays { tx, rx, running: 0 }
+    }
+}
+
+impl Relays {
+    /// Copies `from` to `to` until EOF, in a thread.
+    fn spawn<W: Write + Send + 'static>(&mut self, mut from: UnixStream, mut to: W) {
+        let done = self.tx.clone();
+        self.running += 1;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 32 * 1024];
+            loop {
+                match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let _ = to.flush();
+                    }
+                }
+            }
+            let _ = done.send(());
+        });
+    }
+
+    /// Waits up to `timeout` for every stream to end. Threads still
+    /// running end when the VM stops (their sockets close).
+    pub(crate) fn wait(mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.running > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.rx.recv_timeout(left).is_err() {
+                tracing::warn!("{} output stream(s) still open; not waiting", self.running);
+                return;
+            }
+            self.running -= 1;
+        }
+    }
+}
+
+/// Copies husk's stdin to the stream; at EOF half-closes it (the
+/// container sees EOF) when `eof_closes`.
+fn spawn_stdin(mut to: UnixStream, eof_closes: bool) {
+    // Not joined: a read on a terminal cannot be interrupted; the thread
+    // ends with the process.
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 32 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if eof_closes {
+            let _ = to.shutdown(Shutdown::Write);
+        }
+    });
+}
+
+pub(crate) fn terminal_size() -> Option<(u16, u16)> {
+    // SAFETY: winsize is plain data filled by the ioctl.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize into the pointer we pass.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// Passes the size of the terminal at fd 1 on to the process's terminal
+/// in the guest whenever it changes (checked every [`WINSIZE_POLL`]: a
+/// caller's resize of a console socket's master raises no signal here),
+/// until `done`.
+pub(crate) fn watch_winsize(
+    mut client: husk_proto::Client<UnixStream>,
+    exec_id: Option<String>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut last = None;
+        while !done.load(Ordering::SeqCst) {
+            let now = terminal_size();
+            if now.is_some() && now != last {
+                let (rows, cols) = now.unwrap_or_default();
+                let r = client.resize_tty(ResizeTty {
+                    container_id: CONTAINER_ID.into(),
+                    exec_id: exec_id.clone(),
+                    rows,
+                    cols,
+                });
+                if let Err(e) = r {
+                    tracing::debug!("terminal resize: {e}");
+                    return;
+                }
+                last = now;
+            }
+            std::thread::sleep(WINSIZE_POLL);
+        }
+    })
+}
+
+/// How often a terminal's size is checked.
+const WINSIZE_POLL: Duration = Duration::from_millis(200);
+
+/// Forwards signals from `fd` to the container until `done`. With
+/// `relayed` (`husk run`'s VM process), processes' signals come from there
+/// instead, one byte each: `husk run` relays what it is sent, and the copy
+/// a process-group kill also delivers here is dropped, so the container
+/// gets one (a relayed copy sent here as a signal could merge with it).
+pub(crate) fn forward_signals(
+    fd: OwnedFd,
+    mut client: husk_proto::Client<UnixStream>,
+    mut relayed: Option<UnixStream>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut pass_on = |signal: i32| {
+            if let Err(e) = client.signal(Signal {
+                container_id: CONTAINER_ID.into(),
+                exec_id: None,
+                signal,
+            }) {
+                tracing::warn!("forwarding signal {signal}: {e}");
+            }
+        };
+        while !done.load(Ordering::SeqCst) {
+            let mut pfds = [
+                fd.as_raw_fd(),
+                relayed.as_ref().map_or(-1, |r| r.as_raw_fd()),
+            ]
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: two pollfds (a negative fd is skipped).
+            if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
+                continue;
+            }
+            if pfds[0].revents != 0 {
+                if let Some(info) = husk_vmm::event_loop::read_signal_info(&fd) {
+                    if relayed.is_some() && crate::run_vm::sent_by_a_process(&info) {
+                        tracing::debug!(
+                            "signal {} from pid {}: relayed instead",
+                            info.signo,
+                            info.pid
+                        );
+                    } else {
+                        pass_on(info.signo);
+                    }
+                }
+            }
+            if pfds[1].revents != 0 {
+                let mut buf = [0u8; 64];
+                match relayed.as_mut().map(|r| r.read(&mut buf)) {
+                    Some(Ok(n)) if n > 0 => {
+                        for &signal in &buf[..n] {
+                            if crate::run_vm::RELAYED.contains(&i32::from(signal)) {
+                                pass_on(i32::from(signal));
+                            }
+                        }
+                    }
+                    // `husk run` is gone (its VM goes with it) or broke the
+                    // channel: nothing more comes that way.
+                    _ => relayed = None,
+                }
+            }
+        }
+    })
+}
