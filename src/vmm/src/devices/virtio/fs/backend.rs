@@ -138,9 +138,12 @@ struct MountAttr {
 /// MOUNT_ATTR_RDONLY.
 const MOUNT_ATTR_RDONLY: u64 = 1;
 
-/// In the child, before exec: keep the listening socket open across exec,
-/// die with the parent, and make `dir` read-only in a private mount
-/// namespace when asked.
+/// close_range(2)'s flag: mark close-on-exec instead of closing.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// In the child, before exec: keep the listening socket, and no other fd
+/// beyond stdio, open across exec, die with the parent, and make `dir`
+/// read-only in a private mount namespace when asked.
 fn child_setup(fd: RawFd, dir: &CString, read_only: bool) -> std::io::Result<()> {
     let check = |rc: libc::c_int| {
         if rc == -1 {
@@ -152,6 +155,13 @@ fn child_setup(fd: RawFd, dir: &CString, read_only: bool) -> std::io::Result<()>
     // SAFETY: plain syscalls on an fd this process owns and on C strings
     // that live until exec.
     unsafe {
+        // Nothing of the VMM's but the listening socket crosses the exec:
+        // its eventfds (the guest's interrupts, the VM's stop latch) were
+        // made without close-on-exec.
+        check(
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC)
+                as libc::c_int,
+        )?;
         check(libc::fcntl(fd, libc::F_SETFD, 0))?;
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL))?;
         if read_only {

@@ -308,6 +308,34 @@ fn dropping_the_device_stops_virtiofsd() {
     assert!(stat.is_err(), "virtiofsd {pid} still exists: {stat:?}");
 }
 
+#[test]
+fn virtiofsd_gets_no_fd_of_the_vmm_but_its_socket() {
+    // Opened without close-on-exec, as the VMM's eventfds are.
+    let dir = Dir::new("fds");
+    let marker = dir.0.join("held-open");
+    std::fs::write(&marker, b"x").unwrap();
+    let path = std::ffi::CString::new(marker.to_str().unwrap()).unwrap();
+    // SAFETY: open(2) of a valid C string; the fd is closed below.
+    let held = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+    assert!(held > 2);
+    let backend = start(&dir);
+    // start() returns once virtiofsd answered: it has exec'd.
+    let pid = backend.pid().unwrap();
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(held) };
+    assert!(
+        !fds.iter().any(|l| l == marker.to_str().unwrap()),
+        "virtiofsd {pid} holds {}: {fds:?}",
+        marker.display()
+    );
+    assert!(fds.iter().any(|l| l.starts_with("socket:")), "{fds:?}");
+}
+
 fn chain_of(segments: &[(u64, u32, bool)]) -> Chain {
     Chain {
         segments: segments
