@@ -222,7 +222,7 @@ pub(crate) fn forward_signals(
                 match relayed.as_mut().map(|r| r.read(&mut buf)) {
                     Some(Ok(n)) if n > 0 => {
                         for &signal in &buf[..n] {
-                            if crate::run_vm::RELAYED.contains(&i32::from(signal)) {
+                            if crate::run::FORWARDED.contains(&i32::from(signal)) {
                                 pass_on(i32::from(signal));
                             }
                         }

@@ -246,6 +246,18 @@ pub struct SessionConfig {
     pub jail_id: Option<u32>,
 }
 
+impl SessionConfig {
+    /// Hands the run dir to the jail's uid and gid, if jailed: its only
+    /// directory is its own.
+    pub(crate) fn give_run_dir_to_jail(&self) -> Result<(), RuntimeError> {
+        match self.jail_id {
+            Some(id) => std::os::unix::fs::chown(&self.run_dir, Some(id), Some(id))
+                .map_err(|e| RuntimeError::Io(self.run_dir.display().to_string(), e)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A container created in its VM, stdio attached; `start`, then `wait`.
 pub struct Session {
     sandbox: Sandbox,

@@ -36,10 +36,6 @@ const CONFIG_FILE: &str = "session.json";
 /// The largest outcome read from the child (it has talked to the guest).
 const REPORT_MAX: usize = 1 << 20;
 
-/// The signals `husk run` relays (those it is sent; SIGWINCH is the
-/// terminal's, and the VM process watches the size itself).
-pub const RELAYED: [libc::c_int; 4] = FORWARDED;
-
 /// Whether a process sent the signal (kill(2), sigqueue(3), tgkill(2)),
 /// not the kernel (a terminal's ^C or hang-up, to the whole foreground
 /// process group): `husk run` relays the first kind, the VM process passes
@@ -58,11 +54,7 @@ pub(crate) fn supervise(cfg: &SessionConfig) -> Result<RunOutcome, RuntimeError>
     let config = cfg.run_dir.join(CONFIG_FILE);
     std::fs::write(&config, serde_json::to_vec(cfg).map_err(invalid)?)
         .map_err(|e| RuntimeError::Io(config.display().to_string(), e))?;
-    if let Some(id) = cfg.jail_id {
-        // The jail's only directory is its own.
-        std::os::unix::fs::chown(&cfg.run_dir, Some(id), Some(id))
-            .map_err(|e| RuntimeError::Io(cfg.run_dir.display().to_string(), e))?;
-    }
+    cfg.give_run_dir_to_jail()?;
     // Blocked here before the child exists (it starts with none blocked):
     // this process must outlive a ^C to report the container's status.
     let sigfd = husk_vmm::event_loop::signalfd(&FORWARDED)

@@ -242,7 +242,7 @@ impl JailConfig {
         let death = ParentDeath::get();
         self.drop_privileges()?;
         death.rearm()?;
-        pidns::rearm()
+        pidns::supervisor_alive()
     }
 
     /// Opens the jail directory and checks that it belongs to the jail.

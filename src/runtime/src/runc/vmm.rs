@@ -97,11 +97,7 @@ fn prepare(dir: &Path) -> Result<SessionConfig, RuntimeError> {
     // an earlier container of that name whose state dir was removed by hand.
     let _ = std::fs::remove_dir_all(&session.run_dir);
     crate::paths::private_dir(&session.run_dir)?;
-    if let Some(id) = session.jail_id {
-        // The jail's only directory is its own.
-        std::os::unix::fs::chown(&session.run_dir, Some(id), Some(id))
-            .map_err(|e| RuntimeError::Io(session.run_dir.display().to_string(), e))?;
-    }
+    session.give_run_dir_to_jail()?;
     Ok(session)
 }
 

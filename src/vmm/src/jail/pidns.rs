@@ -78,7 +78,7 @@ pub fn enter() -> Result<(), JailError> {
         0 => {
             drop(write_end);
             let _ = SUPERVISOR.set(read_end);
-            if rearm().is_err() {
+            if arm().is_err() {
                 // SAFETY: _exit(2) ends the child at once.
                 unsafe { libc::_exit(1) };
             }
@@ -101,14 +101,21 @@ pub fn enter() -> Result<(), JailError> {
 /// The child's end of the pipe whose other end the supervisor holds.
 static SUPERVISOR: OnceLock<OwnedFd> = OnceLock::new();
 
-/// In the child: dies with the supervisor (again after a credential
-/// change, which clears PR_SET_PDEATHSIG); an error if it is gone already.
-pub(super) fn rearm() -> Result<(), JailError> {
+/// In the child, right after the fork: dies with the supervisor; an error
+/// if it is gone already.
+fn arm() -> Result<(), JailError> {
+    // SAFETY: prctl(2) with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    supervisor_alive()
+}
+
+/// In the child: an error if the supervisor is gone (its pipe closed; it
+/// never writes). getppid() cannot tell across the namespace: it is 0.
+/// Ok outside a PID namespace of husk's.
+pub(super) fn supervisor_alive() -> Result<(), JailError> {
     let Some(fd) = SUPERVISOR.get() else {
         return Ok(());
     };
-    // SAFETY: prctl(2) with an integer argument.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let mut pfd = libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
@@ -117,7 +124,6 @@ pub(super) fn rearm() -> Result<(), JailError> {
     // SAFETY: one valid pollfd, no wait.
     match unsafe { libc::poll(&mut pfd, 1, 0) } {
         0 => Ok(()),
-        // Closed: the supervisor exited (it never writes).
         _ => Err(JailError::Invalid(
             "the PID namespace's supervisor is gone".into(),
         )),
