@@ -52,7 +52,10 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     let rootfs = busybox_tree(&dir.0);
     let mut c = husk_run(&dir.0, &rootfs);
     // Booted cold: the timing line then has every stage (a restored
-    // template's is checked in template_guest.rs).
+    // template's is checked in template_guest.rs). Profiled as `husk bench
+    // profile --container` does: the jailed VM process writes the samples.
+    let samples = dir.0.join("samples");
+    c.env("HUSK_PROFILE", format!("{}:200", samples.display()));
     c.args(["--timing", "--no-template", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
         .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; exit 3"]);
     let out = run_with_timeout(c, None, boot_timeout() * 2);
@@ -96,6 +99,29 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     assert!(field("guest_kernel_ms") > 0.0, "{line}");
     assert!(guest <= total + err, "{line}");
     assert!((guest + field("teardown_ms") - total).abs() < 1.0, "{line}");
+
+    // HUSK_PROFILE: a header, then "ns vcpu rip" per sample.
+    let profile = std::fs::read_to_string(&samples).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let mut lines = profile.lines();
+    assert!(
+        lines
+            .next()
+            .is_some_and(|h| h.starts_with("# husk-profile v1 hz=200 ")),
+        "{profile:.200}"
+    );
+    let rips: Vec<u64> = lines
+        .map(|l| {
+            let rip = l.split_whitespace().nth(2).unwrap_or_else(|| panic!("{l}"));
+            u64::from_str_radix(rip, 16).unwrap_or_else(|e| panic!("{l}: {e}"))
+        })
+        .collect();
+    // Seconds of a booting guest at 200 Hz, in its kernel (above the
+    // canonical hole) most of the time.
+    assert!(rips.len() > 100, "{} samples", rips.len());
+    assert!(
+        rips.iter().any(|&r| r >= 0xffff_8000_0000_0000),
+        "{profile:.500}"
+    );
 }
 
 /// `husk run`'s VM process is jailed (a uid of its own, no capability in

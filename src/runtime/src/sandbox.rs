@@ -168,6 +168,16 @@ impl Sandbox {
 
     fn boot_in(cfg: &SandboxConfig) -> Result<Self, RuntimeError> {
         let uds = cfg.run_dir.join("vsock.sock");
+        // The file is created before the VM is built: a jailed VMM has
+        // entered its jail by then, and the VMM thread that writes the
+        // samples at the end may create none (its seccomp filter).
+        let profile = profile_request().and_then(|(path, hz)| match std::fs::File::create(&path) {
+            Ok(out) => Some((out, path, hz)),
+            Err(e) => {
+                tracing::warn!("no profile: {}: {e}", path.display());
+                None
+            }
+        });
         let warm = if cfg.template && crate::template::eligible(cfg) {
             crate::template::try_restore(cfg)?
         } else {
@@ -180,22 +190,11 @@ impl Sandbox {
         };
         let latch = vm.stop_handle();
         let first_run = vm.first_run_probe();
-        // The file is created here: the VMM thread that writes it at the
-        // end may create none (its seccomp filter).
-        let profile = match profile_request() {
-            Some((path, hz)) => match std::fs::File::create(&path) {
-                Ok(out) => {
-                    let p = vm.profiler();
-                    p.enable(hz);
-                    Some((p, out, path))
-                }
-                Err(e) => {
-                    tracing::warn!("no profile: {}: {e}", path.display());
-                    None
-                }
-            },
-            None => None,
-        };
+        let profile = profile.map(|(out, path, hz)| {
+            let p = vm.profiler();
+            p.enable(hz);
+            (p, out, path)
+        });
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
