@@ -43,6 +43,11 @@ pub struct AgentConfig {
     pub host_grace: Duration,
     /// Manage cgroups (off when none is mounted).
     pub cgroups: bool,
+    /// glibc tunables added to every container process's environment (see
+    /// `ProcessPlan::add_glibc_tunables`): what the guest kernel's
+    /// command line gave the agent as `GLIBC_TUNABLES` (husk sets it on
+    /// kvm_pvm hosts).
+    pub glibc_tunables: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -53,6 +58,7 @@ impl Default for AgentConfig {
             drain_timeout: Duration::from_secs(5),
             host_grace: Duration::from_secs(30),
             cgroups: true,
+            glibc_tunables: None,
         }
     }
 }
@@ -206,7 +212,10 @@ impl Agent {
     fn create_reserved(self: &Arc<Self>, req: CreateContainer) -> Result<ProcessInfo, ErrorBody> {
         let id = &req.container_id;
         marks::start();
-        let plan = plan_container(&req.spec, self.cap_last_cap).map_err(plan_err)?;
+        let mut plan = plan_container(&req.spec, self.cap_last_cap).map_err(plan_err)?;
+        if let Some(t) = &self.cfg.glibc_tunables {
+            plan.process.add_glibc_tunables(t);
+        }
         marks::mark("plan");
         if !plan.shared_namespaces.is_empty() {
             log!(
@@ -479,6 +488,9 @@ impl Agent {
         }
         marks::start();
         let mut plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
+        if let Some(t) = &self.cfg.glibc_tunables {
+            plan.add_glibc_tunables(t);
+        }
         // runc applies the container's profile to exec'd processes too.
         plan.seccomp = c.seccomp.clone();
         let mut namespaces = Vec::new();

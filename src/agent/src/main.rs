@@ -74,6 +74,11 @@ fn pid1(started_ns: u64) -> ! {
         staging_dir: PathBuf::from("/run/husk"),
         reboot_on_exit: true,
         drain_timeout: opts.drain_timeout,
+        // The kernel hands command-line words it does not know to init as
+        // environment: this one only husk puts there.
+        glibc_tunables: std::env::var("GLIBC_TUNABLES")
+            .ok()
+            .filter(|t| !t.is_empty()),
         ..AgentConfig::default()
     };
     let agent = Agent::new(cfg, table, started_ns, Agent::reboot_hook());

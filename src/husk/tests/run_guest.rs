@@ -446,6 +446,24 @@ fn one_sandbox_serves_every_process_check() {
     );
     assert!(err.contains("Operation not permitted"), "{err}");
 
+    // On kvm_pvm glibc must not pick its AVX code in the guest (husk's VMM
+    // passes the tunables on the kernel command line, the agent hands them
+    // on): the guest kernel cannot keep vector registers apart.
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        let o = s.exec(
+            &["sh", "-c", "echo \"$GLIBC_TUNABLES\""],
+            None,
+            false,
+            false,
+        );
+        assert_eq!(o.code, 0);
+        let tunables = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            tunables.contains("glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F"),
+            "{tunables}"
+        );
+    }
+
     let o = s.exec(&["no-such-command"], None, false, false);
     assert_eq!(o.code, 127);
     assert!(!o.stderr.is_empty(), "the exec error goes to stderr");

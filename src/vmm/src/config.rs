@@ -500,7 +500,20 @@ impl VmConfig {
 /// The extra guest command line for kvm_pvm hosts: the `husk_pvm` switch
 /// that turns on the guest kernel's platform patches, plus features the
 /// emulator cannot run (see resources/guest/README.md).
-pub const PVM_CMDLINE: &str = "husk_pvm mitigations=off clearcpuid=xsave,popcnt,smap,erms,fsrm,fsgsbase,invpcid,cx16 noreplace-smp rodata=off percpu_alloc=page clocksource=kvm-clock";
+///
+/// And `GLIBC_TUNABLES` for init's environment (the kernel passes words it
+/// does not know to init; husk's agent hands it on to every container
+/// process): the guest's user mode runs natively in the *host's* XCR0 (kvm_pvm
+/// does not load a guest XCR0, even with CR4.OSXSAVE set), so CPUID and
+/// xgetbv offer AVX and AVX-512, while the guest kernel, without XSAVE,
+/// switches tasks saving x87/SSE state only: the upper halves of the
+/// vector registers pass from process to process. glibc's AVX string
+/// functions then crash at random; with these tunables glibc picks its SSE
+/// ones. Code that uses AVX regardless of glibc is still exposed.
+pub const PVM_CMDLINE: &str = concat!(
+    "husk_pvm mitigations=off clearcpuid=xsave,popcnt,smap,erms,fsrm,fsgsbase,invpcid,cx16 noreplace-smp rodata=off percpu_alloc=page clocksource=kvm-clock ",
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-FMA4,-AVX_Fast_Unaligned_Load"
+);
 
 /// The full guest command line for `cfg`.
 pub fn guest_cmdline(cfg: &VmConfig, pvm_host: bool) -> String {

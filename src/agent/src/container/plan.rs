@@ -73,6 +73,56 @@ pub struct ProcessPlan {
     pub seccomp: Option<Arc<SeccompPlan>>,
 }
 
+impl ProcessPlan {
+    /// Adds the platform's glibc tunables (`GLIBC_TUNABLES` syntax, `:`
+    /// separated) to the process's environment: appended to its own
+    /// `GLIBC_TUNABLES`, unless that already sets one of the same names
+    /// (the process's choice stands).
+    ///
+    /// On kvm_pvm a guest's user mode runs in the host's XCR0 while the
+    /// guest kernel can save only x87/SSE state at a context switch (see
+    /// `PVM_CMDLINE` in husk's VMM): glibc must not pick its AVX code
+    /// there, or processes corrupt each other's vector registers.
+    pub fn add_glibc_tunables(&mut self, tunables: &str) {
+        const KEY: &[u8] = b"GLIBC_TUNABLES=";
+        let names = |list: &str| -> Vec<String> {
+            list.split(':')
+                .filter_map(|t| t.split_once('=').map(|(n, _)| n.to_owned()))
+                .collect()
+        };
+        match self.env.iter().position(|e| e.as_bytes().starts_with(KEY)) {
+            None => {
+                if let Ok(e) = CString::new(format!("GLIBC_TUNABLES={tunables}")) {
+                    self.env.push(e);
+                }
+            }
+            Some(i) => {
+                let own =
+                    String::from_utf8_lossy(&self.env[i].as_bytes()[KEY.len()..]).into_owned();
+                let own_names = names(&own);
+                let added: Vec<&str> = tunables
+                    .split(':')
+                    .filter(|t| {
+                        t.split_once('=')
+                            .is_some_and(|(n, _)| !own_names.iter().any(|o| o == n))
+                    })
+                    .collect();
+                if added.is_empty() {
+                    return;
+                }
+                let joined = if own.is_empty() {
+                    added.join(":")
+                } else {
+                    format!("{own}:{}", added.join(":"))
+                };
+                if let Ok(e) = CString::new(format!("GLIBC_TUNABLES={joined}")) {
+                    self.env[i] = e;
+                }
+            }
+        }
+    }
+}
+
 /// One OCI mount, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountPlan {

@@ -624,3 +624,42 @@ fn device_rules_deny_all_then_the_spec_then_the_defaults() {
     .unwrap_err()
     .contains("rwx"));
 }
+
+#[test]
+fn platform_glibc_tunables_join_the_process_s_own() {
+    let env_of = |env: serde_json::Value| {
+        let mut plan = plan_container(&spec(json!({"process": {"env": env}})), 40).unwrap();
+        plan.process
+            .add_glibc_tunables("glibc.cpu.hwcaps=-AVX,-AVX2:glibc.malloc.check=0");
+        plan.process
+            .env
+            .iter()
+            .map(|e| e.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        env_of(json!(["A=1"])),
+        [
+            "A=1",
+            "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2:glibc.malloc.check=0"
+        ]
+    );
+    // Appended to the process's own; a name it sets itself stays its own.
+    assert_eq!(
+        env_of(json!(["GLIBC_TUNABLES=glibc.malloc.check=3", "B=2"])),
+        [
+            "GLIBC_TUNABLES=glibc.malloc.check=3:glibc.cpu.hwcaps=-AVX,-AVX2",
+            "B=2"
+        ]
+    );
+    assert_eq!(
+        env_of(json!([
+            "GLIBC_TUNABLES=glibc.cpu.hwcaps=AVX2:glibc.malloc.check=1"
+        ])),
+        ["GLIBC_TUNABLES=glibc.cpu.hwcaps=AVX2:glibc.malloc.check=1"]
+    );
+    assert_eq!(
+        env_of(json!(["GLIBC_TUNABLES="])),
+        ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2:glibc.malloc.check=0"]
+    );
+}
