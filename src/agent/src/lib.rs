@@ -19,6 +19,7 @@ pub mod state;
 pub mod stdio;
 pub mod sys;
 pub mod transport;
+pub mod vfork;
 pub mod vsock;
 
 /// Logs one line to stderr (the guest console when PID 1).

@@ -33,6 +33,16 @@ pub fn mark(step: &'static str) {
     });
 }
 
+/// This thread's steps so far.
+pub fn snapshot() -> Vec<(&'static str, u64)> {
+    STEPS.with(|s| s.borrow().clone())
+}
+
+/// Makes `steps` this thread's list (a thread that goes on with another's).
+pub fn replace(steps: Vec<(&'static str, u64)>) {
+    STEPS.with(|s| *s.borrow_mut() = steps);
+}
+
 /// This thread's steps as `name ns` lines.
 pub fn encode() -> Vec<u8> {
     STEPS.with(|s| {

@@ -1,5 +1,6 @@
 //! Thin safe wrappers over the Linux system calls the agent needs. All FFI
-//! of the crate lives here (and in `vsock.rs`); callers add context.
+//! of the crate lives here (and in `vsock.rs`, `vfork.rs`); callers add
+//! context.
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -261,15 +262,20 @@ pub fn fchown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// `setgroups(2)`.
+/// `setgroups(2)`, as the raw syscall like [`setgid_all`]: glibc's
+/// wrapper would signal every thread of its thread list to change too, and
+/// a container's init, cloned on the agent's memory (`vfork.rs`), sees the
+/// agent's threads in that list: it would signal tids of its own pid
+/// namespace (tid 1 is itself) and wait for them forever.
 pub fn setgroups(gids: &[u32]) -> io::Result<()> {
     // SAFETY: the pointer and length describe `gids`.
-    cvt(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })?;
+    cvt_long(unsafe { libc::syscall(libc::SYS_setgroups, gids.len(), gids.as_ptr()) })?;
     Ok(())
 }
 
 /// `setresgid(2)` with one gid for all three. The raw syscall changes only
-/// this thread, which is all there is in a forked child.
+/// this thread, which is all there is in a container's process (and glibc's
+/// wrapper must not run there: see [`setgroups`]).
 pub fn setgid_all(gid: u32) -> io::Result<()> {
     // SAFETY: no pointers involved.
     cvt_long(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
@@ -451,14 +457,37 @@ pub fn setrlimit(resource: libc::c_int, soft: u64, hard: u64) -> io::Result<()> 
     Ok(())
 }
 
+/// The argument and environment arrays of an `execve(2)`, made ahead of
+/// it (a process that shares the agent's heap must not allocate at its
+/// exec: see `vfork.rs`).
+pub struct ExecArgs<'a> {
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    _strings: std::marker::PhantomData<&'a CString>,
+}
+
+impl<'a> ExecArgs<'a> {
+    /// NULL-terminated pointer arrays over `args` and `env`.
+    pub fn new(args: &'a [CString], env: &'a [CString]) -> Self {
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|a| a.as_ptr())
+                .chain(std::iter::once(ptr::null()))
+                .collect()
+        };
+        ExecArgs {
+            argv: ptrs(args),
+            envp: ptrs(env),
+            _strings: std::marker::PhantomData,
+        }
+    }
+}
+
 /// `execve(2)`; returns only on failure.
-pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(ptr::null());
-    // SAFETY: NULL-terminated arrays of valid C strings that outlive the call.
-    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+pub fn execve(path: &CStr, args: &ExecArgs) -> io::Error {
+    // SAFETY: NULL-terminated arrays of C strings that `args` borrows, so
+    // they outlive the call; only returns on failure.
+    unsafe { libc::execve(path.as_ptr(), args.argv.as_ptr(), args.envp.as_ptr()) };
     io::Error::last_os_error()
 }
 

@@ -445,7 +445,7 @@ pub fn flat_keyed(text: &str, key: &str) -> Option<u64> {
 }
 
 /// A container's cgroup.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Cgroup {
     v2: bool,
     /// (controller, directory); one entry with an empty name on v2.

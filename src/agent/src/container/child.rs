@@ -35,6 +35,8 @@ use crate::marks;
 use crate::reaper::ProcessTable;
 use crate::sys::{self, Fork};
 
+mod init;
+
 const MSG_GO: u8 = b'G';
 const MSG_START: u8 = b'S';
 const MSG_PID: u8 = b'P';
@@ -71,17 +73,24 @@ pub struct Channel(OwnedFd);
 /// One channel message: tag, payload, passed descriptor.
 type Message = (u8, Vec<u8>, Option<OwnedFd>);
 
+/// The largest message; a longer payload is cut (an error message).
+const MSG_MAX: usize = 4096;
+
 impl Channel {
+    /// Sends from a buffer on the stack: a container's init shares the
+    /// agent's heap (see `vfork.rs`), and may be killed right after it
+    /// sent something, so it must not be inside `malloc`/`free` then.
     fn send(&self, tag: u8, payload: &[u8], fd: Option<RawFd>) -> io::Result<()> {
-        let mut msg = Vec::with_capacity(1 + payload.len());
-        msg.push(tag);
-        msg.extend_from_slice(payload);
-        sys::send_msg(self.0.as_raw_fd(), &msg, fd)
+        let mut msg = [0u8; MSG_MAX];
+        let n = payload.len().min(MSG_MAX - 1);
+        msg[0] = tag;
+        msg[1..=n].copy_from_slice(&payload[..n]);
+        sys::send_msg(self.0.as_raw_fd(), &msg[..=n], fd)
     }
 
     /// One message, or `None` once every child end is closed.
     fn recv(&self) -> io::Result<Option<Message>> {
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; MSG_MAX];
         let (n, fd) = sys::recv_msg(self.0.as_raw_fd(), &mut buf)?;
         if n == 0 {
             return Ok(None);
@@ -93,6 +102,16 @@ impl Channel {
 
     /// Parent side: waits for `expected`, turning ERROR and end of stream
     /// into errors.
+    /// Parent side: the pid a child reports with MSG_PID.
+    fn expect_pid(&self, stage: &str) -> Result<libc::pid_t, SpawnError> {
+        let (payload, _) = self.expect(MSG_PID, stage)?;
+        payload
+            .get(..4)
+            .map(|b| libc::pid_t::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .filter(|&p| p > 0)
+            .ok_or_else(|| SpawnError::Child("bad pid message".into()))
+    }
+
     fn expect(&self, expected: u8, stage: &str) -> Result<(Vec<u8>, Option<OwnedFd>), SpawnError> {
         match self.recv().map_err(sys_err("read from child"))? {
             Some((tag, payload, fd)) if tag == expected => Ok((payload, fd)),
@@ -113,10 +132,12 @@ impl Channel {
     }
 
     /// Child side: waits for `tag` from the parent; exits if the parent
-    /// went away or sent something else.
+    /// went away or sent something else. Allocates nothing (see `send`):
+    /// the agent kills a container's init that waits here to delete it.
     fn wait_for(&self, tag: u8) {
-        match self.recv() {
-            Ok(Some((t, _, _))) if t == tag => {}
+        let mut buf = [0u8; 16];
+        match sys::recv_msg(self.0.as_raw_fd(), &mut buf) {
+            Ok((n, None)) if n > 0 && buf[0] == tag => {}
             _ => sys::exit_now(1),
         }
     }
@@ -195,6 +216,24 @@ pub fn spawn(table: &ProcessTable, cfg: &SpawnConfig) -> Result<Spawned, SpawnEr
     marks::mark("staging and stdio");
     let (parent_end, child_end) = sys::seqpacket_pair().map_err(sys_err("socketpair"))?;
     let chan = Channel(parent_end);
+    if let SpawnKind::Init {
+        plan,
+        staging,
+        rootfs,
+        scratch,
+    } = &cfg.kind
+    {
+        return init::spawn(
+            table,
+            cfg,
+            plan,
+            staging,
+            rootfs,
+            scratch,
+            chan,
+            Channel(child_end),
+        );
+    }
     // SAFETY: the child branch runs `intermediate`, which only makes
     // system calls and small allocations and leaves through `_exit`.
     let fork = unsafe { table.fork_tracked() }.map_err(sys_err("fork"))?;
@@ -214,38 +253,14 @@ pub fn spawn(table: &ProcessTable, cfg: &SpawnConfig) -> Result<Spawned, SpawnEr
     result
 }
 
-fn spawn_parent(
+/// The container process once it reported READY (its setup steps and pty
+/// master); killed and reaped if its setup failed.
+fn spawned(
     table: &ProcessTable,
-    cfg: &SpawnConfig,
+    pid: libc::pid_t,
     chan: Channel,
-    middle: libc::pid_t,
+    ready: Result<(Vec<u8>, Option<OwnedFd>), SpawnError>,
 ) -> Result<Spawned, SpawnError> {
-    let init = matches!(cfg.kind, SpawnKind::Init { .. });
-    match cfg.cgroup {
-        Some(cg) if init => cg.join_all_but_devices(middle)?,
-        Some(cg) => cg.join(middle)?,
-        None => {}
-    }
-    chan.send(MSG_GO, &[], None)
-        .map_err(sys_err("signal the child"))?;
-    let (payload, _) = chan.expect(MSG_PID, "before forking the container process")?;
-    let pid = payload
-        .get(..4)
-        .map(|b| libc::pid_t::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or_else(|| SpawnError::Child("short pid message".into()))?;
-    // The intermediate has exited (or is exiting); once reaped, `pid` is
-    // ours (PID 1 or subreaper).
-    table.wait(middle);
-    table.track(pid);
-    let ready = chan
-        .send(MSG_GO, &[], None)
-        .map_err(sys_err("signal the container process"))
-        .and_then(|()| chan.expect(MSG_READY, "during setup"))
-        .and_then(|r| match cfg.cgroup {
-            // Set up, waiting for START: now under the device rules.
-            Some(cg) if init => cg.join_devices(pid).map(|()| r).map_err(Into::into),
-            _ => Ok(r),
-        });
     match ready {
         Ok((steps, pty_master)) => Ok(Spawned {
             pid,
@@ -261,7 +276,32 @@ fn spawn_parent(
     }
 }
 
-/// The intermediate child: namespaces, then fork the real process.
+fn spawn_parent(
+    table: &ProcessTable,
+    cfg: &SpawnConfig,
+    chan: Channel,
+    middle: libc::pid_t,
+) -> Result<Spawned, SpawnError> {
+    if let Some(cg) = cfg.cgroup {
+        cg.join(middle)?;
+    }
+    chan.send(MSG_GO, &[], None)
+        .map_err(sys_err("signal the child"))?;
+    let pid = chan.expect_pid("before forking the container process")?;
+    // The intermediate has exited (or is exiting); once reaped, `pid` is
+    // ours (PID 1 or subreaper).
+    table.wait(middle);
+    table.track(pid);
+    let ready = chan
+        .send(MSG_GO, &[], None)
+        .map_err(sys_err("signal the container process"))
+        .and_then(|()| chan.expect(MSG_READY, "during setup"));
+    spawned(table, pid, chan, ready)
+}
+
+/// The intermediate child of an exec: join the namespaces (a pid
+/// namespace is entered by the children of who joined it), then fork the
+/// real process.
 fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
     let mut keep = vec![chan.0.as_raw_fd()];
     keep.extend_from_slice(&cfg.stdio);
@@ -273,17 +313,10 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
     sys::reset_signals();
     chan.wait_for(MSG_GO);
     marks::mark("cgroup join");
-    match &cfg.kind {
-        SpawnKind::Init { plan, .. } => {
-            if let Err(e) = sys::unshare(plan.clone_flags) {
-                chan.fail(&format!("unshare namespaces: {e}"));
-            }
-        }
-        SpawnKind::Exec { namespaces } => {
-            for (fd, nstype) in namespaces {
-                if let Err(e) = sys::setns(fd, *nstype) {
-                    chan.fail(&format!("join namespace {nstype:#x}: {e}"));
-                }
+    if let SpawnKind::Exec { namespaces } = &cfg.kind {
+        for (fd, nstype) in namespaces {
+            if let Err(e) = sys::setns(fd, *nstype) {
+                chan.fail(&format!("join namespace {nstype:#x}: {e}"));
             }
         }
     }
@@ -292,7 +325,7 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
         Err(e) => chan.fail(&format!("fork: {e}")),
         Ok(Fork::Child) => {
             marks::mark("namespaces, fork");
-            container_process(cfg, chan)
+            container_process(cfg, &chan, "reparent", 0)
         }
         Ok(Fork::Parent(pid)) => {
             if chan.send(MSG_PID, &pid.to_le_bytes(), None).is_err() {
@@ -303,24 +336,34 @@ fn intermediate(cfg: &SpawnConfig, chan: Channel) -> ! {
     }
 }
 
-/// The container process: set up, report ready, wait for start, exec.
-fn container_process(cfg: &SpawnConfig, chan: Channel) -> ! {
+/// The container process: waits for GO (marked as `go`), enters the
+/// `late` namespaces, sets up, reports ready, waits for start, execs.
+fn container_process(cfg: &SpawnConfig, chan: &Channel, go: &'static str, late: i32) -> ! {
     chan.wait_for(MSG_GO);
-    marks::mark("reparent");
+    marks::mark(go);
+    if late != 0 {
+        if let Err(e) = sys::unshare(late) {
+            chan.fail(&format!("unshare namespaces: {e}"));
+        }
+    }
     let master = match setup(cfg) {
         Ok(master) => master,
         Err(msg) => chan.fail(&msg),
     };
     marks::mark("process");
+    // Everything the exec needs is made now: from READY on the agent may
+    // kill this process (see `Channel::send`).
+    let exec_args = sys::ExecArgs::new(&cfg.process.args, &cfg.process.env);
+    let steps = marks::encode();
     let master_fd = master.as_ref().map(|m| m.as_raw_fd());
-    if chan.send(MSG_READY, &marks::encode(), master_fd).is_err() {
+    if chan.send(MSG_READY, &steps, master_fd).is_err() {
         sys::exit_now(1);
     }
     drop(master);
     if matches!(cfg.kind, SpawnKind::Init { .. }) {
         chan.wait_for(MSG_START);
     }
-    exec(cfg.process)
+    exec(cfg.process, &exec_args)
 }
 
 fn step<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String> {
@@ -465,11 +508,11 @@ fn owned_by_process(fd: RawFd) -> bool {
 
 /// `execvp` by hand over the precomputed candidates; on failure writes the
 /// reason to the process's stderr and exits 127 or 126.
-fn exec(p: &ProcessPlan) -> ! {
+fn exec(p: &ProcessPlan, args: &sys::ExecArgs) -> ! {
     let mut errno = libc::ENOENT;
     let mut saw_eacces = false;
     for candidate in &p.exec_candidates {
-        let e = sys::execve(candidate, &p.args, &p.env);
+        let e = sys::execve(candidate, args);
         match e.raw_os_error().unwrap_or(libc::ENOENT) {
             libc::ENOENT | libc::ENOTDIR => {}
             libc::EACCES => saw_eacces = true,
