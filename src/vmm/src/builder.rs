@@ -298,7 +298,7 @@ fn build_inner(
 }
 
 pub(crate) fn eventfd() -> Result<EventFd, BuildError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| BuildError::Host("eventfd", e))
+    crate::sys::eventfd().map_err(|e| BuildError::Host("eventfd", e))
 }
 
 pub(crate) fn clone_fd(evt: &EventFd) -> Result<EventFd, BuildError> {

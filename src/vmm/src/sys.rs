@@ -1,6 +1,6 @@
 //! Thin wrappers over the libc calls std does not offer, shared by the
 //! VMM's parts: paths as C strings, `open(2)` with any flags (`O_PATH`),
-//! `fstat(2)` of a descriptor, the kernel's RNG, a rename that does not
+//! `fstat(2)` of a descriptor, eventfds, the kernel's RNG, a rename that does not
 //! replace, signal sets and the calling thread's signal mask.
 
 use std::ffi::CString;
@@ -57,6 +57,12 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A non-blocking, close-on-exec eventfd: every eventfd of the VMM's (a
+/// process that starts virtiofsd) is made here.
+pub fn eventfd() -> io::Result<vmm_sys_util::eventfd::EventFd> {
+    vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
 }
 
 /// A signal set holding `signals`.

@@ -17,6 +17,9 @@ use husk_vmm::{ConsoleInputSource, VmExit};
 
 #[test]
 fn a_tiny_guest_talks_to_a_host_unix_socket_through_vsock() {
+    // What this process inherited (from the shell that ran the tests)
+    // is not the VMM's.
+    let inherited = inheritable_fds();
     let dir = tiny::tempdir("vsock");
     let uds = dir.join("v.sock");
     let listener = UnixListener::bind(dir.join("v.sock_5000")).unwrap();
@@ -65,6 +68,17 @@ fn a_tiny_guest_talks_to_a_host_unix_socket_through_vsock() {
     };
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
+    // Now that every thread of the VM runs and the connection is up, none
+    // of the VMM's descriptors would cross an exec (it starts virtiofsd).
+    let leaky: Vec<_> = inheritable_fds()
+        .into_iter()
+        .filter(|fd| !inherited.contains(fd))
+        .collect();
+    if !leaky.is_empty() {
+        stop.stop(VmExit::Killed(9));
+        let _ = vm_thread.join();
+        panic!("descriptors without FD_CLOEXEC: {leaky:?}");
+    }
     let mut got = vec![0u8; PAYLOAD.len()];
     conn.read_exact(&mut got).unwrap();
     assert_eq!(got, PAYLOAD);
@@ -85,4 +99,23 @@ fn a_tiny_guest_talks_to_a_host_unix_socket_through_vsock() {
     assert_eq!(conn.read_to_end(&mut rest).unwrap(), 0);
     assert!(!uds.exists(), "socket file left behind");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// This process's descriptors above stderr that an exec would keep, with
+/// what each is.
+fn inheritable_fds() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // flags < 0: closed since the listing was read.
+        if fd > 2 && flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            let what = std::fs::read_link(e.path()).unwrap_or_default();
+            out.push((fd, what.display().to_string()));
+        }
+    }
+    out
 }

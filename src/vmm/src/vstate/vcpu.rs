@@ -177,7 +177,7 @@ impl ExitLatch {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: crate::sys::eventfd()?,
             first_run_ns: AtomicU64::new(0),
         })
     }

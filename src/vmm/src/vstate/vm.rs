@@ -61,7 +61,7 @@ pub fn create(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
 
 /// An eventfd wired to guest interrupt line `gsi`.
 pub fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+    let evt = crate::sys::eventfd().map_err(|e| {
         VmError::Ioctl(
             "eventfd",
             kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),

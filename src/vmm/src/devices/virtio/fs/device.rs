@@ -63,7 +63,7 @@ impl Fs {
         let mut config = [0u8; CONFIG_LEN];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| FsError::Host("eventfd", e));
+        let evt = || crate::sys::eventfd().map_err(|e| FsError::Host("eventfd", e));
         Ok(Self {
             tag: tag.to_string(),
             config,
