@@ -179,17 +179,7 @@ fn mount_cgroups(filesystems: &str, proc_cgroups: &str) -> Result<(), InitError>
     match choose_cgroups(filesystems, proc_cgroups) {
         CgroupMount::None => Ok(()),
         CgroupMount::V2 => {
-            ctx(
-                sys::mount(
-                    Some(Path::new("cgroup2")),
-                    root,
-                    Some("cgroup2"),
-                    NOSUID_NODEV_NOEXEC,
-                    None,
-                ),
-                "mount",
-                root,
-            )?;
+            ctx(sys::mount_cgroup2(root, NOSUID_NODEV_NOEXEC), "mount", root)?;
             // The device controller has no v2 files (v2 filters devices
             // with BPF programs): it gets a v1 hierarchy of its own, which
             // the agent finds in mountinfo. Containers do not see it.

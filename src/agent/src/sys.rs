@@ -37,6 +37,23 @@ pub fn cstring(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// Mounts cgroup2 at `target` with `favordynmods` (where the kernel, 6.0
+/// or later, knows it): moving a process between cgroups (every
+/// container's init joins its own) and enabling controllers then take the
+/// threadgroup lock without waiting for an RCU grace period, slow where
+/// guest kernel code is emulated; forks pay an atomic instead. A mount in
+/// the initial cgroup namespace sets the hierarchy's flags anew, so a
+/// container's own mount passes it too.
+pub fn mount_cgroup2(target: &Path, flags: u64) -> io::Result<()> {
+    let src = Some(Path::new("cgroup2"));
+    match mount(src, target, Some("cgroup2"), flags, Some("favordynmods")) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            mount(src, target, Some("cgroup2"), flags, None)
+        }
+        r => r,
+    }
+}
+
 /// `mount(2)`.
 pub fn mount(
     source: Option<&Path>,

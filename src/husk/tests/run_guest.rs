@@ -464,6 +464,17 @@ fn one_sandbox_serves_every_process_check() {
         );
     }
 
+    // The guest's cgroup2 (and the container's own mount of it) favours
+    // moves between cgroups: each container's init makes one.
+    let o = s.exec(&["cat", "/proc/self/mountinfo"], None, false, false);
+    assert_eq!(o.code, 0);
+    let mountinfo = String::from_utf8_lossy(&o.stdout);
+    let cgroup2 = mountinfo.lines().find(|l| l.contains(" - cgroup2 "));
+    assert!(
+        cgroup2.is_some_and(|l| l.contains("favordynmods")),
+        "{mountinfo}"
+    );
+
     let o = s.exec(&["no-such-command"], None, false, false);
     assert_eq!(o.code, 127);
     assert!(!o.stderr.is_empty(), "the exec error goes to stderr");

@@ -4,7 +4,7 @@
 //! nothing is created outside it.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -499,7 +499,12 @@ impl Cgroup {
         self.write_all(writes.collect())
     }
 
+    /// Each write in order; a file written more than once (device rules)
+    /// is opened once: every write(2) to a cgroup file is one value, and
+    /// an open and a path walk per rule are slow where guest kernel code
+    /// is emulated.
     fn write_all(&self, writes: Vec<CgroupWrite>) -> Result<(), CgroupError> {
+        let mut open: Vec<(PathBuf, fs::File)> = Vec::new();
         for w in writes {
             let Some(dir) = self.dir_for(&w.file) else {
                 if w.optional {
@@ -515,11 +520,27 @@ impl Cgroup {
             if w.optional && !path.exists() {
                 continue;
             }
-            fs::write(&path, &w.value).map_err(|source| CgroupError {
+            let fail = |source| CgroupError {
                 what: format!("write {:?} to", w.value),
-                path,
+                path: path.clone(),
                 source,
-            })?;
+            };
+            let at = match open.iter().position(|(p, _)| *p == path) {
+                Some(at) => at,
+                None => {
+                    let f = fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(fail)?;
+                    open.push((path.clone(), f));
+                    open.len() - 1
+                }
+            };
+            // One write(2): a cgroup file takes one value per call.
+            let n = (&open[at].1).write(w.value.as_bytes()).map_err(fail)?;
+            if n != w.value.len() {
+                return Err(fail(io::Error::from(io::ErrorKind::WriteZero)));
+            }
         }
         Ok(())
     }

@@ -357,12 +357,7 @@ fn mount_cgroup(dest: &Path, flags: u64, cgroup_dirs: &[PathBuf]) -> Result<(), 
     ctx(mkdir_p(dest), "create", dest)?;
     let flags = flags & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        let src = Path::new("cgroup2");
-        return ctx(
-            sys::mount(Some(src), dest, Some("cgroup2"), flags, None),
-            "mount",
-            dest,
-        );
+        return ctx(sys::mount_cgroup2(dest, flags), "mount", dest);
     }
     let tmpfs = Path::new("tmpfs");
     let data = "mode=0755";
