@@ -20,7 +20,7 @@ use crate::RuntimeError;
 /// fd 0 relayed when `interactive`; a pty when `tty` (fd 0 in raw mode
 /// when `host_terminal`).
 pub(crate) fn attach_stdio(
-    open: &dyn Fn(StreamKind) -> Result<UnixStream, RuntimeError>,
+    open: &(dyn Fn(StreamKind) -> Result<UnixStream, RuntimeError> + Sync),
     tty: bool,
     interactive: bool,
     host_terminal: bool,
@@ -37,10 +37,24 @@ pub(crate) fn attach_stdio(
             spawn_stdin(s, false);
         }
     } else {
-        relays.spawn(open(StreamKind::Stdout)?, std::io::stdout());
-        relays.spawn(open(StreamKind::Stderr)?, std::io::stderr());
-        if interactive {
-            spawn_stdin(open(StreamKind::Stdin)?, true);
+        // At once: each stream is a vsock connection and a hello, two round
+        // trips through the guest, slow where its kernel is emulated.
+        let (out, err, stdin) = std::thread::scope(|s| {
+            let err = s.spawn(|| open(StreamKind::Stderr));
+            let stdin = interactive.then(|| s.spawn(|| open(StreamKind::Stdin)));
+            let out = open(StreamKind::Stdout);
+            let join = |h: std::thread::ScopedJoinHandle<'_, _>| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RuntimeError::Invalid("stream thread panicked".into())))
+            };
+            (out, join(err), stdin.map(join))
+        });
+        let (out, err) = (out?, err?);
+        let stdin = stdin.transpose()?;
+        relays.spawn(out, std::io::stdout());
+        relays.spawn(err, std::io::stderr());
+        if let Some(s) = stdin {
+            spawn_stdin(s, true);
         }
     }
     Ok((relays, raw_terminal))
