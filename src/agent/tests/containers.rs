@@ -269,6 +269,32 @@ fn echo_goes_to_stdout_and_stderr_separately() {
 }
 
 #[test]
+fn a_dev_symlink_in_the_image_stays_inside_the_root() {
+    let mut h = harness("devlink");
+    fs::remove_dir(h.rootfs.join("dev")).unwrap();
+    fs::create_dir(h.rootfs.join("realdev")).unwrap();
+    symlink("/realdev", h.rootfs.join("dev")).unwrap();
+    let r = h.run(
+        "c",
+        spec(
+            &[
+                "sh",
+                "-c",
+                "echo x >/dev/null && test -c /realdev/zero && echo ok",
+            ],
+            json!({}),
+        ),
+    );
+    assert_eq!(
+        (r.status.exit_code, r.stdout.as_str()),
+        (0, "ok\n"),
+        "{}",
+        r.stderr
+    );
+    assert!(!Path::new("/realdev").exists(), "made on the host");
+}
+
+#[test]
 fn exit_codes_and_exec_failures() {
     let mut h = harness("exit");
     let r = h.run("three", spec(&["sh", "-c", "exit 3"], json!({})));

@@ -444,7 +444,13 @@ pub fn setup_dev(root: &Path, plan: &ContainerPlan) -> Result<(), MountError> {
     if plan.dev_is_bind() {
         return Ok(());
     }
-    let dev = root.join("dev");
+    // Within the root, as any mount target: an image's /dev may be a
+    // symlink, and an absolute one must not reach the agent's own tree.
+    let dev = ctx(
+        secure_join(root, Path::new("/dev")),
+        "resolve",
+        Path::new("/dev"),
+    )?;
     if !plan.mounts_at("/dev") {
         ctx(mkdir_p(&dev), "create", &dev)?;
         let flags = libc::MS_NOSUID | libc::MS_STRICTATIME;
