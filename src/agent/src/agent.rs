@@ -213,9 +213,7 @@ impl Agent {
         let id = &req.container_id;
         marks::start();
         let mut plan = plan_container(&req.spec, self.cap_last_cap).map_err(plan_err)?;
-        if let Some(t) = &self.cfg.glibc_tunables {
-            plan.process.add_glibc_tunables(t);
-        }
+        self.add_platform_env(&mut plan.process);
         marks::mark("plan");
         if !plan.shared_namespaces.is_empty() {
             log!(
@@ -290,6 +288,14 @@ impl Agent {
             timestamps: proc.timestamps(),
             setup,
         })
+    }
+
+    /// What the platform adds to every container process's environment
+    /// (a container's init and each exec): the guest's glibc tunables.
+    fn add_platform_env(&self, process: &mut ProcessPlan) {
+        if let Some(t) = &self.cfg.glibc_tunables {
+            process.add_glibc_tunables(t);
+        }
     }
 
     fn make_cgroup(
@@ -488,9 +494,7 @@ impl Agent {
         }
         marks::start();
         let mut plan = plan_process(&req.process, self.cap_last_cap).map_err(plan_err)?;
-        if let Some(t) = &self.cfg.glibc_tunables {
-            plan.add_glibc_tunables(t);
-        }
+        self.add_platform_env(&mut plan);
         // runc applies the container's profile to exec'd processes too.
         plan.seccomp = c.seccomp.clone();
         let mut namespaces = Vec::new();

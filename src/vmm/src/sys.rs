@@ -1,7 +1,7 @@
 //! Thin wrappers over the libc calls std does not offer, shared by the
 //! VMM's parts: paths as C strings, `open(2)` with any flags (`O_PATH`),
-//! `fstat(2)` of a descriptor, eventfds, the kernel's RNG, a rename that does not
-//! replace, signal sets and the calling thread's signal mask.
+//! `fstat(2)` of a descriptor, eventfds, the kernel's RNG, a rename that
+//! does not replace, signal sets and the calling thread's signal mask.
 
 use std::ffi::CString;
 use std::io;

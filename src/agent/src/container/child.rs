@@ -100,8 +100,6 @@ impl Channel {
         Ok(Some((tag, buf, fd)))
     }
 
-    /// Parent side: waits for `expected`, turning ERROR and end of stream
-    /// into errors.
     /// Parent side: the pid a child reports with MSG_PID.
     fn expect_pid(&self, stage: &str) -> Result<libc::pid_t, SpawnError> {
         let (payload, _) = self.expect(MSG_PID, stage)?;
@@ -112,6 +110,8 @@ impl Channel {
             .ok_or_else(|| SpawnError::Child("bad pid message".into()))
     }
 
+    /// Parent side: waits for `expected`, turning ERROR and end of stream
+    /// into errors.
     fn expect(&self, expected: u8, stage: &str) -> Result<(Vec<u8>, Option<OwnedFd>), SpawnError> {
         match self.recv().map_err(sys_err("read from child"))? {
             Some((tag, payload, fd)) if tag == expected => Ok((payload, fd)),

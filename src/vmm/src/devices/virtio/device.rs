@@ -150,7 +150,7 @@ impl<const N: usize> DeviceCore<N> {
     /// A core for the device `name` (used in logs) offering
     /// `avail_features`, with `N` queues of `queue_size` entries at most.
     pub fn new(name: &'static str, avail_features: u64, queue_size: u16) -> std::io::Result<Self> {
-        let evt = || crate::sys::eventfd();
+        let evt = crate::sys::eventfd;
         Ok(Self {
             name,
             avail_features,
