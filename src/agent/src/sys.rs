@@ -306,10 +306,10 @@ pub fn setuid_all(uid: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// `umask(2)`.
-pub fn umask(mask: u32) {
+/// `umask(2)`; returns the previous mask.
+pub fn umask(mask: u32) -> u32 {
     // SAFETY: umask cannot fail.
-    unsafe { libc::umask(mask) };
+    unsafe { libc::umask(mask) }
 }
 
 const PR_SET_PDEATHSIG: libc::c_int = 1;
@@ -597,6 +597,60 @@ pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<
     let dev = libc::makedev(major, minor);
     // SAFETY: a valid C string for the duration of the call.
     cvt(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, dev) })?;
+    Ok(())
+}
+
+/// A directory as an `O_PATH` descriptor for the `*at` calls, without
+/// following a final symlink.
+pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+    let path = cpath(path)?;
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid C string; the fd is owned right below.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), flags) })?;
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mknodat(2)`: `name` in `dir`; `mode` holds the file type
+/// (`S_IFCHR`, `S_IFBLK`, `S_IFIFO`) and the permission bits.
+pub fn mknodat(dir: &OwnedFd, name: &OsStr, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let name = cstring(name)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: a valid descriptor and C string for the duration of the call.
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, dev) })?;
+    Ok(())
+}
+
+/// `unlinkat(2)` of a non-directory `name` in `dir`.
+pub fn unlinkat(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let name = cstring(name)?;
+    // SAFETY: a valid descriptor and C string for the duration of the call.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// `fchownat(2)` of `name` in `dir`, not following a symlink.
+pub fn fchownat(dir: &OwnedFd, name: &OsStr, uid: u32, gid: u32) -> io::Result<()> {
+    let name = cstring(name)?;
+    let flags = libc::AT_SYMLINK_NOFOLLOW;
+    // SAFETY: a valid descriptor and C string for the duration of the call.
+    cvt(unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, flags) })?;
+    Ok(())
+}
+
+/// `fchmodat(2)` of `name` in `dir`.
+pub fn fchmodat(dir: &OwnedFd, name: &OsStr, mode: u32) -> io::Result<()> {
+    let name = cstring(name)?;
+    // SAFETY: a valid descriptor and C string for the duration of the call.
+    cvt(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) })?;
+    Ok(())
+}
+
+/// `symlinkat(2)`: `name` in `dir`, pointing at `target`.
+pub fn symlinkat(target: &OsStr, dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    let (target, name) = (cstring(target)?, cstring(name)?);
+    // SAFETY: a valid descriptor and C strings for the duration of the call.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
     Ok(())
 }
 

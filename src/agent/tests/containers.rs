@@ -350,6 +350,30 @@ fn env_cwd_user_and_hostname() {
 }
 
 #[test]
+fn spec_devices_get_their_mode_owner_and_place() {
+    let mut h = harness("devnodes");
+    let script = "stat -c '%n %a %u:%g %t:%T %F' /dev/fuse /dev/null /dev/net/tun /dev/myfifo";
+    let devices = json!({"linux": {"devices": [
+        {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+         "fileMode": 416, "uid": 1000, "gid": 1001},
+        // A default node listed again is replaced by the spec's.
+        {"path": "/dev/null", "type": "c", "major": 1, "minor": 3, "fileMode": 384},
+        {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200},
+        {"path": "/dev/myfifo", "type": "p", "fileMode": 2544},
+    ]}});
+    let r = h.run("nodes", spec(&["sh", "-c", script], devices));
+    assert_eq!(r.stderr, "");
+    assert_eq!(
+        r.stdout,
+        "/dev/fuse 640 1000:1001 a:e5 character special file\n\
+         /dev/null 600 0:0 1:3 character special file\n\
+         /dev/net/tun 666 0:0 a:c8 character special file\n\
+         /dev/myfifo 4760 0:0 0:0 fifo\n"
+    );
+    assert_eq!(r.status.exit_code, 0);
+}
+
+#[test]
 fn stdin_is_relayed_byte_exact_and_eof_propagates() {
     let mut h = harness("stdin");
     h.create("cat", spec(&["cat"], json!({})), true).unwrap();

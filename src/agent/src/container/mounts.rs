@@ -2,9 +2,11 @@
 //! OCI mounts, a minimal /dev, and pivot_root. The functions that mount run
 //! in the container's child process, inside its new mount namespace.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, DirBuilderExt, FileTypeExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
 use std::path::{Component, Path, PathBuf};
 
 use husk_proto::{Rootfs, Scratch};
@@ -467,8 +469,14 @@ pub fn setup_dev(root: &Path, plan: &ContainerPlan) -> Result<(), MountError> {
             &dev,
         )?;
     }
-    for &(name, major, minor) in DEFAULT_DEVICES {
-        let node = DevicePlan {
+    // Nodes and links directly in /dev are made relative to one
+    // descriptor: a system call or two each instead of a path walk per
+    // step (resolve, mkdir, unlink, mknod, chown, chmod), each of which
+    // costs milliseconds where guest kernel code is emulated.
+    let dir = ctx(sys::open_dir_path(&dev), "open", &dev)?;
+    let defaults = DEFAULT_DEVICES
+        .iter()
+        .map(|&(name, major, minor)| DevicePlan {
             path: PathBuf::from("/dev").join(name),
             kind: libc::S_IFCHR,
             major,
@@ -476,11 +484,12 @@ pub fn setup_dev(root: &Path, plan: &ContainerPlan) -> Result<(), MountError> {
             mode: 0o666,
             uid: 0,
             gid: 0,
-        };
-        create_device(root, &node)?;
-    }
-    for node in &plan.devices {
-        create_device(root, node)?;
+        });
+    for node in defaults.chain(plan.devices.iter().cloned()) {
+        match name_in_dev(&node.path) {
+            Some(name) => create_device_at(root, &dir, name, &node)?,
+            None => create_device(root, &node)?,
+        }
     }
     if !plan.mounts_at("/dev/pts") {
         let pts = dev.join("pts");
@@ -523,19 +532,65 @@ pub fn setup_dev(root: &Path, plan: &ContainerPlan) -> Result<(), MountError> {
         ("ptmx", "pts/ptmx"),
     ];
     for (name, target) in links {
-        let link = dev.join(name);
+        let name = OsStr::new(name);
         if name == "ptmx" {
             // The container's own devpts instance, not the guest's.
-            let _ = fs::remove_file(&link);
+            let _ = sys::unlinkat(&dir, name);
         }
-        match symlink(target, &link) {
+        match sys::symlinkat(OsStr::new(target), &dir, name) {
             Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-                return ctx(Err(e), "symlink", &link);
+                return ctx(Err(e), "symlink", &dev.join(name));
             }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// `null` for `/dev/null`: a node directly in /dev, by a plain name.
+fn name_in_dev(path: &Path) -> Option<&OsStr> {
+    let mut comps = path.components();
+    match (comps.next(), comps.next(), comps.next(), comps.next()) {
+        (
+            Some(Component::RootDir),
+            Some(Component::Normal(dev)),
+            Some(Component::Normal(n)),
+            None,
+        ) if dev == "dev" => Some(n),
+        _ => None,
+    }
+}
+
+/// A node in the container's /dev (`dir`): mknodat with the exact mode
+/// (no umask), a chown only for another owner. What is already there (an
+/// image's file, a default the spec lists again) is replaced; where mknod
+/// is refused, the general path bind-mounts the guest's node.
+fn create_device_at(
+    root: &Path,
+    dir: &OwnedFd,
+    name: &OsStr,
+    d: &DevicePlan,
+) -> Result<(), MountError> {
+    let old_mask = sys::umask(0);
+    let mut made = sys::mknodat(dir, name, d.kind | d.mode, d.major, d.minor);
+    if matches!(&made, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+        made = sys::unlinkat(dir, name)
+            .and_then(|()| sys::mknodat(dir, name, d.kind | d.mode, d.major, d.minor));
+    }
+    sys::umask(old_mask);
+    match made {
+        Ok(()) if (d.uid, d.gid) == (0, 0) => Ok(()),
+        Ok(()) => {
+            ctx(sys::fchownat(dir, name, d.uid, d.gid), "chown", &d.path)?;
+            // A chown drops set-id bits; put the asked mode back.
+            if d.mode & 0o6000 != 0 {
+                ctx(sys::fchmodat(dir, name, d.mode), "chmod", &d.path)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => create_device(root, d),
+        Err(e) => ctx(Err(e), "mknod", &d.path),
+    }
 }
 
 /// mknod, or a bind mount of the guest's node where mknod is refused.
