@@ -23,7 +23,7 @@ use crate::container::plan::{
 use crate::log;
 use crate::marks;
 use crate::reaper::ProcessTable;
-use crate::state::{Container, InFlight, Proc, StdioEnds};
+use crate::state::{Container, CreateEnds, InFlight, Proc, StdioEnds};
 use crate::sys;
 
 /// How the agent behaves.
@@ -89,6 +89,8 @@ pub struct Agent {
     cap_last_cap: u32,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<HashSet<String>>,
+    /// Create requests that ended, for streams waiting on their container.
+    creates: CreateEnds,
     /// Open control connections from the host.
     hosts: InFlight,
     started_ns: u64,
@@ -120,6 +122,7 @@ impl Agent {
             cap_last_cap: kernel_last_cap(),
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            creates: CreateEnds::default(),
             hosts: InFlight::default(),
             started_ns,
             ready_ns: AtomicU64::new(started_ns),
@@ -206,7 +209,25 @@ impl Agent {
         }
         let result = self.create_reserved(req);
         lock(&self.creating).remove(&id);
+        self.creates.ended(id);
         result
+    }
+
+    /// [`Self::find_process`] for a stream the host opened, maybe while the
+    /// container is still being created (to save the round trips after
+    /// the create): an init process's stream waits up to `wait` for its
+    /// container, and is answered as soon as a create of it has ended.
+    pub fn find_stream_process(
+        &self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        wait: Duration,
+    ) -> Result<Arc<Proc>, ErrorBody> {
+        if exec_id.is_some() || wait.is_zero() {
+            return self.find_process(container_id, exec_id);
+        }
+        self.creates
+            .wait_for(container_id, wait, || self.find_process(container_id, None))
     }
 
     fn create_reserved(self: &Arc<Self>, req: CreateContainer) -> Result<ProcessInfo, ErrorBody> {

@@ -5,7 +5,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use husk_proto::{ExitStatus, StreamKind, Timestamps};
+use husk_proto::{ErrorBody, ErrorCode, ExitStatus, StreamKind, Timestamps};
 
 use crate::container::cgroup::Cgroup;
 use crate::container::child::Spawned;
@@ -268,9 +268,85 @@ impl Container {
     }
 }
 
+/// The longest a stream waits for its container (the host asks for less).
+const MAX_STREAM_WAIT: Duration = Duration::from_secs(600);
+
+/// How many create requests of each container id have ended, for streams
+/// the host opens while their container is being created.
+#[derive(Default)]
+pub struct CreateEnds {
+    log: Mutex<CreateLog>,
+    ended: Condvar,
+}
+
+#[derive(Default)]
+struct CreateLog {
+    /// Bumped at every end.
+    generation: u64,
+    ended: HashMap<String, u64>,
+}
+
+impl CreateLog {
+    fn count(&self, id: &str) -> u64 {
+        self.ended.get(id).copied().unwrap_or(0)
+    }
+}
+
+impl CreateEnds {
+    /// A create request of `id` ended (its container, if made, is in the
+    /// agent's table by now).
+    pub fn ended(&self, id: String) {
+        let mut log = lock(&self.log);
+        // Bounded: ids are forgotten in bulk (a stream waiting on one of
+        // them then waits out its time instead of failing at once).
+        if log.ended.len() >= 1024 {
+            log.ended.clear();
+        }
+        log.generation += 1;
+        *log.ended.entry(id).or_default() += 1;
+        drop(log);
+        self.ended.notify_all();
+    }
+
+    /// `find`, again each time a create ends, until it finds the process,
+    /// fails otherwise than with NotFound, a create of `id` has ended since
+    /// the call began, or `wait` is over.
+    pub fn wait_for<T>(
+        &self,
+        id: &str,
+        wait: Duration,
+        find: impl Fn() -> Result<T, ErrorBody>,
+    ) -> Result<T, ErrorBody> {
+        let deadline = Instant::now() + wait.min(MAX_STREAM_WAIT);
+        let ended_before = lock(&self.log).count(id);
+        loop {
+            let generation = lock(&self.log).generation;
+            let missing = match find() {
+                Err(e) if e.code == ErrorCode::NotFound => e,
+                found => return found,
+            };
+            let log = lock(&self.log);
+            if log.generation != generation {
+                // A create ended while `find` looked: look again.
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if log.count(id) > ended_before || left.is_zero() {
+                return Err(missing);
+            }
+            drop(
+                self.ended
+                    .wait_timeout(log, left)
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::thread;
 
     fn status() -> ExitStatus {
         ExitStatus {
@@ -280,6 +356,76 @@ mod tests {
             output_drained: true,
             timestamps: Timestamps::default(),
         }
+    }
+
+    fn not_found() -> ErrorBody {
+        ErrorBody {
+            code: ErrorCode::NotFound,
+            message: "no container".into(),
+        }
+    }
+
+    /// A waiter on `ends` for "c" in a thread, finding `table`'s value.
+    fn waiter(
+        ends: &Arc<CreateEnds>,
+        table: &Arc<Mutex<Option<u32>>>,
+        wait: Duration,
+    ) -> thread::JoinHandle<(Result<u32, ErrorBody>, Duration)> {
+        let (ends, table) = (Arc::clone(ends), Arc::clone(table));
+        thread::spawn(move || {
+            let t = Instant::now();
+            let r = ends.wait_for("c", wait, || lock(&table).ok_or_else(not_found));
+            (r, t.elapsed())
+        })
+    }
+
+    #[test]
+    fn a_stream_waits_for_its_container_until_a_create_of_it_ends() {
+        let long = Duration::from_secs(60);
+        let ends = Arc::new(CreateEnds::default());
+        let table = Arc::new(Mutex::new(None));
+        // Created: the waiter gets the process once the create ended.
+        let w = waiter(&ends, &table, long);
+        thread::sleep(Duration::from_millis(50));
+        *lock(&table) = Some(7);
+        ends.ended("c".into());
+        let (r, took) = w.join().unwrap();
+        assert_eq!(r.unwrap(), 7);
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // Already there: at once.
+        assert_eq!(waiter(&ends, &table, long).join().unwrap().0.unwrap(), 7);
+
+        // A create that failed answers the waiter at once, not after `wait`;
+        // so does one of another id only after its own.
+        *lock(&table) = None;
+        let w = waiter(&ends, &table, long);
+        thread::sleep(Duration::from_millis(50));
+        ends.ended("other".into());
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !w.is_finished(),
+            "another container's create answered the stream"
+        );
+        ends.ended("c".into());
+        let (r, took) = w.join().unwrap();
+        assert_eq!(r.unwrap_err().code, ErrorCode::NotFound);
+        assert!(took < Duration::from_secs(10), "{took:?}");
+
+        // No create at all: the wait is over.
+        let (r, took) = waiter(&ends, &table, Duration::from_millis(100))
+            .join()
+            .unwrap();
+        assert_eq!(r.unwrap_err().code, ErrorCode::NotFound);
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+
+        // Other errors are not waited on.
+        let other = ends.wait_for("c", long, || {
+            Err::<u32, _>(ErrorBody {
+                code: ErrorCode::InvalidState,
+                message: "x".into(),
+            })
+        });
+        assert_eq!(other.unwrap_err().code, ErrorCode::InvalidState);
     }
 
     #[test]

@@ -63,7 +63,8 @@ fn attach(agent: &Agent, hello: &StreamHello) -> Result<(Arc<Proc>, OwnedFd), Er
             ),
         });
     }
-    let proc = agent.find_process(&hello.container_id, hello.exec_id.as_deref())?;
+    let wait = std::time::Duration::from_millis(hello.wait_ms);
+    let proc = agent.find_stream_process(&hello.container_id, hello.exec_id.as_deref(), wait)?;
     let fd = proc.take_stream(hello.stream).map_err(|e| {
         let message = match e {
             AttachError::AlreadyAttached => format!("{:?} is already attached", hello.stream),

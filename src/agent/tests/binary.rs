@@ -95,6 +95,7 @@ fn debug_server_runs_a_container_and_shuts_down() {
             container_id: "bin".into(),
             exec_id: None,
             stream: StreamKind::Stdout,
+            wait_ms: 0,
         };
         write_frame(&mut out, &hello).unwrap();
         assert_eq!(

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use husk_agent::agent::{Agent, AgentConfig};
 use husk_agent::reaper::{ProcessTable, ReapMode};
@@ -182,6 +182,18 @@ impl Harness {
         exec_id: Option<&str>,
         stream: StreamKind,
     ) -> Result<UnixStream, String> {
+        let a = self.send_hello(id, exec_id, stream, 0);
+        attached(a)
+    }
+
+    /// A stdio connection with its hello sent (the reply not read).
+    fn send_hello(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        stream: StreamKind,
+        wait_ms: u64,
+    ) -> UnixStream {
         let (mut a, b) = UnixStream::pair().unwrap();
         let agent = Arc::clone(&self.agent);
         thread::spawn(move || serve_stdio(&agent, b));
@@ -190,12 +202,10 @@ impl Harness {
             container_id: id.into(),
             exec_id: exec_id.map(Into::into),
             stream,
+            wait_ms,
         };
         write_frame(&mut a, &hello).unwrap();
-        match read_frame(&mut a).unwrap() {
-            StreamReply::Attached => Ok(a),
-            StreamReply::Rejected(e) => Err(e.message),
-        }
+        a
     }
 
     fn wait(&mut self, id: &str, exec_id: Option<&str>) -> ExitStatus {
@@ -231,6 +241,14 @@ impl Harness {
             stdout: out.join().unwrap(),
             stderr: err.join().unwrap(),
         }
+    }
+}
+
+/// The stream, if the agent's reply to its hello attached it.
+fn attached(mut a: UnixStream) -> Result<UnixStream, String> {
+    match read_frame(&mut a).unwrap() {
+        StreamReply::Attached => Ok(a),
+        StreamReply::Rejected(e) => Err(e.message),
     }
 }
 
@@ -371,6 +389,43 @@ fn spec_devices_get_their_mode_owner_and_place() {
          /dev/myfifo 4760 0:0 0:0 fifo\n"
     );
     assert_eq!(r.status.exit_code, 0);
+}
+
+#[test]
+fn streams_opened_before_the_create_attach_once_it_ends() {
+    let mut h = harness("early");
+    let long = 60_000;
+    // Hellos first (as husk run sends them while the create runs), then
+    // the create: both streams attach and carry the output.
+    let out = h.send_hello("early", None, StreamKind::Stdout, long);
+    let err = h.send_hello("early", None, StreamKind::Stderr, long);
+    thread::sleep(Duration::from_millis(100));
+    let script = spec(&["sh", "-c", "echo out; echo err >&2"], json!({}));
+    h.create("early", script, false).unwrap();
+    let (out, err) = (
+        reader(attached(out).unwrap()),
+        reader(attached(err).unwrap()),
+    );
+    h.client.start("early").unwrap();
+    assert_eq!(h.wait("early", None).exit_code, 0);
+    assert_eq!(
+        (out.join().unwrap(), err.join().unwrap()),
+        ("out\n".into(), "err\n".into())
+    );
+
+    // A create that fails answers the waiting stream at once.
+    let t = Instant::now();
+    let out = h.send_hello("bad", None, StreamKind::Stdout, long);
+    thread::sleep(Duration::from_millis(100));
+    let bad = spec(&["true"], json!({"process": {"cwd": "/bin/sh/x"}}));
+    h.create("bad", bad, false).unwrap_err();
+    let e = attached(out).unwrap_err();
+    assert!(e.contains("no container"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+
+    // Without a wait, an unknown container is refused at once.
+    let e = h.attach("none", None, StreamKind::Stdout).unwrap_err();
+    assert!(e.contains("no container"), "{e}");
 }
 
 #[test]
@@ -766,6 +821,7 @@ fn containers_created_concurrently_all_finish() {
                         container_id: id.clone(),
                         exec_id: None,
                         stream: StreamKind::Stdout,
+                        wait_ms: 0,
                     };
                     write_frame(&mut out, &hello).unwrap();
                     assert_eq!(

@@ -248,9 +248,11 @@ impl Shared {
                     container_id: "c".into(),
                     exec_id: Some(exec_id.into()),
                     stream,
+                    wait_ms: 0,
                 },
                 self.deadline,
                 boot_timeout().as_secs(),
+                &|_| Ok(()),
             )
             .unwrap()
     }

@@ -492,6 +492,17 @@ pub struct StreamHello {
     pub exec_id: Option<String>,
     /// Which stream this connection carries.
     pub stream: StreamKind,
+    /// For a container's init process (no `exec_id`): how long the agent
+    /// may wait for the container to exist, in ms, so that the host can
+    /// open its streams while the container is still being created. The
+    /// agent answers once a create of the container ended (attached if it
+    /// succeeded), or when the wait is over; 0 answers at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The stdio streams of a process.

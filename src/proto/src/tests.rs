@@ -192,6 +192,7 @@ fn hello_and_stream_messages_round_trip() {
             container_id: "c1".into(),
             exec_id: Some("e1".into()),
             stream,
+            wait_ms: 0,
         });
     }
     round_trip(&StreamReply::Attached);
@@ -335,6 +336,7 @@ fn reader_stops_at_the_frame_end() {
             container_id: "c".into(),
             exec_id: None,
             stream: StreamKind::Stdin,
+            wait_ms: 0,
         },
     )
     .unwrap();

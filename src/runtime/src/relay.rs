@@ -8,7 +8,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_proto::{ResizeTty, Signal, StreamKind};
@@ -58,6 +58,36 @@ pub(crate) fn attach_stdio(
         }
     }
     Ok((relays, raw_terminal))
+}
+
+/// Streams opened while their container is still being created (the
+/// agent answers their hellos once it exists): if the create fails, they
+/// are cut short, so that none waits out its time for a container that
+/// will not come.
+#[derive(Default)]
+pub(crate) struct Opening(Mutex<(bool, Vec<UnixStream>)>);
+
+impl Opening {
+    /// Notes a connected stream; refused once [`Self::abort`] ran.
+    pub(crate) fn add(&self, s: &UnixStream) -> Result<(), RuntimeError> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.0 {
+            return Err(RuntimeError::Invalid(
+                "the container was not created".into(),
+            ));
+        }
+        g.1.push(clone(s)?);
+        Ok(())
+    }
+
+    /// Shuts down every stream noted, and any noted later.
+    pub(crate) fn abort(&self) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = true;
+        for s in g.1.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 fn clone(s: &UnixStream) -> Result<UnixStream, RuntimeError> {

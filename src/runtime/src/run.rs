@@ -14,7 +14,7 @@ use husk_proto::{
 
 use crate::clock::GuestClock;
 use crate::net::HostNetwork;
-use crate::relay::{attach_stdio, forward_signals, terminal_size, watch_winsize, Relays};
+use crate::relay::{attach_stdio, forward_signals, terminal_size, watch_winsize, Opening, Relays};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shares::{self, ShareSet, Volume};
 use crate::spec::{self, RunSpec};
@@ -338,8 +338,24 @@ impl Session {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
-        let created = control
-            .create_container(CreateContainer {
+        // The streams are opened while the agent creates the container:
+        // their hellos wait in the guest until it exists, which saves their
+        // round trips (each slow where the guest kernel is emulated).
+        let opening = Opening::default();
+        let wait_ms = u64::try_from(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        let open = |kind| {
+            let mut hello = Sandbox::hello(CONTAINER_ID, kind);
+            hello.wait_ms = wait_ms;
+            sandbox.stream(hello, deadline, budget, &|s| opening.add(s))
+        };
+        let (created, attached) = std::thread::scope(|s| {
+            let streams = s.spawn(|| attach_stdio(&open, tty, c.interactive, c.host_terminal));
+            let created = control.create_container(CreateContainer {
                 container_id: CONTAINER_ID.into(),
                 spec: Box::new(c.spec.clone()),
                 rootfs: c.root.rootfs(),
@@ -347,14 +363,17 @@ impl Session {
                 stdin: c.interactive,
                 files: c.files.clone(),
                 shares: c.shares.guest(),
-            })
-            .map_err(|e| sandbox.explain(e.into()))?;
-        let (relays, raw_terminal) = attach_stdio(
-            &|kind| sandbox.stream(Sandbox::hello(CONTAINER_ID, kind), deadline, budget),
-            tty,
-            c.interactive,
-            c.host_terminal,
-        )?;
+            });
+            if created.is_err() {
+                opening.abort();
+            }
+            let attached = streams
+                .join()
+                .unwrap_or_else(|_| Err(RuntimeError::Invalid("stream thread panicked".into())));
+            (created, attached)
+        });
+        let created = created.map_err(|e| sandbox.explain(e.into()))?;
+        let (relays, raw_terminal) = attached?;
         Ok(Session {
             sandbox,
             control,

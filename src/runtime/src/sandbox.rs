@@ -308,18 +308,18 @@ impl Sandbox {
         Ok(client)
     }
 
-    /// A stdio stream of a process, attached.
+    /// A stdio stream of a process, attached; `opened` sees the connection
+    /// before the hello goes out (to cut it short from another thread).
     pub fn stream(
         &self,
         hello: StreamHello,
         deadline: Instant,
         budget: u64,
+        opened: &dyn Fn(&UnixStream) -> Result<(), RuntimeError>,
     ) -> Result<UnixStream, RuntimeError> {
-        uds::attach(
-            self.connect(STDIO_PORT, deadline, budget)?.0,
-            &hello,
-            deadline,
-        )
+        let s = self.connect(STDIO_PORT, deadline, budget)?.0;
+        opened(&s)?;
+        uds::attach(s, &hello, deadline)
     }
 
     /// The StreamHello for a container's init process.
@@ -329,6 +329,7 @@ impl Sandbox {
             container_id: container_id.into(),
             exec_id: None,
             stream,
+            wait_ms: 0,
         }
     }
 

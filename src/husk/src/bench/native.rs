@@ -130,6 +130,7 @@ pub fn run_once(
             container_id: "bench".into(),
             exec_id: None,
             stream: kind,
+            wait_ms: 0,
         };
         write_frame(&mut s, &hello).map_err(|e| e.to_string())?;
         match read_frame(&mut s).map_err(|e| e.to_string())? {

@@ -225,6 +225,7 @@ fn run_process(dir: &Path, process: Process, mode: Mode) -> Result<i32, RuntimeE
                 container_id: CONTAINER_ID.into(),
                 exec_id: Some(exec_id.clone()),
                 stream: kind,
+                wait_ms: 0,
             };
             uds::attach(s, &hello, Instant::now() + answer)
                 .map_err(step("attaching the process's stdio"))
