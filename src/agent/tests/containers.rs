@@ -723,6 +723,33 @@ fn stats_come_from_the_cgroup() {
 }
 
 #[test]
+fn cpu_limits_apply() {
+    // The container sees its own limits (on cgroup2 the cpu controller is
+    // enabled on demand, by the first container that sets a cpu limit; the
+    // guest test checks that side).
+    let mut h = harness("cpu");
+    let script = "cd /sys/fs/cgroup; if [ -e cgroup.controllers ]; then cat cpu.max cpu.weight; \
+                  else cat cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us cpu/cpu.shares; fi";
+    let s = spec(
+        &["sh", "-c", script],
+        json!({
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+            ],
+            "linux": {"resources": {"cpu": {"shares": 512, "quota": 50000, "period": 100000}}},
+        }),
+    );
+    let r = h.run("cpu", s);
+    assert_eq!(r.stderr, "");
+    let v2 = "50000 100000\n20\n";
+    let v1 = "50000\n100000\n512\n";
+    assert!(r.stdout == v2 || r.stdout == v1, "{}", r.stdout);
+    assert_eq!(r.status.exit_code, 0);
+}
+
+#[test]
 fn request_errors_are_typed_and_leave_nothing_behind() {
     let mut h = harness("errors");
     let code = |r: Result<i32, ProtoError>| match r {

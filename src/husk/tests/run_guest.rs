@@ -477,6 +477,25 @@ fn one_sandbox_serves_every_process_check() {
         "{mountinfo}"
     );
 
+    // The cpu controller is off until a container sets a cpu limit (its
+    // scheduler bookkeeping costs every container); an update turns it on.
+    let cpu_max = |s: &mut Shared| {
+        let script = "cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo none";
+        let o = s.exec(&["sh", "-c", script], None, false, false);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(cpu_max(&mut s), "none\n");
+    let resources: husk_proto::oci_spec::runtime::LinuxResources =
+        serde_json::from_value(serde_json::json!({"cpu": {"quota": 50000, "period": 100000}}))
+            .unwrap();
+    s.control
+        .update_resources(husk_proto::UpdateResources {
+            container_id: "c".into(),
+            resources: Box::new(resources),
+        })
+        .unwrap();
+    assert_eq!(cpu_max(&mut s), "50000 100000\n");
+
     let o = s.exec(&["no-such-command"], None, false, false);
     assert_eq!(o.code, 127);
     assert!(!o.stderr.is_empty(), "the exec error goes to stderr");
