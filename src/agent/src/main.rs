@@ -79,6 +79,7 @@ fn pid1(started_ns: u64) -> ! {
         glibc_tunables: std::env::var("GLIBC_TUNABLES")
             .ok()
             .filter(|t| !t.is_empty()),
+        spare_cgroup: true,
         ..AgentConfig::default()
     };
     let agent = Agent::new(cfg, table, started_ns, Agent::reboot_hook());

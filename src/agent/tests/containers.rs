@@ -68,6 +68,11 @@ impl Drop for Harness {
 }
 
 fn harness(name: &str) -> Harness {
+    harness_with(name, false)
+}
+
+/// A harness whose agent makes a spare cgroup (as the guest's does).
+fn harness_with(name: &str, spare_cgroup: bool) -> Harness {
     // A missing precondition fails: a test that passes without running
     // would hide a regression (tools/test runs as root).
     assert!(is_root(), "the container tests need root");
@@ -103,6 +108,7 @@ fn harness(name: &str) -> Harness {
     let cfg = AgentConfig {
         staging_dir: dir.join("run"),
         drain_timeout: Duration::from_secs(10),
+        spare_cgroup,
         ..AgentConfig::default()
     };
     let agent = Agent::new(cfg, table(), 1, Box::new(|| {}));
@@ -747,6 +753,25 @@ fn cpu_limits_apply() {
     let v1 = "50000\n100000\n512\n";
     assert!(r.stdout == v2 || r.stdout == v1, "{}", r.stdout);
     assert_eq!(r.status.exit_code, 0);
+}
+
+#[test]
+fn the_first_container_takes_the_spare_cgroup() {
+    let mut h = harness_with("spare", true);
+    let spare = format!("/husk/.spare-{}", std::process::id());
+    let cgroups = |h: &mut Harness, id: &str| {
+        let r = h.run(id, spec(&["cat", "/proc/self/cgroup"], json!({})));
+        assert_eq!((r.status.exit_code, r.stderr.as_str()), (0, ""));
+        r.stdout
+    };
+    let first = cgroups(&mut h, "first");
+    assert!(first.contains(&spare), "{first}");
+    // Made ahead, so it is in every hierarchy a create would use.
+    let second = cgroups(&mut h, "second");
+    let lines = |s: &str| s.lines().filter(|l| l.contains("/husk/")).count();
+    assert_eq!(lines(&first), lines(&second), "{first}\n{second}");
+    assert!(second.contains("/husk/second"), "{second}");
+    assert!(!second.contains(".spare"), "{second}");
 }
 
 #[test]

@@ -148,6 +148,16 @@ impl CgroupSystem {
                 source: io::Error::from(io::ErrorKind::InvalidInput),
             });
         }
+        self.create_named(name)
+    }
+
+    /// A cgroup made ahead for a container to come: `<own>/husk/.spare-PID`
+    /// (no container name starts with a dot).
+    pub fn spare(&self) -> Result<Cgroup, CgroupError> {
+        self.create_named(&format!(".spare-{}", std::process::id()))
+    }
+
+    fn create_named(&self, name: &str) -> Result<Cgroup, CgroupError> {
         match self {
             CgroupSystem::V2(own, devices) => {
                 Self::prepare_v2(own)?;
