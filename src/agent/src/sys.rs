@@ -508,6 +508,18 @@ pub fn execve(path: &CStr, args: &ExecArgs) -> io::Error {
     io::Error::last_os_error()
 }
 
+/// Whether `path` certainly does not exist: `access(F_OK)` fails with
+/// ENOENT or ENOTDIR (other failures, e.g. EACCES, are left to the exec).
+pub fn is_missing(path: &CStr) -> bool {
+    // SAFETY: a valid C string for the duration of the call.
+    let r = unsafe { libc::access(path.as_ptr(), libc::F_OK) };
+    r == -1
+        && matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOENT | libc::ENOTDIR)
+        )
+}
+
 /// `sync(2)`.
 pub fn sync() {
     // SAFETY: no arguments.

@@ -20,6 +20,7 @@
 //! make system calls and small allocations (glibc's fork keeps malloc
 //! usable); they never touch the agent's locks.
 
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -354,6 +355,18 @@ fn container_process(cfg: &SpawnConfig, chan: &Channel, go: &'static str, late: 
     // Everything the exec needs is made now: from READY on the agent may
     // kill this process (see `Channel::send`).
     let exec_args = sys::ExecArgs::new(&cfg.process.args, &cfg.process.env);
+    // Commands not there are dropped now, by a lookup each (runc too looks
+    // the command up before it waits for start): an execve that fails
+    // still builds the new image's memory and copies the arguments before
+    // it opens the file (Linux before 6.8), milliseconds per $PATH entry
+    // where guest kernel code is emulated.
+    let candidates: Vec<&CStr> = cfg
+        .process
+        .exec_candidates
+        .iter()
+        .map(CString::as_c_str)
+        .filter(|c| !sys::is_missing(c))
+        .collect();
     let steps = marks::encode();
     let master_fd = master.as_ref().map(|m| m.as_raw_fd());
     if chan.send(MSG_READY, &steps, master_fd).is_err() {
@@ -363,7 +376,7 @@ fn container_process(cfg: &SpawnConfig, chan: &Channel, go: &'static str, late: 
     if matches!(cfg.kind, SpawnKind::Init { .. }) {
         chan.wait_for(MSG_START);
     }
-    exec(cfg.process, &exec_args)
+    exec(cfg.process, &candidates, &exec_args)
 }
 
 fn step<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, String> {
@@ -508,10 +521,10 @@ fn owned_by_process(fd: RawFd) -> bool {
 
 /// `execvp` by hand over the precomputed candidates; on failure writes the
 /// reason to the process's stderr and exits 127 or 126.
-fn exec(p: &ProcessPlan, args: &sys::ExecArgs) -> ! {
+fn exec(p: &ProcessPlan, candidates: &[&CStr], args: &sys::ExecArgs) -> ! {
     let mut errno = libc::ENOENT;
     let mut saw_eacces = false;
-    for candidate in &p.exec_candidates {
+    for candidate in candidates {
         let e = sys::execve(candidate, args);
         match e.raw_os_error().unwrap_or(libc::ENOENT) {
             libc::ENOENT | libc::ENOTDIR => {}
