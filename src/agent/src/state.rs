@@ -171,10 +171,15 @@ impl Proc {
         }
     }
 
-    /// Records the exit and wakes waiters.
+    /// Records the exit and wakes waiters. The exit's stamp may have been
+    /// taken before the starter stamped the exec (both threads race): the
+    /// process then exec'd no later than it exited.
     pub fn set_exit(&self, mut status: ExitStatus, exited_ns: u64) {
         let mut st = lock(&self.state);
         st.timestamps.exited_ns = Some(exited_ns);
+        if st.timestamps.exec_ns.is_some_and(|exec| exec > exited_ns) {
+            st.timestamps.exec_ns = Some(exited_ns);
+        }
         status.timestamps = st.timestamps;
         st.exit = Some(status);
         self.changed.notify_all();
@@ -444,6 +449,13 @@ mod tests {
         let p = Proc::new(1, false, false, StdioEnds::default(), None, created);
         p.set_exit(status(), 30);
         p.set_exec_time(40);
+        let t = p.exit_status().unwrap().timestamps;
+        assert_eq!((t.exec_ns, t.exited_ns), (Some(30), Some(30)));
+        assert_eq!(p.timestamps().exec_ns, Some(30));
+        // The exit was stamped first but recorded after the exec's stamp.
+        let p = Proc::new(1, false, false, StdioEnds::default(), None, created);
+        p.set_exec_time(40);
+        p.set_exit(status(), 30);
         let t = p.exit_status().unwrap().timestamps;
         assert_eq!((t.exec_ns, t.exited_ns), (Some(30), Some(30)));
         assert_eq!(p.timestamps().exec_ns, Some(30));
