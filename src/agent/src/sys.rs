@@ -603,15 +603,6 @@ pub fn wait_signal(signals: &[libc::c_int], timeout_ms: u64) -> bool {
     unsafe { libc::sigtimedwait(&set, ptr::null_mut(), &ts) > 0 }
 }
 
-/// `mknod(2)` for a character device.
-pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
-    let path = cpath(path)?;
-    let dev = libc::makedev(major, minor);
-    // SAFETY: a valid C string for the duration of the call.
-    cvt(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, dev) })?;
-    Ok(())
-}
-
 /// A directory as an `O_PATH` descriptor for the `*at` calls, without
 /// following a final symlink.
 pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {

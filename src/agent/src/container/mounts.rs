@@ -564,7 +564,7 @@ fn name_in_dev(path: &Path) -> Option<&OsStr> {
 /// A node in the container's /dev (`dir`): mknodat with the exact mode
 /// (no umask), a chown only for another owner. What is already there (an
 /// image's file, a default the spec lists again) is replaced; where mknod
-/// is refused, the general path bind-mounts the guest's node.
+/// is refused, the guest's node is bind-mounted instead.
 fn create_device_at(
     root: &Path,
     dir: &OwnedFd,
@@ -588,65 +588,33 @@ fn create_device_at(
             }
             Ok(())
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => create_device(root, d),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => bind_device(root, d),
         Err(e) => ctx(Err(e), "mknod", &d.path),
     }
 }
 
-/// mknod, or a bind mount of the guest's node where mknod is refused.
+/// A node deeper than /dev (`/dev/net/tun`): its directory resolved in the
+/// root and made, then as [`create_device_at`].
 fn create_device(root: &Path, d: &DevicePlan) -> Result<(), MountError> {
     let path = ctx(secure_join(root, &d.path), "resolve", &d.path)?;
-    if let Some(parent) = path.parent() {
-        ctx(mkdir_p(parent), "create", parent)?;
-    }
-    let _ = fs::remove_file(&path);
-    let made = if d.kind == libc::S_IFCHR {
-        sys::mknod_char(&path, d.mode, d.major, d.minor)
-    } else {
-        mknod_any(&path, d)
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        let invalid = io::Error::from(io::ErrorKind::InvalidInput);
+        return ctx(Err(invalid), "resolve", &d.path);
     };
-    match made {
-        Ok(()) => {
-            ctx(
-                std::os::unix::fs::chown(&path, Some(d.uid), Some(d.gid)),
-                "chown",
-                &path,
-            )?;
-            use std::os::unix::fs::PermissionsExt;
-            ctx(
-                fs::set_permissions(&path, fs::Permissions::from_mode(d.mode)),
-                "chmod",
-                &path,
-            )
-        }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            ctx(create_file(&path), "create", &path)?;
-            ctx(
-                sys::mount(Some(&d.path), &path, None, libc::MS_BIND, None),
-                "bind-mount on",
-                &path,
-            )
-        }
-        Err(e) => ctx(Err(e), "mknod", &path),
-    }
+    ctx(mkdir_p(parent), "create", parent)?;
+    let dir = ctx(sys::open_dir_path(parent), "open", parent)?;
+    create_device_at(root, &dir, name, d)
 }
 
-fn mknod_any(path: &Path, d: &DevicePlan) -> io::Result<()> {
-    if d.kind == libc::S_IFIFO {
-        let c = sys::cpath(path)?;
-        // SAFETY: a valid C string for the duration of the call.
-        if unsafe { libc::mkfifo(c.as_ptr(), d.mode) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        return Ok(());
-    }
-    let c = sys::cpath(path)?;
-    let dev = libc::makedev(d.major, d.minor);
-    // SAFETY: a valid C string for the duration of the call.
-    if unsafe { libc::mknod(c.as_ptr(), d.kind | d.mode, dev) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// Where mknod is refused: the guest's node bind-mounted on a file there.
+fn bind_device(root: &Path, d: &DevicePlan) -> Result<(), MountError> {
+    let path = ctx(secure_join(root, &d.path), "resolve", &d.path)?;
+    ctx(create_file(&path), "create", &path)?;
+    ctx(
+        sys::mount(Some(&d.path), &path, None, libc::MS_BIND, None),
+        "bind-mount on",
+        &path,
+    )
 }
 
 /// Binds the terminal (`/proc/self/fd/N` of its slave) onto `/dev/console`.
