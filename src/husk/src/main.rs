@@ -347,10 +347,10 @@ fn vm_config(args: &VmArgs) -> Result<VmConfig, String> {
     Ok(cfg)
 }
 
-/// The VM `husk vm` runs: booted from its config, or restored.
-fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
+/// The VM `husk vm` runs: booted from `cfg` (its config), or restored.
+fn vm_build(args: &VmArgs, cfg: Option<VmConfig>) -> Result<(husk_vmm::Vm, Console), String> {
     let Some(dir) = &args.restore else {
-        let cfg = vm_config(args)?;
+        let cfg = cfg.ok_or("no VM config")?;
         let vm = husk_vmm::build(&cfg).map_err(|e| e.to_string())?;
         return Ok((vm, cfg.console));
     };
@@ -375,8 +375,14 @@ fn vm_build(args: &VmArgs) -> Result<(husk_vmm::Vm, Console), String> {
 }
 
 fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
+    let cfg = match args.restore {
+        None => Some(vm_config(&args)?),
+        Some(_) => None,
+    };
     // First of all (single-threaded, nothing open): only the child returns.
-    if let Some(j) = &args.jail {
+    // The jail is --jail's, or a config file's.
+    let jail = cfg.as_ref().map_or(args.jail.as_ref(), |c| c.jail.as_ref());
+    if let Some(j) = jail {
         j.enter_pid_namespace().map_err(|e| e.to_string())?;
     }
     // Created now: the thread that writes it at the end is filtered (no
@@ -387,7 +393,7 @@ fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
         }
         None => None,
     };
-    let (vm, console) = vm_build(&args)?;
+    let (vm, console) = vm_build(&args, cfg)?;
     // Everything is open: the main thread, which only waits for the VM and
     // tears it down, keeps no capability either (see husk_vmm::caps), unless
     // the VM's threads run unfiltered.
