@@ -46,6 +46,58 @@ fn spawn(root: &Path, agent: &Path, rootfs: &Path) -> Child {
         .unwrap()
 }
 
+/// A process of a template's VMM (`husk vm --config .../vm.json` in a
+/// template build dir) seen while a run built the template.
+#[derive(Debug)]
+struct Seen {
+    uid: u32,
+    pid_ns: String,
+    mnt_ns: String,
+}
+
+fn template_vmms() -> Vec<Seen> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let p = e.path();
+        let Ok(cmdline) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<_> = cmdline.split(|b| *b == 0).collect();
+        let built = args.windows(3).any(|w| {
+            w[0] == b"vm"
+                && w[1] == b"--config"
+                && String::from_utf8_lossy(w[2]).contains("/templates/.build-")
+        });
+        let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok());
+        let ns =
+            |n: &str| std::fs::read_link(p.join("ns").join(n)).map(|l| l.display().to_string());
+        if let (true, Some(uid), Ok(pid_ns), Ok(mnt_ns)) = (built, uid, ns("pid"), ns("mnt")) {
+            out.push(Seen {
+                uid,
+                pid_ns,
+                mnt_ns,
+            });
+        }
+    }
+    out
+}
+
+/// Waits for `child` (bounded) while looking at its template VMM's
+/// processes.
+fn watch_template_build(child: &mut Child) -> Vec<Seen> {
+    let deadline = Instant::now() + boot_timeout() * 3;
+    let mut seen = Vec::new();
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        seen.extend(template_vmms());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    seen
+}
+
 /// Waits for `child` (bounded); its stdout lines and stderr.
 fn finish(mut child: Child) -> (Vec<String>, String) {
     let deadline = Instant::now() + boot_timeout() * 3;
@@ -96,10 +148,26 @@ fn restores_of_one_template_run_containers_apart() {
     let agent = husk_runtime::paths::agent_binary(None).expect("the agent (tools/build-agent)");
     let (a, b) = (tree(&dir, "A"), tree(&dir, "B"));
 
-    // The first run boots the guest and leaves the template behind.
-    let (lines, err) = finish(spawn(&root, &agent, &a));
+    // The first run boots the guest and leaves the template behind. The
+    // template's VM runs in a jailed process of its own: not root, in its
+    // own PID and mount namespaces; it is gone once the run ends.
+    let mut first = spawn(&root, &agent, &a);
+    let seen = watch_template_build(&mut first);
+    let (lines, err) = finish(first);
     assert_eq!(lines[0], "A", "{err}");
     assert_eq!(templates(&root, &agent).len(), 1, "{err}");
+    let ns = |n: &str| {
+        std::fs::read_link(format!("/proc/self/ns/{n}"))
+            .unwrap()
+            .display()
+            .to_string()
+    };
+    assert!(
+        seen.iter()
+            .any(|s| s.uid >= 0x7000_0000 && s.pid_ns != ns("pid") && s.mnt_ns != ns("mnt")),
+        "no jailed template VMM among {seen:?}"
+    );
+    assert!(template_vmms().is_empty(), "{:?}", template_vmms());
 
     // Two restores at once.
     let before = now_s();

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use husk_vmm::api::{self, Request};
 use husk_vmm::config::Console;
 use husk_vmm::snapshot::{self, RestoreOptions};
-use husk_vmm::ConsoleInputSource;
 use sha2::{Digest, Sha256};
 
 use crate::sandbox::{vm_config, SandboxConfig};
@@ -142,9 +141,12 @@ fn placeholder() -> Result<PathBuf, RuntimeError> {
     Ok(p)
 }
 
-/// Boots the template VM (its sockets and console in a run dir of its
-/// own, whose paths are as short as a sandbox's), waits for its agent,
-/// snapshots it into `work/snapshot` and stops it.
+/// Boots the template VM in a `husk vm` process of its own (its sockets
+/// and console in a run dir of its own, whose paths are as short as a
+/// sandbox's), waits for its agent, snapshots it into `work/snapshot`
+/// through its control socket and stops it. When the sandbox's VMM would
+/// be jailed, so is the template's: its run dir, a uid of its own, and a
+/// PID namespace (nothing else runs in that process).
 fn build(
     cfg: &SandboxConfig,
     work: &Path,
@@ -167,20 +169,18 @@ fn build_in(
     let mut tcfg = cfg.clone();
     tcfg.rootfs_image = Some(placeholder()?);
     tcfg.run_dir = run_dir.to_path_buf();
-    // Its process goes on to snapshot it and to boot the sandbox.
-    tcfg.jail_id = None;
+    tcfg.jail_id = cfg.jail_id.map(|_| crate::runc::store::jail_id(run_dir));
     let mut vm_cfg = vm_config(&tcfg, &run_dir.join("vsock.sock"))?;
     vm_cfg.api_sock = Some(api_sock.clone());
-    vm_cfg.console = Console::File(console.clone());
-    let vm = husk_vmm::build(&vm_cfg)?;
-    let latch = vm.stop_handle();
-    let thread = std::thread::Builder::new()
-        .name("template-vmm".into())
-        .spawn(move || vm.run_confined(ConsoleInputSource::None, false))
-        .map_err(|e| RuntimeError::Io("spawn VMM thread".into(), e))?;
+    if let Some(jail) = &mut vm_cfg.jail {
+        jail.pidns = true;
+        std::os::unix::fs::chown(run_dir, Some(jail.uid), Some(jail.gid))
+            .map_err(|e| RuntimeError::Io(run_dir.display().to_string(), e))?;
+    }
+    let mut vmm = TemplateVmm::start(&vm_cfg, work)?;
     let snap = work.join("snapshot");
     let result = (|| {
-        wait_ready(&console, &latch, boot_timeout)?;
+        wait_ready(&console, &mut || vmm.ended(), boot_timeout)?;
         let ask = |req, files: &[&std::fs::File]| {
             let r = api::request(
                 &api_sock,
@@ -201,22 +201,117 @@ fn build_in(
         ask(Request::Pause, &[])?;
         let (state, memory) = snapshot::create_files(&snap)
             .map_err(|e| RuntimeError::Invalid(format!("template: {e}")))?;
-        ask(Request::Snapshot, &[&state, &memory])
+        ask(Request::Snapshot, &[&state, &memory])?;
+        // Asked to stop, it ends on its own; else it is killed below.
+        let _ = ask(Request::Stop, &[]);
+        Ok(())
     })();
-    latch.stop(husk_vmm::VmExit::Stopped);
-    let _ = thread.join();
+    vmm.finish(STOP_WAIT);
     result.map(|()| snap)
 }
 
-/// Waits for the agent's ready line on the template VM's console.
+/// How long a template VM that was asked to stop may take to end.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// The `husk vm` process that boots a template (killed if dropped running).
+struct TemplateVmm {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl TemplateVmm {
+    /// Starts `husk vm --config WORK/vm.json`, its stderr in
+    /// `WORK/vmm.log`; it dies with the thread that started it.
+    fn start(vm_cfg: &husk_vmm::VmConfig, work: &Path) -> Result<Self, RuntimeError> {
+        use std::os::unix::process::CommandExt;
+        let io = |p: &Path| {
+            let shown = p.display().to_string();
+            move |e| RuntimeError::Io(shown, e)
+        };
+        let config = work.join("vm.json");
+        let json = serde_json::to_vec(vm_cfg).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        std::fs::write(&config, json).map_err(io(&config))?;
+        let log = work.join("vmm.log");
+        let stderr = std::fs::File::create(&log).map_err(io(&log))?;
+        let exe = std::env::current_exe().map_err(|e| RuntimeError::Io("current exe".into(), e))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("vm")
+            .arg("--config")
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr);
+        // SAFETY: between fork and exec only prctl(2) with integer
+        // arguments.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::Io("start the template's VM".into(), e))?;
+        Ok(TemplateVmm { child, log })
+    }
+
+    /// Why it ended, if it has: its exit status and its last words.
+    fn ended(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok()??;
+        Some(self.why(status))
+    }
+
+    fn why(&self, status: std::process::ExitStatus) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        let tail = &text[text.len().saturating_sub(LOG_TAIL)..];
+        match String::from_utf8_lossy(tail)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+        {
+            Some(line) => format!("{status}: {}", line.trim()),
+            None => status.to_string(),
+        }
+    }
+
+    /// Waits up to `wait` for it to end, then kills it.
+    fn finish(mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TemplateVmm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Bytes of a template VM's log read for its last line.
+const LOG_TAIL: usize = 4096;
+
+/// Waits for the agent's ready line on the template VM's console;
+/// `ended` says why the VM is gone, if it is.
 fn wait_ready(
     console: &Path,
-    latch: &husk_vmm::vstate::vcpu::ExitLatch,
+    ended: &mut dyn FnMut() -> Option<String>,
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(r) = latch.reason() {
+        if let Some(r) = ended() {
             return Err(RuntimeError::VmStopped(format!("template VM: {r}")));
         }
         // The whole line: the agent is done printing it.
