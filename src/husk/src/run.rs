@@ -141,13 +141,18 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
-/// Runs a container; returns its exit code (125 for husk's own failures).
+/// Runs a container; returns its exit code (125 for husk's own failures,
+/// 128+N when signal N came before the container started, as if it had
+/// killed husk).
 pub fn cmd_run(a: RunArgs, process_start_ns: u64) -> i32 {
     match run_inner(a, process_start_ns) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("husk: {e}");
-            RUN_FAILURE
+            match e {
+                RuntimeError::Interrupted(signal) => 128 + signal,
+                _ => RUN_FAILURE,
+            }
         }
     }
 }

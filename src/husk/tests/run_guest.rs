@@ -224,6 +224,70 @@ fn sigterm_to_husk_run_s_group_reaches_the_container() {
     assert!(left.is_empty(), "left in {}: {left:?}", runs.display());
 }
 
+/// A signal for the container that comes before the container started
+/// (here: while the guest boots) ends `husk run` at once, with the status
+/// of a process killed by it and a line saying so; the container never
+/// runs and nothing of the VM stays.
+#[test]
+fn a_signal_before_the_container_started_ends_husk_run() {
+    let dir = scratch("early");
+    let rootfs = busybox_tree(&dir.0);
+    let mut c = husk_run(&dir.0, &rootfs);
+    c.args(["--no-template", "--", "sh", "-c", "echo started"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let pid = child.id();
+    // Once the VM's process exists, husk run relays what it is sent.
+    let deadline = Instant::now() + boot_timeout();
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    // (Not any child: the image's mkfs.ext4 comes before.)
+    let vm_process = || {
+        std::fs::read_to_string(&children)
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|c| {
+                std::fs::read(format!("/proc/{c}/cmdline"))
+                    .is_ok_and(|a| a.split(|b| *b == 0).any(|a| a == b"run-vm"))
+            })
+    };
+    while !vm_process() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("no VM process: {:?}", child.wait_with_output());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + boot_timeout();
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("husk run did not end: {:?}", child.wait_with_output());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "husk: interrupted by SIGTERM before the container started",
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!stdout.contains("started"), "the container ran: {stdout}");
+    let runs = dir.0.join("root/run");
+    let left: Vec<_> = std::fs::read_dir(&runs)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", runs.display());
+    let vms = support::pids_naming(&runs.display().to_string());
+    assert!(vms.is_empty(), "VM processes left: {vms:?}");
+}
+
 /// One process's outcome inside the shared sandbox.
 struct Outcome {
     code: i32,

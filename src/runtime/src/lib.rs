@@ -84,4 +84,11 @@ pub enum RuntimeError {
     /// Invalid user input.
     #[error("{0}")]
     Invalid(String),
+    /// A signal for the container came before it started (see
+    /// `Session::create`): the VM was stopped and the container not started.
+    #[error(
+        "interrupted by {} before the container started",
+        crate::runc::lifecycle::signal_name(*.0).unwrap_or_else(|| format!("signal {}", .0))
+    )]
+    Interrupted(i32),
 }

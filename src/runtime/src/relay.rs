@@ -213,69 +213,98 @@ pub(crate) fn watch_winsize(
 /// How often a terminal's size is checked.
 const WINSIZE_POLL: Duration = Duration::from_millis(200);
 
-/// Forwards signals from `fd` to the container until `done`. With
-/// `relayed` (`husk run`'s VM process), processes' signals come from there
-/// instead, one byte each: `husk run` relays what it is sent, and the copy
-/// a process-group kill also delivers here is dropped, so the container
-/// gets one (a relayed copy sent here as a signal could merge with it).
+/// Waits up to `timeout_ms` for signals meant for the container and
+/// returns them: from `fd`, and with `relayed` (`husk run`'s VM process)
+/// processes' signals from there instead, one byte each: `husk run`
+/// relays what it is sent, and the copy a process-group kill also delivers
+/// to `fd` is dropped, so the container gets one (a relayed copy sent here
+/// as a signal could merge with it). `relayed` becomes None once `husk
+/// run` is gone (its VM goes with it) or broke the channel.
+pub(crate) fn next_signals(
+    fd: &OwnedFd,
+    relayed: &mut Option<&UnixStream>,
+    timeout_ms: i32,
+) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut pfds = [fd.as_raw_fd(), relayed.map_or(-1, |r| r.as_raw_fd())].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: two pollfds (a negative fd is skipped).
+    if unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) } <= 0 {
+        return out;
+    }
+    if pfds[0].revents != 0 {
+        if let Some(info) = husk_vmm::event_loop::read_signal_info(fd) {
+            if relayed.is_some() && crate::run_vm::sent_by_a_process(&info) {
+                tracing::debug!(
+                    "signal {} from pid {}: relayed instead",
+                    info.signo,
+                    info.pid
+                );
+            } else {
+                out.push(info.signo);
+            }
+        }
+    }
+    if pfds[1].revents != 0 {
+        let mut buf = [0u8; 64];
+        match relayed.as_mut().map(|r| r.read(&mut buf)) {
+            Some(Ok(n)) if n > 0 => out.extend(
+                buf[..n]
+                    .iter()
+                    .map(|&b| i32::from(b))
+                    .filter(|s| crate::run::FORWARDED.contains(s)),
+            ),
+            _ => *relayed = None,
+        }
+    }
+    out
+}
+
+/// Forwards signals from `fd` (and `relayed`: see [`next_signals`]) to the
+/// container until `done`.
 pub(crate) fn forward_signals(
     fd: OwnedFd,
     mut client: husk_proto::Client<UnixStream>,
-    mut relayed: Option<UnixStream>,
+    relayed: Option<UnixStream>,
     done: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut pass_on = |signal: i32| {
-            if let Err(e) = client.signal(Signal {
-                container_id: CONTAINER_ID.into(),
-                exec_id: None,
-                signal,
-            }) {
-                tracing::warn!("forwarding signal {signal}: {e}");
-            }
-        };
+        let mut relayed = relayed.as_ref();
         while !done.load(Ordering::SeqCst) {
-            let mut pfds = [
-                fd.as_raw_fd(),
-                relayed.as_ref().map_or(-1, |r| r.as_raw_fd()),
-            ]
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            // SAFETY: two pollfds (a negative fd is skipped).
-            if unsafe { libc::poll(pfds.as_mut_ptr(), 2, 100) } <= 0 {
-                continue;
-            }
-            if pfds[0].revents != 0 {
-                if let Some(info) = husk_vmm::event_loop::read_signal_info(&fd) {
-                    if relayed.is_some() && crate::run_vm::sent_by_a_process(&info) {
-                        tracing::debug!(
-                            "signal {} from pid {}: relayed instead",
-                            info.signo,
-                            info.pid
-                        );
-                    } else {
-                        pass_on(info.signo);
-                    }
-                }
-            }
-            if pfds[1].revents != 0 {
-                let mut buf = [0u8; 64];
-                match relayed.as_mut().map(|r| r.read(&mut buf)) {
-                    Some(Ok(n)) if n > 0 => {
-                        for &signal in &buf[..n] {
-                            if crate::run::FORWARDED.contains(&i32::from(signal)) {
-                                pass_on(i32::from(signal));
-                            }
-                        }
-                    }
-                    // `husk run` is gone (its VM goes with it) or broke the
-                    // channel: nothing more comes that way.
-                    _ => relayed = None,
+            for signal in next_signals(&fd, &mut relayed, 100) {
+                if let Err(e) = client.signal(Signal {
+                    container_id: CONTAINER_ID.into(),
+                    exec_id: None,
+                    signal,
+                }) {
+                    tracing::warn!("forwarding signal {signal}: {e}");
                 }
             }
         }
     })
+}
+
+/// Until `done`, watches for a signal meant for the container (see
+/// [`next_signals`]) while it is being set up: the first one is kept in
+/// `caught` and `stop` is called (the VM stopped, so that whatever waits
+/// on the guest ends at once). A container asked to stop before it
+/// started is not started.
+pub(crate) fn stop_on_signal(
+    fd: &OwnedFd,
+    relayed: Option<&UnixStream>,
+    done: &AtomicBool,
+    caught: &std::sync::atomic::AtomicI32,
+    stop: &dyn Fn(),
+) {
+    let mut relayed = relayed;
+    while !done.load(Ordering::SeqCst) {
+        if let Some(&signal) = next_signals(fd, &mut relayed, 100).first() {
+            caught.store(signal, Ordering::SeqCst);
+            stop();
+            return;
+        }
+    }
 }

@@ -14,7 +14,9 @@ use husk_proto::{
 
 use crate::clock::GuestClock;
 use crate::net::HostNetwork;
-use crate::relay::{attach_stdio, forward_signals, terminal_size, watch_winsize, Opening, Relays};
+use crate::relay::{
+    self, attach_stdio, forward_signals, terminal_size, watch_winsize, Opening, Relays,
+};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::shares::{self, ShareSet, Volume};
 use crate::spec::{self, RunSpec};
@@ -258,6 +260,25 @@ impl SessionConfig {
     }
 }
 
+/// What [`Session::set_up`] leaves: the control connection, the stdio
+/// relays, the raw terminal, the agent's steps and the set-up's deadline.
+type SetUp = (
+    Client<UnixStream>,
+    Relays,
+    Option<husk_vmm::event_loop::RawTerminal>,
+    Vec<husk_proto::SetupStep>,
+    Instant,
+);
+
+/// Whether the container's process asks for a terminal.
+fn tty_of(c: &SessionConfig) -> bool {
+    c.spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false)
+}
+
 /// A container created in its VM, stdio attached; `start`, then `wait`.
 pub struct Session {
     sandbox: Sandbox,
@@ -277,8 +298,15 @@ pub struct Session {
 
 impl Session {
     /// Boots the VM, creates the container (not started) and attaches its
-    /// stdio to fds 0-2.
-    pub fn create(c: &SessionConfig) -> Result<Self, RuntimeError> {
+    /// stdio to fds 0-2. `relayed`: where `husk run` relays the signals
+    /// processes send it (see [`crate::run_vm`]), one byte each, instead of
+    /// this process's own. With it, a signal for the container that comes
+    /// before the container exists stops the VM and ends the session with
+    /// [`RuntimeError::Interrupted`] (as a `husk run` killed by it would):
+    /// a guest that hangs in its boot or in the create cannot hold `husk
+    /// run` for its whole boot timeout. (A first run's template build
+    /// comes before that and runs to its end.)
+    pub fn create(c: &SessionConfig, relayed: Option<UnixStream>) -> Result<Self, RuntimeError> {
         let agent = paths::agent_binary(c.agent.as_deref())?;
         let agent_disk = paths::agent_disk(&agent)?;
         // Forwarded signals are blocked before any VMM thread exists, so
@@ -310,6 +338,43 @@ impl Session {
             husk_vmm::seccomp::install(husk_vmm::seccomp::ThreadKind::Protocol, mode)
                 .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         }
+        let done = AtomicBool::new(false);
+        let caught = std::sync::atomic::AtomicI32::new(0);
+        let set_up = std::thread::scope(|s| {
+            let watcher = relayed.as_ref().map(|r| {
+                s.spawn(|| {
+                    relay::stop_on_signal(&sigfd, Some(r), &done, &caught, &|| sandbox.stop())
+                })
+            });
+            let set_up = Self::set_up(c, &sandbox);
+            done.store(true, Ordering::SeqCst);
+            if let Some(w) = watcher {
+                let _ = w.join();
+            }
+            set_up
+        });
+        match caught.load(Ordering::SeqCst) {
+            0 => {}
+            signal => return Err(RuntimeError::Interrupted(signal)),
+        }
+        let (control, relays, raw_terminal, setup, deadline) = set_up?;
+        Ok(Session {
+            sandbox,
+            control,
+            relays,
+            pty: tty_of(c) && c.host_terminal,
+            raw_terminal,
+            sigfd,
+            deadline,
+            budget: c.boot_timeout.as_secs(),
+            boot_timeout: c.boot_timeout,
+            relayed_signals: relayed,
+            setup,
+        })
+    }
+
+    /// The container created in `sandbox`'s guest, its stdio attached.
+    fn set_up(c: &SessionConfig, sandbox: &Sandbox) -> Result<SetUp, RuntimeError> {
         let budget = c.boot_timeout.as_secs();
         let deadline = Instant::now() + c.boot_timeout;
         // Replies to set-up requests are bounded; `wait` lifts the bound.
@@ -332,12 +397,7 @@ impl Session {
                 .configure_network(c.network.guest())
                 .map_err(|e| sandbox.explain(e.into()))?;
         }
-        let tty = c
-            .spec
-            .process()
-            .as_ref()
-            .and_then(|p| p.terminal())
-            .unwrap_or(false);
+        let tty = tty_of(c);
         // The streams are opened while the agent creates the container:
         // their hellos wait in the guest until it exists, which saves their
         // round trips (each slow where the guest kernel is emulated).
@@ -374,26 +434,7 @@ impl Session {
         });
         let created = created.map_err(|e| sandbox.explain(e.into()))?;
         let (relays, raw_terminal) = attached?;
-        Ok(Session {
-            sandbox,
-            control,
-            relays,
-            pty: tty && c.host_terminal,
-            raw_terminal,
-            sigfd,
-            deadline,
-            budget,
-            boot_timeout: c.boot_timeout,
-            relayed_signals: None,
-            setup: created.setup,
-        })
-    }
-
-    /// Takes the signals processes send from `relayed` (one byte each,
-    /// from `husk run`) instead of this process's own: see
-    /// [`crate::run_vm`].
-    pub fn relay_signals_from(&mut self, relayed: UnixStream) {
-        self.relayed_signals = Some(relayed);
+        Ok((control, relays, raw_terminal, created.setup, deadline))
     }
 
     /// Starts the container and waits for it: what happened, with the

@@ -36,6 +36,16 @@ const CONFIG_FILE: &str = "session.json";
 /// The largest outcome read from the child (it has talked to the guest).
 const REPORT_MAX: usize = 1 << 20;
 
+/// Why the VM process's session failed.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Failure {
+    /// The error, one line.
+    error: String,
+    /// The signal that stopped it before the container started.
+    #[serde(default)]
+    interrupted_by: Option<i32>,
+}
+
 /// Whether a process sent the signal (kill(2), sigqueue(3), tgkill(2)),
 /// not the kernel (a terminal's ^C or hang-up, to the whole foreground
 /// process group): `husk run` relays the first kind, the VM process passes
@@ -100,9 +110,13 @@ pub(crate) fn supervise(cfg: &SessionConfig) -> Result<RunOutcome, RuntimeError>
         .wait()
         .map_err(|e| RuntimeError::Io("wait for the VM's process".into(), e))?;
     drop(terminal);
-    match report.map(|r| serde_json::from_slice::<Result<RunOutcome, String>>(&r)) {
+    match report.map(|r| serde_json::from_slice::<Result<RunOutcome, Failure>>(&r)) {
         Ok(Ok(Ok(outcome))) => Ok(outcome),
-        Ok(Ok(Err(e))) => Err(RuntimeError::Invalid(e)),
+        Ok(Ok(Err(Failure {
+            interrupted_by: Some(signal),
+            ..
+        }))) => Err(RuntimeError::Interrupted(signal)),
+        Ok(Ok(Err(f))) => Err(RuntimeError::Invalid(f.error)),
         Ok(Err(_)) | Err(_) => Err(RuntimeError::Invalid(format!(
             "the VM's process ended without a report ({status})"
         ))),
@@ -160,7 +174,13 @@ pub fn serve(dir: &Path) -> i32 {
         eprintln!("husk: {SUBCOMMAND} is started by husk run ({CHANNEL_FD_ENV} is not set)");
         return 1;
     };
-    let result = serve_session(dir, &out).map_err(|e| e.to_string());
+    let result = serve_session(dir, &out).map_err(|e| Failure {
+        error: e.to_string(),
+        interrupted_by: match e {
+            RuntimeError::Interrupted(signal) => Some(signal),
+            _ => None,
+        },
+    });
     let json = serde_json::to_vec(&result).unwrap_or_default();
     match out.write_all(&json) {
         Ok(()) => 0,
@@ -201,9 +221,7 @@ fn serve_session(dir: &Path, channel: &UnixStream) -> Result<RunOutcome, Runtime
     let relayed = channel
         .try_clone()
         .map_err(|e| RuntimeError::Io("husk run's socket".into(), e))?;
-    let mut session = Session::create(&cfg)?;
-    session.relay_signals_from(relayed);
-    session.run_to_end()
+    Session::create(&cfg, Some(relayed))?.run_to_end()
 }
 
 #[cfg(test)]

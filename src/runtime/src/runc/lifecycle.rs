@@ -112,6 +112,53 @@ pub fn start(root: &Path, id: &str, hook_timeout: Duration) -> Result<(), Runtim
     c.save(state)
 }
 
+/// Signal names (without SIG) and numbers; the first name of a number is
+/// its own.
+const SIGNALS: &[(&str, libc::c_int)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("ILL", libc::SIGILL),
+    ("TRAP", libc::SIGTRAP),
+    ("ABRT", libc::SIGABRT),
+    ("IOT", libc::SIGABRT),
+    ("BUS", libc::SIGBUS),
+    ("FPE", libc::SIGFPE),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("SEGV", libc::SIGSEGV),
+    ("USR2", libc::SIGUSR2),
+    ("PIPE", libc::SIGPIPE),
+    ("ALRM", libc::SIGALRM),
+    ("TERM", libc::SIGTERM),
+    ("STKFLT", libc::SIGSTKFLT),
+    ("CHLD", libc::SIGCHLD),
+    ("CLD", libc::SIGCHLD),
+    ("CONT", libc::SIGCONT),
+    ("STOP", libc::SIGSTOP),
+    ("TSTP", libc::SIGTSTP),
+    ("TTIN", libc::SIGTTIN),
+    ("TTOU", libc::SIGTTOU),
+    ("URG", libc::SIGURG),
+    ("XCPU", libc::SIGXCPU),
+    ("XFSZ", libc::SIGXFSZ),
+    ("VTALRM", libc::SIGVTALRM),
+    ("PROF", libc::SIGPROF),
+    ("WINCH", libc::SIGWINCH),
+    ("IO", libc::SIGIO),
+    ("POLL", libc::SIGIO),
+    ("PWR", libc::SIGPWR),
+    ("SYS", libc::SIGSYS),
+];
+
+/// `SIGTERM` for 15; None for a number without a name.
+pub fn signal_name(n: libc::c_int) -> Option<String> {
+    SIGNALS
+        .iter()
+        .find(|(_, v)| *v == n)
+        .map(|(name, _)| format!("SIG{name}"))
+}
+
 /// Parses a signal the way runc does: a number, or a name with or without
 /// `SIG` (case-insensitive).
 pub fn parse_signal(s: &str) -> Result<i32, RuntimeError> {
@@ -122,40 +169,10 @@ pub fn parse_signal(s: &str) -> Result<i32, RuntimeError> {
     } else {
         let upper = s.to_ascii_uppercase();
         let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-        let n = match name {
-            "HUP" => libc::SIGHUP,
-            "INT" => libc::SIGINT,
-            "QUIT" => libc::SIGQUIT,
-            "ILL" => libc::SIGILL,
-            "TRAP" => libc::SIGTRAP,
-            "ABRT" | "IOT" => libc::SIGABRT,
-            "BUS" => libc::SIGBUS,
-            "FPE" => libc::SIGFPE,
-            "KILL" => libc::SIGKILL,
-            "USR1" => libc::SIGUSR1,
-            "SEGV" => libc::SIGSEGV,
-            "USR2" => libc::SIGUSR2,
-            "PIPE" => libc::SIGPIPE,
-            "ALRM" => libc::SIGALRM,
-            "TERM" => libc::SIGTERM,
-            "STKFLT" => libc::SIGSTKFLT,
-            "CHLD" | "CLD" => libc::SIGCHLD,
-            "CONT" => libc::SIGCONT,
-            "STOP" => libc::SIGSTOP,
-            "TSTP" => libc::SIGTSTP,
-            "TTIN" => libc::SIGTTIN,
-            "TTOU" => libc::SIGTTOU,
-            "URG" => libc::SIGURG,
-            "XCPU" => libc::SIGXCPU,
-            "XFSZ" => libc::SIGXFSZ,
-            "VTALRM" => libc::SIGVTALRM,
-            "PROF" => libc::SIGPROF,
-            "WINCH" => libc::SIGWINCH,
-            "IO" | "POLL" => libc::SIGIO,
-            "PWR" => libc::SIGPWR,
-            "SYS" => libc::SIGSYS,
-            _ => 0,
-        };
+        let n = SIGNALS
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map_or(0, |(_, v)| *v);
         if n != 0 {
             return Ok(n);
         }
@@ -316,7 +333,7 @@ pub fn host_pids(root: &Path, id: &str) -> Result<Vec<i32>, RuntimeError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{in_step, parse_signal};
+    use super::{in_step, parse_signal, signal_name};
     use crate::RuntimeError;
     use husk_proto::{ErrorBody, ErrorCode, FrameError, ProtoError};
 
@@ -354,6 +371,10 @@ mod tests {
         assert_eq!(parse_signal("9").unwrap(), libc::SIGKILL);
         assert_eq!(parse_signal("15").unwrap(), libc::SIGTERM);
         assert_eq!(parse_signal("SIGTERM").unwrap(), libc::SIGTERM);
+        assert_eq!(signal_name(libc::SIGTERM).as_deref(), Some("SIGTERM"));
+        assert_eq!(signal_name(libc::SIGABRT).as_deref(), Some("SIGABRT"));
+        assert_eq!(signal_name(libc::SIGCHLD).as_deref(), Some("SIGCHLD"));
+        assert_eq!(signal_name(0), None);
         assert_eq!(parse_signal("term").unwrap(), libc::SIGTERM);
         assert_eq!(parse_signal("SIGUSR1").unwrap(), libc::SIGUSR1);
         assert_eq!(parse_signal("KILL").unwrap(), libc::SIGKILL);

@@ -139,7 +139,7 @@ fn disconnect(dir: &Path) {
 /// Runs the VMM process for the container in `dir`; returns its exit code.
 pub fn serve(dir: &Path) -> i32 {
     let ready = detach::ready_fd();
-    let session = prepare(dir).and_then(|cfg| Session::create(&cfg));
+    let session = prepare(dir).and_then(|cfg| Session::create(&cfg, None));
     let session = match session {
         Ok(s) => s,
         Err(e) => {
