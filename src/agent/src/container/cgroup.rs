@@ -115,6 +115,7 @@ impl CgroupSystem {
     /// container is created: each controller enabled populates kernfs
     /// directories, which is slow where guest kernel code is emulated.
     pub fn prepare(&self) -> Result<(), CgroupError> {
+        let _parent = parent_lock();
         match self {
             CgroupSystem::V2(own, devices) => {
                 Self::prepare_v2(own)?;
@@ -158,6 +159,7 @@ impl CgroupSystem {
     }
 
     fn create_named(&self, name: &str) -> Result<Cgroup, CgroupError> {
+        let _parent = parent_lock();
         match self {
             CgroupSystem::V2(own, devices) => {
                 Self::prepare_v2(own)?;
@@ -182,7 +184,7 @@ impl CgroupSystem {
         for (controller, own_dir) in own {
             let dir = own_dir.join("husk").join(name);
             if let Err(e) = mkdir_all(&dir) {
-                cgroup.remove();
+                cgroup.remove_dirs(false);
                 return Err(e);
             }
             cgroup.dirs.push((controller, dir));
@@ -220,6 +222,16 @@ fn mkdir_all(p: &Path) -> Result<(), CgroupError> {
         path: p.to_owned(),
         source,
     })
+}
+
+/// Held while a cgroup is made under the shared `husk/` parent and while
+/// a removal takes that parent away with its last cgroup: otherwise the
+/// parent could go between its mkdir (and, on v2, its controllers being
+/// enabled) and the new cgroup's.
+static PARENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn parent_lock() -> std::sync::MutexGuard<'static, ()> {
+    PARENT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Best effort: a controller that cannot be enabled (e.g. a parent with
@@ -679,6 +691,12 @@ impl Cgroup {
     /// Removes the cgroup, waiting up to ~1 s for dying processes to leave;
     /// then the shared `husk` parent if it is empty.
     pub fn remove(&self) {
+        self.remove_dirs(true);
+    }
+
+    /// [`Cgroup::remove`]; `lock`: take the parent lock to remove the
+    /// parent (false: the caller holds it).
+    fn remove_dirs(&self, lock: bool) {
         for dir in self.dirs() {
             for _ in 0..100 {
                 match fs::remove_dir(&dir) {
@@ -689,6 +707,7 @@ impl Cgroup {
                 }
             }
             if let Some(parent) = dir.parent() {
+                let _parent = lock.then(parent_lock);
                 let _ = fs::remove_dir(parent);
             }
         }

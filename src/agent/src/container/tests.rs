@@ -663,3 +663,29 @@ fn platform_glibc_tunables_join_the_process_s_own() {
         ["GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2:glibc.malloc.check=0"]
     );
 }
+
+#[test]
+fn creates_beside_a_removal_of_the_last_sibling_succeed() {
+    // Removing a container's cgroup also removes the shared `husk/` parent
+    // when it is left empty; a create at that moment (between the two
+    // mkdirs of `husk/NAME`) must not fail for want of the parent.
+    let dir = std::env::temp_dir().join(format!("husk-cgroup-race-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let sys = CgroupSystem::V1(vec![("x".into(), dir.clone())]);
+    std::thread::scope(|s| {
+        for name in ["a", "b"] {
+            let sys = &sys;
+            s.spawn(move || {
+                for i in 0..3000 {
+                    match sys.create(name) {
+                        Ok(c) => c.remove(),
+                        Err(e) => panic!("create {name} #{i}: {e}"),
+                    }
+                }
+            });
+        }
+    });
+    assert!(!dir.join("husk").exists());
+    fs::remove_dir(&dir).unwrap();
+}
