@@ -23,6 +23,9 @@ pub enum QueueError {
     /// The interrupt could not be raised.
     #[error("interrupt: {0}")]
     Interrupt(#[source] std::io::Error),
+    /// The available index said chains had arrived, then none were there.
+    #[error("available ring: its index went back (rewritten, or the rings overlap)")]
+    AvailWentBack,
 }
 
 /// One buffer of a descriptor chain, already checked to lie in guest memory.
@@ -158,6 +161,21 @@ pub fn enable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<bool, Qu
     queue.enable_notification(mem).map_err(QueueError::Avail)
 }
 
+/// After [`pop_chain`] found the ring empty: re-enables driver
+/// notifications and says whether to look again (chains arrived
+/// meanwhile). `promised` carries the last answer until a chain is popped
+/// (the caller sets it to false then): a ring that promised chains and
+/// then had none is broken, and looking again could go on forever (a
+/// driver moving its index back, or an available ring laid over the used
+/// ring so that the device's own flag writes move the index).
+pub fn recheck(queue: &mut Queue, mem: &GuestMem, promised: &mut bool) -> Result<bool, QueueError> {
+    if *promised {
+        return Err(QueueError::AvailWentBack);
+    }
+    *promised = enable_notification(queue, mem)?;
+    Ok(*promised)
+}
+
 /// Turns driver notifications off while the device drains the ring.
 pub fn disable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<(), QueueError> {
     queue.disable_notification(mem).map_err(QueueError::Avail)
@@ -204,9 +222,11 @@ pub fn drain<'m>(
 ) -> Result<Drained, QueueError> {
     let mut left = budget;
     let mut used = false;
+    let mut promised = false;
     let outcome = 'drain: loop {
         disable_notification(queue, mem)?;
         while let Some(chain) = pop_chain(queue, mem)? {
+            promised = false;
             let head = chain.head_index();
             let served = handle(chain);
             add_used(queue, mem, head, served.len)?;
@@ -219,7 +239,7 @@ pub fn drain<'m>(
                 break 'drain Drained::BudgetSpent;
             }
         }
-        if !enable_notification(queue, mem)? {
+        if !recheck(queue, mem, &mut promised)? {
             break Drained::Empty;
         }
     };
@@ -234,6 +254,46 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
 
     use super::*;
+
+    #[test]
+    fn a_ring_whose_index_goes_back_fails_the_drain_instead_of_spinning() {
+        // The available ring laid over the used ring (found by the
+        // mmio_transport fuzz target): avail.idx is used.flags, which the
+        // device itself toggles when it turns notifications off and on, so
+        // the index says "one more chain" after every re-enable and "none"
+        // after every disable. The drain used to go round forever.
+        use vm_memory::Bytes;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.try_set_desc_table_address(GuestAddress(0)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(0x1fe)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(0x200)).unwrap();
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        mem.write_obj(0x1000u64, GuestAddress(0)).unwrap();
+        mem.write_obj(16u32, GuestAddress(8)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x200)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let irq = super::super::IrqfdInterrupt::new(
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            );
+            let mut served = 0;
+            let r = drain(&mut q, &mem, &irq, 64, |_| {
+                served += 1;
+                Served::written(0)
+            });
+            let _ = tx.send((r.map_err(|e| e.to_string()), served));
+        });
+        let (r, served) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the drain did not end");
+        assert_eq!(served, 1);
+        assert_eq!(
+            r.unwrap_err(),
+            "available ring: its index went back (rewritten, or the rings overlap)"
+        );
+    }
 
     #[test]
     fn a_made_up_head_is_refused_and_the_used_ring_untouched() {

@@ -132,6 +132,7 @@ impl Net {
         };
         let mem = &a.mem;
         let mut used = false;
+        let mut promised = false;
         let mut steps = 0usize;
         let more = loop {
             // Each step reads a packet or consumes a chain: bound both.
@@ -165,7 +166,7 @@ impl Net {
                 continue;
             };
             let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
-                if queue::enable_notification(&mut a.queues[RX_INDEX], mem)? {
+                if queue::recheck(&mut a.queues[RX_INDEX], mem, &mut promised)? {
                     continue;
                 }
                 // No buffer: hold the packet and stop reading the tap until
@@ -173,6 +174,7 @@ impl Net {
                 self.rx_stalled = true;
                 break false;
             };
+            promised = false;
             let head = chain.head_index();
             let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
             match write_packet(mem, &chain, &self.rx_buf[..len]) {

@@ -187,6 +187,7 @@ impl Vsock {
         };
         let mem = &a.mem;
         let mut used = false;
+        let mut promised = false;
         let mut budget = BUDGET;
         let more = loop {
             if !self.muxer.has_rx() {
@@ -196,7 +197,7 @@ impl Vsock {
                 break true;
             }
             let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
-                if queue::enable_notification(&mut a.queues[RX_INDEX], mem)? {
+                if queue::recheck(&mut a.queues[RX_INDEX], mem, &mut promised)? {
                     continue;
                 }
                 // Hold what is queued and stop reading Unix sockets until
@@ -205,6 +206,7 @@ impl Vsock {
                 break false;
             };
             budget -= 1;
+            promised = false;
             let head = chain.head_index();
             let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
             let room = match packet::rx_room(&chain) {
