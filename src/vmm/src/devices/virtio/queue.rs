@@ -83,8 +83,12 @@ pub struct Chain {
 }
 
 /// Flattens `chain` into at most `max` segments, each checked to lie in
-/// `mem`. The walk goes on past a problem (it is bounded by the queue or
-/// indirect table size) so that the final buffer is still known.
+/// `mem`. Past a buffer outside guest memory the walk goes on, so that the
+/// final buffer (where a device reports a status) is still known; it
+/// never reads more than `max + 1` descriptors: a chain longer than that
+/// is cut there, with no final buffer. (An indirect table can hold 65535
+/// descriptors: walked to their end, the chains of one wake-up could make
+/// the device read millions.)
 pub fn collect_chain<M>(chain: DescriptorChain<M>, mem: &GuestMem, max: usize) -> Chain
 where
     M: Deref<Target = GuestMem>,
@@ -95,6 +99,11 @@ where
     let mut last_ok = false;
     for desc in chain {
         count += 1;
+        if count > max {
+            out.error = Some(ChainError::TooLong(max));
+            out.last = None;
+            return out;
+        }
         let seg = Segment {
             addr: desc.addr(),
             len: desc.len(),
@@ -106,9 +115,7 @@ where
         if out.error.is_some() {
             continue;
         }
-        if count > max {
-            out.error = Some(ChainError::TooLong(max));
-        } else if !last_ok {
+        if !last_ok {
             out.error = Some(ChainError::OutOfMemory {
                 addr: desc.addr().0,
                 len: desc.len(),
