@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// HUSK_SECCOMP=off, or =log to allow and log what a filter refuses).
     #[arg(long)]
     no_seccomp: bool,
+    /// seccomp=unconfined: no seccomp profile for the container (by
+    /// default husk's, like Docker's: mounts, namespaces, BPF, keyring,
+    /// kernel modules and the like fail with EPERM).
+    #[arg(long = "security-opt", value_name = "OPT")]
+    security_opt: Vec<String>,
     /// Boot the guest instead of restoring the warm template of this
     /// kernel, agent and VM shape (made by the first run that needs it;
     /// see `husk template`). Also HUSK_TEMPLATE=off.
@@ -173,6 +178,23 @@ fn env_flags(env: &[String]) -> Vec<String> {
 }
 
 /// The root disk and the run spec: from --rootfs, or from the image.
+/// Whether `--security-opt` asks for no seccomp profile (Docker's
+/// `seccomp=unconfined`, or its older `seccomp:unconfined`).
+fn seccomp_unconfined(opts: &[String]) -> Result<bool, RuntimeError> {
+    let mut unconfined = false;
+    for o in opts {
+        match o.as_str() {
+            "seccomp=unconfined" | "seccomp:unconfined" => unconfined = true,
+            _ => {
+                return Err(RuntimeError::Invalid(format!(
+                    "unsupported --security-opt {o:?}: expected seccomp=unconfined"
+                )))
+            }
+        }
+    }
+    Ok(unconfined)
+}
+
 fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeError> {
     let mut env = Vec::new();
     for f in &a.env_file {
@@ -336,6 +358,7 @@ fn run_inner(a: RunArgs, process_start_ns: u64) -> Result<i32, RuntimeError> {
         cpus: a.cpus,
         tty: a.tty,
         hostname: a.hostname.clone(),
+        seccomp_unconfined: seccomp_unconfined(&a.security_opt)?,
         ..Default::default()
     };
     let (root, spec) = root_and_spec(&a, base)?;

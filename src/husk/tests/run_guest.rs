@@ -57,7 +57,7 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
     let samples = dir.0.join("samples");
     c.env("HUSK_PROFILE", format!("{}:200", samples.display()));
     c.args(["--timing", "--no-template", "-e", "FOO=bar", "-w", "/tmp", "-u", "1000:1001", "--"])
-        .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; exit 3"]);
+        .args(["sh", "-c", "echo to-stdout; echo to-stderr >&2; echo \"env=$FOO cwd=$(pwd) id=$(id -u):$(id -g) host=$(hostname)\"; echo \"$(grep Seccomp: /proc/self/status | tr -d ' \\t') $(unshare -U true 2>/dev/null && echo userns || echo no-userns)\"; exit 3"]);
     let out = run_with_timeout(c, None, boot_timeout() * 2);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -66,9 +66,11 @@ fn run_relays_stdio_env_cwd_user_and_the_exit_code() {
         Some(3),
         "stdout: {stdout}\nstderr: {stderr}"
     );
+    // husk's default seccomp profile: a filter, and no user namespace
+    // (which the guest kernel would otherwise give any user).
     assert_eq!(
         stdout,
-        "to-stdout\nenv=bar cwd=/tmp id=1000:1001 host=husk\n"
+        "to-stdout\nenv=bar cwd=/tmp id=1000:1001 host=husk\nSeccomp:2 no-userns\n"
     );
     assert!(stderr.contains("to-stderr\n"), "{stderr}");
     assert!(!stdout.contains("to-stderr"));
@@ -164,12 +166,17 @@ fn sigterm_to_husk_run_s_group_reaches_the_container() {
     let mut c = husk_run(&dir.0, &rootfs);
     // The trap counts the SIGTERMs it sees (the shell merges two that
     // arrive together; which copy is passed on is unit-tested in run_vm).
+    // Unconfined: no seccomp filter, so the guest kernel's user namespaces
+    // are there (the default profile's side is checked above).
     c.args([
+        "--security-opt",
+        "seccomp=unconfined",
         "--",
         "sh",
         "-c",
-        "n=0; trap 'n=$((n+1)); echo got-term-$n' TERM; echo ready; \
-         while [ $n -eq 0 ]; do sleep 1; done; sleep 3; exit $((40+n))",
+        "n=0; trap 'n=$((n+1)); echo got-term-$n' TERM; \
+         echo \"$(grep Seccomp: /proc/self/status | tr -d ' \\t') $(unshare -U true && echo userns)\"; \
+         echo ready; while [ $n -eq 0 ]; do sleep 1; done; sleep 3; exit $((40+n))",
     ])
     .process_group(0)
     .stdin(Stdio::null())
@@ -216,6 +223,7 @@ fn sigterm_to_husk_run_s_group_reaches_the_container() {
     let status = child.wait().unwrap();
     let seen = String::from_utf8_lossy(&seen);
     assert!(seen.contains("got-term-1"), "{seen}");
+    assert!(seen.contains("Seccomp:0 userns\n"), "{seen}");
     assert_eq!(status.code(), Some(41), "{seen}");
     let runs = dir.0.join("root/run");
     let left: Vec<_> = std::fs::read_dir(&runs)

@@ -28,6 +28,9 @@ pub struct RunSpec {
     pub hostname: String,
     /// Supplementary groups (from the image's /etc/group).
     pub additional_gids: Vec<u32>,
+    /// No seccomp profile (`--security-opt seccomp=unconfined`); else
+    /// [`crate::default_seccomp`]'s.
+    pub seccomp_unconfined: bool,
 }
 
 /// Docker's default capability set.
@@ -184,12 +187,17 @@ pub fn build(r: &RunSpec) -> Result<Spec, RuntimeError> {
             .build()
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?,
     ));
+    if !r.seccomp_unconfined {
+        linux.set_seccomp(Some(crate::default_seccomp::profile()?));
+    }
     spec.set_linux(Some(linux));
     Ok(spec)
 }
 
 #[cfg(test)]
 mod tests {
+    use oci_spec::runtime::LinuxSeccompAction;
+
     use super::*;
 
     #[test]
@@ -204,6 +212,7 @@ mod tests {
             tty: true,
             hostname: "box".into(),
             additional_gids: vec![10],
+            seccomp_unconfined: false,
         })
         .unwrap();
         let p = s.process().as_ref().unwrap();
@@ -226,6 +235,34 @@ mod tests {
         assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Pid));
         assert_eq!(s.hostname().as_deref(), Some("box"));
         assert_eq!(s.root().as_ref().unwrap().readonly(), Some(false));
+        // husk's default seccomp profile, unless unconfined.
+        let seccomp = linux.seccomp().as_ref().unwrap();
+        assert_eq!(seccomp.default_action(), LinuxSeccompAction::ScmpActAllow);
+        let refused = |name: &str| {
+            seccomp.syscalls().as_ref().unwrap().iter().any(|r| {
+                r.names().iter().any(|n| n == name)
+                    && r.action() == LinuxSeccompAction::ScmpActErrno
+                    && r.args().is_none()
+            })
+        };
+        for name in [
+            "mount",
+            "unshare",
+            "setns",
+            "bpf",
+            "keyctl",
+            "open_by_handle_at",
+        ] {
+            assert!(refused(name), "{name}");
+        }
+        assert!(!refused("read") && !refused("clone"));
+        let unconfined = build(&RunSpec {
+            args: vec!["true".into()],
+            seccomp_unconfined: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(unconfined.linux().as_ref().unwrap().seccomp().is_none());
     }
 
     #[test]
