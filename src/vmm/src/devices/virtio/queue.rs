@@ -168,19 +168,41 @@ pub fn enable_notification(queue: &mut Queue, mem: &GuestMem) -> Result<bool, Qu
     queue.enable_notification(mem).map_err(QueueError::Avail)
 }
 
-/// After [`pop_chain`] found the ring empty: re-enables driver
-/// notifications and says whether to look again (chains arrived
-/// meanwhile). `promised` carries the last answer until a chain is popped
-/// (the caller sets it to false then): a ring that promised chains and
-/// then had none is broken, and looking again could go on forever (a
+/// A device loop's pops from the available ring and its re-checks once
+/// the ring is empty: a ring whose re-check promised chains and whose next
+/// pop then had none is broken, and looking again could go on forever (a
 /// driver moving its index back, or an available ring laid over the used
 /// ring so that the device's own flag writes move the index).
-pub fn recheck(queue: &mut Queue, mem: &GuestMem, promised: &mut bool) -> Result<bool, QueueError> {
-    if *promised {
-        return Err(QueueError::AvailWentBack);
+#[derive(Debug, Default)]
+pub struct AvailWatch {
+    /// The last re-check said chains had arrived; no pop since.
+    promised: bool,
+}
+
+impl AvailWatch {
+    /// [`pop_chain`].
+    pub fn pop<'m>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m GuestMem,
+    ) -> Result<Option<DescriptorChain<&'m GuestMem>>, QueueError> {
+        let chain = pop_chain(queue, mem)?;
+        if chain.is_some() {
+            self.promised = false;
+        }
+        Ok(chain)
     }
-    *promised = enable_notification(queue, mem)?;
-    Ok(*promised)
+
+    /// After [`AvailWatch::pop`] found the ring empty: re-enables driver
+    /// notifications and says whether to look again (chains arrived
+    /// meanwhile), or fails if the last re-check had said so already.
+    pub fn recheck(&mut self, queue: &mut Queue, mem: &GuestMem) -> Result<bool, QueueError> {
+        if self.promised {
+            return Err(QueueError::AvailWentBack);
+        }
+        self.promised = enable_notification(queue, mem)?;
+        Ok(self.promised)
+    }
 }
 
 /// Turns driver notifications off while the device drains the ring.
@@ -229,11 +251,10 @@ pub fn drain<'m>(
 ) -> Result<Drained, QueueError> {
     let mut left = budget;
     let mut used = false;
-    let mut promised = false;
+    let mut avail = AvailWatch::default();
     let outcome = 'drain: loop {
         disable_notification(queue, mem)?;
-        while let Some(chain) = pop_chain(queue, mem)? {
-            promised = false;
+        while let Some(chain) = avail.pop(queue, mem)? {
             let head = chain.head_index();
             let served = handle(chain);
             add_used(queue, mem, head, served.len)?;
@@ -246,7 +267,7 @@ pub fn drain<'m>(
                 break 'drain Drained::BudgetSpent;
             }
         }
-        if !recheck(queue, mem, &mut promised)? {
+        if !avail.recheck(queue, mem)? {
             break Drained::Empty;
         }
     };

@@ -132,7 +132,7 @@ impl Net {
         };
         let mem = &a.mem;
         let mut used = false;
-        let mut promised = false;
+        let mut avail = queue::AvailWatch::default();
         let mut steps = 0usize;
         let more = loop {
             // Each step reads a packet or consumes a chain: bound both.
@@ -165,8 +165,8 @@ impl Net {
             let Some(len) = self.rx_packet else {
                 continue;
             };
-            let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
-                if queue::recheck(&mut a.queues[RX_INDEX], mem, &mut promised)? {
+            let Some(chain) = avail.pop(&mut a.queues[RX_INDEX], mem)? else {
+                if avail.recheck(&mut a.queues[RX_INDEX], mem)? {
                     continue;
                 }
                 // No buffer: hold the packet and stop reading the tap until
@@ -174,7 +174,6 @@ impl Net {
                 self.rx_stalled = true;
                 break false;
             };
-            promised = false;
             let head = chain.head_index();
             let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
             match write_packet(mem, &chain, &self.rx_buf[..len]) {

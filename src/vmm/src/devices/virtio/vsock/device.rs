@@ -187,7 +187,7 @@ impl Vsock {
         };
         let mem = &a.mem;
         let mut used = false;
-        let mut promised = false;
+        let mut avail = queue::AvailWatch::default();
         let mut budget = BUDGET;
         let more = loop {
             if !self.muxer.has_rx() {
@@ -196,8 +196,8 @@ impl Vsock {
             if budget == 0 {
                 break true;
             }
-            let Some(chain) = queue::pop_chain(&mut a.queues[RX_INDEX], mem)? else {
-                if queue::recheck(&mut a.queues[RX_INDEX], mem, &mut promised)? {
+            let Some(chain) = avail.pop(&mut a.queues[RX_INDEX], mem)? else {
+                if avail.recheck(&mut a.queues[RX_INDEX], mem)? {
                     continue;
                 }
                 // Hold what is queued and stop reading Unix sockets until
@@ -206,7 +206,6 @@ impl Vsock {
                 break false;
             };
             budget -= 1;
-            promised = false;
             let head = chain.head_index();
             let chain = collect_chain(chain, mem, MAX_DESCRIPTORS);
             let room = match packet::rx_room(&chain) {
