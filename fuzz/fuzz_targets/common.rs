@@ -1,8 +1,11 @@
 //! Shared by the targets: guest memory filled from the fuzz input, queues
-//! whose rings live in that memory, and device activation.
+//! whose rings live in that memory, device activation, and a disk image.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use husk_vmm::devices::virtio::{
     ActivateContext, DeviceFailure, IrqfdInterrupt, Segment, VirtioDevice, VirtioInterrupt,
@@ -82,4 +85,24 @@ pub fn activate(dev: &mut dyn VirtioDevice, mem: &GuestMemoryMmap, queues: Vec<Q
         failure,
     })
     .unwrap();
+}
+
+/// A 64 KiB in-memory image (memfd) for a virtio-blk device, opened again
+/// by path per run.
+#[allow(dead_code)] // only the targets with a disk
+pub fn disk_image() -> PathBuf {
+    static IMAGE: OnceLock<(File, PathBuf)> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            // SAFETY: memfd_create with a valid NUL-terminated name.
+            let fd = unsafe { libc::memfd_create(c"husk-fuzz-disk".as_ptr(), 0) };
+            assert!(fd >= 0);
+            // SAFETY: a new fd owned by nothing else.
+            let f = unsafe { File::from_raw_fd(fd) };
+            f.set_len(0x1_0000).unwrap();
+            let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            (f, p)
+        })
+        .1
+        .clone()
 }

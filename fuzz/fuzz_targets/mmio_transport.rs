@@ -7,15 +7,12 @@
 //! handler would. Nothing may panic or hang, whatever the order.
 #![no_main]
 
-// Only its guest memory: the queues here are the driver's, set up through
-// the registers.
+// Only its guest memory and disk image: the queues here are the driver's,
+// set up through the registers.
 #[allow(dead_code)]
 mod common;
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use husk_vmm::devices::virtio::block::{Block, Disk};
 use husk_vmm::devices::virtio::mmio::regs;
@@ -27,24 +24,6 @@ use vmm_sys_util::eventfd::EventFd;
 /// Bytes per register access in the input: kind, offset (2), value (4).
 const OP: usize = 7;
 
-/// A 64 KiB in-memory image (memfd), opened again by path per run.
-fn image() -> PathBuf {
-    static IMAGE: OnceLock<(File, PathBuf)> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            // SAFETY: memfd_create with a valid NUL-terminated name.
-            let fd = unsafe { libc::memfd_create(c"husk-fuzz-mmio-disk".as_ptr(), 0) };
-            assert!(fd >= 0);
-            // SAFETY: a new fd owned by nothing else.
-            let f = unsafe { File::from_raw_fd(fd) };
-            f.set_len(0x1_0000).unwrap();
-            let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
-            (f, p)
-        })
-        .1
-        .clone()
-}
-
 fuzz_target!(|data: &[u8]| {
     // The first byte counts the accesses; guest memory follows them.
     let Some((&n, data)) = data.split_first() else {
@@ -53,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let ops_len = (data.len() / OP).min(usize::from(n)) * OP;
     let (ops, rest) = data.split_at(ops_len);
     let mem = common::memory(rest);
-    let disk = Disk::open(&image(), false, false).unwrap();
+    let disk = Disk::open(&common::disk_image(), false, false).unwrap();
     let blk = Arc::new(Mutex::new(Block::new(disk, "fuzz").unwrap()));
     let irq: Arc<dyn VirtioInterrupt> = Arc::new(IrqfdInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
