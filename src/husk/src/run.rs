@@ -177,7 +177,6 @@ fn env_flags(env: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The root disk and the run spec: from --rootfs, or from the image.
 /// Whether `--security-opt` asks for no seccomp profile (Docker's
 /// `seccomp=unconfined`, or its older `seccomp:unconfined`).
 fn seccomp_unconfined(opts: &[String]) -> Result<bool, RuntimeError> {
@@ -195,6 +194,7 @@ fn seccomp_unconfined(opts: &[String]) -> Result<bool, RuntimeError> {
     Ok(unconfined)
 }
 
+/// The root disk and the run spec: from --rootfs, or from the image.
 fn root_and_spec(a: &RunArgs, base: RunSpec) -> Result<(Root, RunSpec), RuntimeError> {
     let mut env = Vec::new();
     for f in &a.env_file {

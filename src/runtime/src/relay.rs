@@ -294,12 +294,11 @@ pub(crate) fn forward_signals(
 /// started is not started.
 pub(crate) fn stop_on_signal(
     fd: &OwnedFd,
-    relayed: Option<&UnixStream>,
+    mut relayed: Option<&UnixStream>,
     done: &AtomicBool,
     caught: &std::sync::atomic::AtomicI32,
     stop: &dyn Fn(),
 ) {
-    let mut relayed = relayed;
     while !done.load(Ordering::SeqCst) {
         if let Some(&signal) = next_signals(fd, &mut relayed, 100).first() {
             caught.store(signal, Ordering::SeqCst);

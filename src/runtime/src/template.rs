@@ -276,17 +276,13 @@ impl TemplateVmm {
         }
     }
 
-    /// Waits up to `wait` for it to end, then kills it.
+    /// Waits up to `wait` for it to end; dropped, it is killed if it has
+    /// not.
     fn finish(mut self, wait: Duration) {
         let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -169,12 +169,8 @@ pub fn parse_signal(s: &str) -> Result<i32, RuntimeError> {
     } else {
         let upper = s.to_ascii_uppercase();
         let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-        let n = SIGNALS
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map_or(0, |(_, v)| *v);
-        if n != 0 {
-            return Ok(n);
+        if let Some((_, n)) = SIGNALS.iter().find(|(k, _)| *k == name) {
+            return Ok(*n);
         }
     }
     Err(RuntimeError::Invalid(format!("unknown signal {s:?}")))
