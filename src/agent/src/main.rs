@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 
 use husk_agent::agent::{Agent, AgentConfig};
+use husk_agent::container::seccomp;
 use husk_agent::init;
 use husk_agent::log;
 use husk_agent::reaper::{ProcessTable, ReapMode};
@@ -66,8 +67,6 @@ fn pid1(started_ns: u64) -> ! {
     if let Err(e) = init::init_system() {
         fatal(&e.to_string());
     }
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let opts = init::parse_cmdline(&cmdline);
     let table =
         ProcessTable::start(ReapMode::All).unwrap_or_else(|e| fatal(&format!("reaper: {e}")));
     let cfg = AgentConfig {
@@ -83,6 +82,14 @@ fn pid1(started_ns: u64) -> ! {
         ..AgentConfig::default()
     };
     let agent = Agent::new(cfg, table, started_ns, Agent::reboot_hook());
+    // `husk run`'s containers bring this profile: compiled now, it is in
+    // every warm template.
+    let ahead = husk_proto::default_seccomp::profile()
+        .map_err(|e| e.to_string())
+        .and_then(|p| seccomp::compile_ahead(&p).map_err(|e| e.to_string()));
+    if let Err(e) = ahead {
+        log!("default seccomp profile: {e}");
+    }
     let control = VsockListener::bind(CONTROL_PORT)
         .unwrap_or_else(|e| fatal(&format!("vsock port {CONTROL_PORT}: {e}")));
     let stdio = VsockListener::bind(STDIO_PORT)

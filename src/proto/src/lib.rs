@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod client;
+pub mod default_seccomp;
 mod frame;
 mod messages;
 

@@ -2,7 +2,6 @@
 //! husk's guest agent; `husk run` creates one container in it.
 
 pub mod clock;
-pub mod default_seccomp;
 pub mod image;
 pub mod net;
 pub mod paths;

@@ -29,7 +29,7 @@ pub struct RunSpec {
     /// Supplementary groups (from the image's /etc/group).
     pub additional_gids: Vec<u32>,
     /// No seccomp profile (`--security-opt seccomp=unconfined`); else
-    /// [`crate::default_seccomp`]'s.
+    /// [`husk_proto::default_seccomp`]'s.
     pub seccomp_unconfined: bool,
 }
 
@@ -188,7 +188,9 @@ pub fn build(r: &RunSpec) -> Result<Spec, RuntimeError> {
             .map_err(|e| RuntimeError::Invalid(e.to_string()))?,
     ));
     if !r.seccomp_unconfined {
-        linux.set_seccomp(Some(crate::default_seccomp::profile()?));
+        let profile = husk_proto::default_seccomp::profile()
+            .map_err(|e| RuntimeError::Invalid(format!("default seccomp profile: {e}")))?;
+        linux.set_seccomp(Some(profile));
     }
     spec.set_linux(Some(linux));
     Ok(spec)

@@ -14,7 +14,7 @@ use oci_spec::runtime::{
 use super::caps::{cap_number, CapSets};
 use super::cgroup::{device_rules, DeviceRule};
 use super::mounts::{parse_mount_options, propagation_flag, MountOptions};
-use super::seccomp::{plan_seccomp, SeccompPlan};
+use super::seccomp::{plan_seccomp_cached, SeccompPlan};
 
 /// A spec the agent cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -333,7 +333,7 @@ pub fn plan_container(spec: &Spec, cap_last_cap: u32) -> Result<ContainerPlan, P
         sysctls,
         process: ProcessPlan {
             seccomp: match linux.and_then(|l| l.seccomp().as_ref()) {
-                Some(s) => Some(Arc::new(plan_seccomp(s)?)),
+                Some(s) => Some(plan_seccomp_cached(s)?),
                 None => None,
             },
             ..plan_process(process, cap_last_cap)?

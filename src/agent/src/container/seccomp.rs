@@ -19,8 +19,10 @@
 //! x86_64 calls are filtered (the guest kernel runs no other ABI); a call
 //! through another ABI is killed.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 use oci_spec::runtime::{
@@ -132,6 +134,66 @@ fn conditions(rule: &LinuxSyscall) -> Result<Vec<Vec<ScmpArgCompare>>, PlanError
 /// libseccomp's errors, one line.
 fn scmp(what: &str) -> impl Fn(libseccomp::error::SeccompError) -> PlanError + '_ {
     move |e| PlanError::Invalid(format!("seccomp profile: {what}: {e}"))
+}
+
+/// How many compiled profiles the agent keeps.
+const CACHED_PROFILES: usize = 4;
+
+/// Compiled profiles, the last used first. Compiling one is tens of ms
+/// where guest kernel code is emulated (libseccomp's allocations fault
+/// pages in), and a guest sees the same few again and again: `husk run`'s
+/// default in every container (compiled ahead in a warm template, see
+/// [`compile_ahead`]), a pod's containers, Docker's and Podman's default.
+pub struct PlanCache {
+    entries: Mutex<VecDeque<(LinuxSeccomp, Arc<SeccompPlan>)>>,
+    capacity: usize,
+}
+
+impl PlanCache {
+    /// An empty cache of `capacity` profiles.
+    pub const fn new(capacity: usize) -> Self {
+        PlanCache {
+            entries: Mutex::new(VecDeque::new()),
+            capacity,
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, VecDeque<(LinuxSeccomp, Arc<SeccompPlan>)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`plan_seccomp`], answered from the cache when `s` is one of its
+    /// profiles (compared whole); failures are not kept.
+    pub fn plan(&self, s: &LinuxSeccomp) -> Result<Arc<SeccompPlan>, PlanError> {
+        {
+            let mut c = self.entries();
+            if let Some(i) = c.iter().position(|(profile, _)| profile == s) {
+                let hit = c.remove(i).expect("index from position");
+                let plan = Arc::clone(&hit.1);
+                c.push_front(hit);
+                return Ok(plan);
+            }
+        }
+        let plan = Arc::new(plan_seccomp(s)?);
+        let mut c = self.entries();
+        c.push_front((s.clone(), Arc::clone(&plan)));
+        c.truncate(self.capacity);
+        Ok(plan)
+    }
+}
+
+static CACHE: PlanCache = PlanCache::new(CACHED_PROFILES);
+
+/// [`plan_seccomp`] through the agent's [`PlanCache`].
+pub fn plan_seccomp_cached(s: &LinuxSeccomp) -> Result<Arc<SeccompPlan>, PlanError> {
+    CACHE.plan(s)
+}
+
+/// Compiles `s` into the cache now, before a create asks for it (the
+/// guest agent does this for `husk run`'s default profile before it is
+/// ready, so that warm templates hold the result).
+pub fn compile_ahead(s: &LinuxSeccomp) -> Result<(), PlanError> {
+    plan_seccomp_cached(s).map(drop)
 }
 
 /// Compiles `linux.seccomp`.
@@ -260,6 +322,48 @@ mod tests {
         } else {
             rc
         }
+    }
+
+    /// A profile refusing `name` with EPERM.
+    fn refusing(name: &str) -> LinuxSeccomp {
+        profile(json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": [name], "action": "SCMP_ACT_ERRNO"}]
+        }))
+    }
+
+    #[test]
+    fn the_cache_answers_a_profile_seen_again_and_keeps_the_last_ones() {
+        let cache = PlanCache::new(2);
+        let a = cache.plan(&refusing("mkdir")).unwrap();
+        // The same profile, deserialized again: the same compiled plan.
+        let again = cache.plan(&refusing("mkdir")).unwrap();
+        assert!(Arc::ptr_eq(&a, &again));
+        let b = cache.plan(&refusing("rmdir")).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_ne!(a.filter, b.filter);
+        // A third profile evicts the least recently used one, "mkdir".
+        assert!(Arc::ptr_eq(&b, &cache.plan(&refusing("rmdir")).unwrap()));
+        cache.plan(&refusing("chdir")).unwrap();
+        let a2 = cache.plan(&refusing("mkdir")).unwrap();
+        assert!(!Arc::ptr_eq(&a, &a2), "evicted, compiled again");
+        assert_eq!(a.filter, a2.filter);
+        // A failing profile is not kept, and fails again.
+        let bad = profile(json!({
+            "defaultAction": "SCMP_ACT_ALLOW", "listenerPath": "/x",
+            "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_NOTIFY"}]
+        }));
+        assert!(cache.plan(&bad).is_err());
+        assert!(cache.plan(&bad).is_err());
+        assert_eq!(cache.entries().len(), 2);
+    }
+
+    #[test]
+    fn husk_runs_default_profile_compiles() {
+        let p = husk_proto::default_seccomp::profile().unwrap();
+        compile_ahead(&p).unwrap();
+        let plan = plan_seccomp_cached(&p).unwrap();
+        assert_eq!(plan.filter_count(), 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use oci_spec::runtime::{
     LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
 };
 
-use crate::RuntimeError;
+use oci_spec::OciSpecError;
 
 /// Refused with EPERM whatever their arguments.
 const REFUSED: &[&str] = &[
@@ -113,17 +113,13 @@ const NAMESPACE_FLAGS: [i32; 7] = [
     libc::CLONE_NEWCGROUP,
 ];
 
-fn invalid(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Invalid(format!("default seccomp profile: {e}"))
-}
-
 /// `names` failing with `errno`, when argument `index` matches `op`
 /// (`value`, and `value_two` for a masked compare) if given.
 fn rule(
     names: &[&str],
     errno: i32,
     arg: Option<(u64, LinuxSeccompOperator, u64, u64)>,
-) -> Result<LinuxSyscall, RuntimeError> {
+) -> Result<LinuxSyscall, OciSpecError> {
     let mut b = LinuxSyscallBuilder::default()
         .names(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
         .action(LinuxSeccompAction::ScmpActErrno)
@@ -134,15 +130,14 @@ fn rule(
             .op(op)
             .value(value)
             .value_two(value_two)
-            .build()
-            .map_err(invalid)?;
+            .build()?;
         b = b.args(vec![a]);
     }
-    b.build().map_err(invalid)
+    b.build()
 }
 
 /// The profile.
-pub fn profile() -> Result<LinuxSeccomp, RuntimeError> {
+pub fn profile() -> Result<LinuxSeccomp, OciSpecError> {
     let mut syscalls = vec![rule(REFUSED, libc::EPERM, None)?];
     // One rule per flag: the conditions of one rule are ANDed.
     for flag in NAMESPACE_FLAGS {
@@ -168,5 +163,4 @@ pub fn profile() -> Result<LinuxSeccomp, RuntimeError> {
         ])
         .syscalls(syscalls)
         .build()
-        .map_err(invalid)
 }
