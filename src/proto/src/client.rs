@@ -108,6 +108,20 @@ pub struct Client<S> {
     pending: HashMap<u64, Outcome>,
 }
 
+/// A request sent by [`Client::send_ahead`], not yet answered.
+#[derive(Debug)]
+#[must_use = "its answer must be taken with Client::finish"]
+pub struct Ahead {
+    id: u64,
+    kind: AheadKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum AheadKind {
+    Refresh,
+    ConfigureNetwork,
+}
+
 impl<S: Read + Write> Client<S> {
     /// Performs the handshake on a fresh control connection.
     pub fn connect(mut stream: S, ours: &Hello) -> Result<Self, ProtoError> {
@@ -166,6 +180,37 @@ impl<S: Read + Write> Client<S> {
         match outcome {
             Outcome::Ok(response) => Ok(response),
             Outcome::Error(e) => Err(ProtoError::Remote(e)),
+        }
+    }
+
+    /// Sends `request` (one answered with a bare acknowledgement:
+    /// `Refresh`, `ConfigureNetwork`) without waiting for its answer, which
+    /// [`Self::finish`] takes later. The agent serves one connection's
+    /// requests in order, so what is sent after it is served after it; the
+    /// round trips overlap.
+    pub fn send_ahead(&mut self, request: Request) -> Result<Ahead, ProtoError> {
+        let kind = match &request {
+            Request::Refresh(_) => AheadKind::Refresh,
+            Request::ConfigureNetwork(_) => AheadKind::ConfigureNetwork,
+            _ => {
+                return Err(ProtoError::Invalid(
+                    "only Refresh and ConfigureNetwork can be sent ahead".into(),
+                ))
+            }
+        };
+        Ok(Ahead {
+            id: self.send(request)?,
+            kind,
+        })
+    }
+
+    /// The answer to a request sent by [`Self::send_ahead`].
+    pub fn finish(&mut self, ahead: Ahead) -> Result<(), ProtoError> {
+        match (ahead.kind, self.receive(ahead.id)?) {
+            (AheadKind::Refresh, Response::Refreshed)
+            | (AheadKind::ConfigureNetwork, Response::NetworkConfigured) => Ok(()),
+            (AheadKind::Refresh, other) => Err(unexpected("refresh", other)),
+            (AheadKind::ConfigureNetwork, other) => Err(unexpected("configure_network", other)),
         }
     }
 

@@ -8,7 +8,7 @@ mod messages;
 #[cfg(test)]
 mod tests;
 
-pub use client::{check_exit, check_version, handshake, Client, ProtoError};
+pub use client::{check_exit, check_version, handshake, Ahead, Client, ProtoError};
 pub use frame::{read_frame, read_frame_bytes, write_frame, FrameError, MAX_FRAME_SIZE};
 pub use messages::*;
 pub use oci_spec;

@@ -506,6 +506,60 @@ fn wait_req() -> ProcessRef {
 }
 
 #[test]
+fn requests_sent_ahead_are_answered_after_what_followed_them() {
+    let refresh = || {
+        Request::Refresh(Refresh {
+            entropy: vec![1; 64],
+            realtime_ns: 1,
+        })
+    };
+    // The agent answers in order: Refreshed (id 1), then Exited (id 2);
+    // the client reads both while it waits for the second.
+    let (a, b) = UnixStream::pair().unwrap();
+    let answers = vec![(1, Outcome::Ok(Response::Refreshed)), (2, exited(3, None))];
+    let agent = thread::spawn(move || scripted_agent(b, answers));
+    let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+    let ahead = client.send_ahead(refresh()).unwrap();
+    assert_eq!(client.wait(wait_req()).unwrap().exit_code, 3);
+    client.finish(ahead).unwrap();
+    drop(client);
+    agent.join().unwrap();
+    // An answer of another kind, or an error, fails the request sent ahead.
+    for answer in [
+        Outcome::Ok(Response::NetworkConfigured),
+        Outcome::Error(ErrorBody {
+            code: ErrorCode::Internal,
+            message: "no entropy".into(),
+        }),
+    ] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || scripted_agent(b, vec![(1, answer)]));
+        let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+        let ahead = client.send_ahead(refresh()).unwrap();
+        let err = client.finish(ahead).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::UnexpectedResponse { .. } | ProtoError::Remote(_)
+            ),
+            "{err}"
+        );
+        drop(client);
+        agent.join().unwrap();
+    }
+    // Only bare-acknowledgement requests can be sent ahead.
+    let (a, b) = UnixStream::pair().unwrap();
+    let agent = thread::spawn(move || scripted_agent(b, vec![]));
+    let mut client = Client::connect(a, &Hello::new("husk", "0.1.0")).unwrap();
+    assert!(matches!(
+        client.send_ahead(Request::Wait(wait_req())),
+        Err(ProtoError::Invalid(_))
+    ));
+    drop(client);
+    agent.join().unwrap();
+}
+
+#[test]
 fn responses_to_requests_never_sent_are_refused_not_kept() {
     // Each answer names an id the client never used: the client must not
     // keep it (a flood of them would grow without bound) but fail.

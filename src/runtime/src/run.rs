@@ -379,24 +379,30 @@ impl Session {
         let deadline = Instant::now() + c.boot_timeout;
         // Replies to set-up requests are bounded; `wait` lifts the bound.
         let mut control = sandbox.control(deadline, budget, Some(c.boot_timeout))?;
+        // Sent ahead of the create, which the agent serves after them (one
+        // connection's requests in order): their round trips overlap it.
+        // The container is started only once both are answered.
+        let mut ahead = Vec::new();
         if sandbox.restored() {
             // Siblings restored from one template share their RNG state;
             // the guest's clock went on from the template's time.
             let realtime_ns = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            control
-                .refresh(husk_proto::Refresh {
-                    entropy: host_random(64)?,
-                    realtime_ns,
-                })
-                .map_err(|e| sandbox.explain(e.into()))?;
+            let refresh = husk_proto::Refresh {
+                entropy: host_random(64)?,
+                realtime_ns,
+            };
+            ahead.push(control.send_ahead(husk_proto::Request::Refresh(refresh)));
         }
         if !c.network.links.is_empty() {
-            control
-                .configure_network(c.network.guest())
-                .map_err(|e| sandbox.explain(e.into()))?;
+            let net = husk_proto::Request::ConfigureNetwork(c.network.guest());
+            ahead.push(control.send_ahead(net));
         }
+        let ahead = ahead
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sandbox.explain(e.into()))?;
         let tty = tty_of(c);
         // The streams are opened while the agent creates the container:
         // their hellos wait in the guest until it exists, which saves their
@@ -432,6 +438,9 @@ impl Session {
                 .unwrap_or_else(|_| Err(RuntimeError::Invalid("stream thread panicked".into())));
             (created, attached)
         });
+        for a in ahead {
+            control.finish(a).map_err(|e| sandbox.explain(e.into()))?;
+        }
         let created = created.map_err(|e| sandbox.explain(e.into()))?;
         let (relays, raw_terminal) = attached?;
         Ok((control, relays, raw_terminal, created.setup, deadline))
