@@ -231,21 +231,67 @@ pub struct CmdlineOptions {
     /// `husk.drain_timeout_ms`: how long output may take to drain after
     /// the process exited.
     pub drain_timeout: Duration,
+    /// `husk.template`: this VM becomes a warm template (husk snapshots it
+    /// once the agent is ready and restores it for each container), so
+    /// the agent does ahead what every restore would otherwise do first.
+    pub template: bool,
 }
 
 impl Default for CmdlineOptions {
     fn default() -> Self {
         CmdlineOptions {
             drain_timeout: Duration::from_secs(5),
+            template: false,
         }
     }
 }
 
 /// Parses `/proc/cmdline`; unknown or malformed `husk.` options are
 /// ignored (the VMM builds the command line).
+/// Reads and maps every page of this program's own file-backed read-only
+/// mappings (its code and constants), found in /proc/self/maps by the
+/// executable's device and inode; returns how many bytes that was.
+pub fn map_own_binary() -> io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    let exe = fs::metadata("/proc/self/exe")?;
+    let (major, minor) = (libc::major(exe.dev()), libc::minor(exe.dev()));
+    let maps = fs::read_to_string("/proc/self/maps")?;
+    let mut bytes = 0;
+    for (start, end) in own_read_only_ranges(&maps, major, minor, exe.ino()) {
+        sys::populate_read(start, end - start)?;
+        bytes += end - start;
+    }
+    Ok(bytes)
+}
+
+/// The address ranges of /proc/self/maps lines that map file
+/// `major:minor` `ino` without write permission.
+fn own_read_only_ranges(maps: &str, major: u32, minor: u32, ino: u64) -> Vec<(usize, usize)> {
+    let dev = format!("{major:02x}:{minor:02x}");
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (range, perms, _offset, d, inode) =
+                (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            if perms.contains('w') || d != dev || inode.parse::<u64>().ok()? != ino {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            );
+            (a < b).then_some((a, b))
+        })
+        .collect()
+}
+
 pub fn parse_cmdline(cmdline: &str) -> CmdlineOptions {
     let mut opts = CmdlineOptions::default();
     for word in cmdline.split_whitespace() {
+        if word == "husk.template" {
+            opts.template = true;
+        }
         if let Some(v) = word.strip_prefix("husk.drain_timeout_ms=") {
             if let Ok(ms) = v.parse() {
                 opts.drain_timeout = Duration::from_millis(ms);
@@ -279,9 +325,45 @@ mod tests {
     }
 
     #[test]
+    fn own_mappings_are_found_by_device_and_inode() {
+        let maps = "\
+00400000-00401000 r--p 00000000 fd:00 1234 /husk-agent
+00401000-00700000 r-xp 00001000 fd:00 1234 /husk-agent
+00700000-00800000 r--p 00300000 fd:00 1234 /husk-agent
+00800000-00810000 rw-p 00400000 fd:00 1234 /husk-agent
+00900000-00910000 r--p 00000000 fd:01 1234 /other-disk-same-inode
+00a00000-00a10000 r--p 00000000 fd:00 99 /other-file
+00b00000-00c00000 rw-p 00000000 00:00 0 [heap]
+7ffd0000-7ffe0000 rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(
+            own_read_only_ranges(maps, 0xfd, 0, 1234),
+            vec![
+                (0x400000, 0x401000),
+                (0x401000, 0x700000),
+                (0x700000, 0x800000)
+            ]
+        );
+        assert!(own_read_only_ranges("garbage\n1-2\n", 0xfd, 0, 1234).is_empty());
+    }
+
+    #[test]
+    fn map_own_binary_maps_the_test_binary() {
+        let bytes = map_own_binary().unwrap();
+        let size = fs::metadata("/proc/self/exe").unwrap().len() as usize;
+        // Its code and constants: some of the file, not more than all.
+        assert!(
+            bytes > 0 && bytes <= size.next_multiple_of(4096),
+            "{bytes} of {size}"
+        );
+    }
+
+    #[test]
     fn cmdline_options() {
-        let o = parse_cmdline("console=ttyS0 husk.drain_timeout_ms=250 reboot=k\n");
+        let o = parse_cmdline("console=ttyS0 husk.template husk.drain_timeout_ms=250 reboot=k\n");
         assert_eq!(o.drain_timeout, Duration::from_millis(250));
+        assert!(o.template);
+        assert!(!parse_cmdline("husk.templated").template);
         let o = parse_cmdline("husk.drain_timeout_ms=bogus");
         assert_eq!(o, CmdlineOptions::default());
     }

@@ -67,6 +67,24 @@ fn pid1(started_ns: u64) -> ! {
     if let Err(e) = init::init_system() {
         fatal(&e.to_string());
     }
+    // The agent's own code is dense and most of it runs in a container's
+    // create, which on kvm_pvm hosts faults it in page by page (the guest
+    // kernel reads 32 KiB around such a fault there): one read of the
+    // whole binary now is cheaper, and a warm template then holds it.
+    if let Err(e) = std::fs::File::open("/proc/self/exe").and_then(|f| sys::read_ahead_all(&f)) {
+        log!("reading the agent binary ahead: {e}");
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let opts = init::parse_cmdline(&cmdline);
+    if opts.template {
+        // Mapped now, the agent's code costs a restore no page faults (the
+        // create path is most of it); a cold boot would pay ~0.8 s for it
+        // where guest kernel code is emulated, more than it saves there.
+        match init::map_own_binary() {
+            Ok(bytes) => log!("template: {} KiB of the agent mapped", bytes / 1024),
+            Err(e) => log!("template: mapping the agent binary: {e}"),
+        }
+    }
     let table =
         ProcessTable::start(ReapMode::All).unwrap_or_else(|e| fatal(&format!("reaper: {e}")));
     let cfg = AgentConfig {

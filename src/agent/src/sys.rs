@@ -372,6 +372,26 @@ impl SockFilter {
     }
 }
 
+/// Starts reading all of `file` into the page cache
+/// (`POSIX_FADV_WILLNEED`).
+pub fn read_ahead_all(file: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: advice on a descriptor `file` holds open; no memory passed.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// `madvise(MADV_POPULATE_READ)`: reads (if need be) and maps every
+/// page of `[addr, addr + len)` of the calling process.
+pub fn populate_read(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: advice only: it faults in pages of the caller's own
+    // mappings, changing no memory; bad ranges fail with an errno.
+    cvt(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ) })
+        .map(drop)
+}
+
 /// `seccomp(SECCOMP_SET_MODE_FILTER, flags, prog)`. It leaves
 /// no_new_privs alone (the OCI process decides).
 pub fn seccomp_set_filter(prog: &[SockFilter], flags: libc::c_ulong) -> io::Result<()> {

@@ -53,6 +53,10 @@ pub fn eligible(cfg: &SandboxConfig) -> bool {
     cfg.rootfs_image.is_some() && cfg.network.links.is_empty() && cfg.shares.is_empty()
 }
 
+/// The guest command-line word of a template's VM (the agent's
+/// `husk.template`).
+pub const TEMPLATE_WORD: &str = "husk.template";
+
 /// The template key for `cfg`'s kernel, agent and VM shape.
 pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
     let kernel = cfg
@@ -172,6 +176,12 @@ fn build_in(
     tcfg.jail_id = cfg.jail_id.map(|_| crate::runc::store::jail_id(run_dir));
     let mut vm_cfg = vm_config(&tcfg, &run_dir.join("vsock.sock"))?;
     vm_cfg.api_sock = Some(api_sock.clone());
+    // The agent then prepares what every restore would otherwise do first
+    // (see the agent's `CmdlineOptions::template`).
+    if let Some(c) = &mut vm_cfg.cmdline {
+        c.push(' ');
+        c.push_str(TEMPLATE_WORD);
+    }
     if let Some(jail) = &mut vm_cfg.jail {
         jail.pidns = true;
         std::os::unix::fs::chown(run_dir, Some(jail.uid), Some(jail.gid))
