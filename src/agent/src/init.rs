@@ -246,8 +246,6 @@ impl Default for CmdlineOptions {
     }
 }
 
-/// Parses `/proc/cmdline`; unknown or malformed `husk.` options are
-/// ignored (the VMM builds the command line).
 /// Reads and maps every page of this program's own file-backed read-only
 /// mappings (its code and constants), found in /proc/self/maps by the
 /// executable's device and inode; returns how many bytes that was.
@@ -286,6 +284,8 @@ fn own_read_only_ranges(maps: &str, major: u32, minor: u32, ino: u64) -> Vec<(us
         .collect()
 }
 
+/// Parses `/proc/cmdline`; unknown or malformed `husk.` options are
+/// ignored (the VMM builds the command line).
 pub fn parse_cmdline(cmdline: &str) -> CmdlineOptions {
     let mut opts = CmdlineOptions::default();
     for word in cmdline.split_whitespace() {

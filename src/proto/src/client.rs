@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 
 use crate::frame::{read_frame, write_frame, FrameError};
 use crate::messages::{
-    ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Network, Outcome,
-    ProcessInfo, ProcessRef, Refresh, Request, RequestFrame, ResizeTty, Response, ResponseFrame,
-    Signal, Stats, UpdateResources,
+    ContainerRef, CreateContainer, ErrorBody, Exec, ExitStatus, Hello, Outcome, ProcessInfo,
+    ProcessRef, Request, RequestFrame, ResizeTty, Response, ResponseFrame, Signal, Stats,
+    UpdateResources,
 };
 
 /// Protocol-level errors.
@@ -288,22 +288,6 @@ impl<S: Read + Write> Client<S> {
         match self.call(Request::UpdateResources(req))? {
             Response::ResourcesUpdated => Ok(()),
             other => Err(unexpected("update_resources", other)),
-        }
-    }
-
-    /// `ConfigureNetwork`.
-    pub fn configure_network(&mut self, net: Network) -> Result<(), ProtoError> {
-        match self.call(Request::ConfigureNetwork(net))? {
-            Response::NetworkConfigured => Ok(()),
-            other => Err(unexpected("configure_network", other)),
-        }
-    }
-
-    /// `Refresh`.
-    pub fn refresh(&mut self, r: Refresh) -> Result<(), ProtoError> {
-        match self.call(Request::Refresh(r))? {
-            Response::Refreshed => Ok(()),
-            other => Err(unexpected("refresh", other)),
         }
     }
 
