@@ -289,7 +289,7 @@ fn own_read_only_ranges(maps: &str, major: u32, minor: u32, ino: u64) -> Vec<(us
 pub fn parse_cmdline(cmdline: &str) -> CmdlineOptions {
     let mut opts = CmdlineOptions::default();
     for word in cmdline.split_whitespace() {
-        if word == "husk.template" {
+        if word == husk_proto::TEMPLATE_CMDLINE_WORD {
             opts.template = true;
         }
         if let Some(v) = word.strip_prefix("husk.drain_timeout_ms=") {

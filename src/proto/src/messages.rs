@@ -183,6 +183,10 @@ pub struct UpdateResources {
 /// Where the agent writes a container's [`GuestFile`]s.
 pub const FILES_DIR: &str = "/run/husk/files";
 
+/// The guest command-line word of a VM husk builds a warm template from:
+/// its agent then does ahead what every restore would otherwise do first.
+pub const TEMPLATE_CMDLINE_WORD: &str = "husk.template";
+
 /// Where the agent mounts the VM's virtio-fs shares, one directory per tag.
 pub const SHARES_DIR: &str = "/run/husk/shares";
 

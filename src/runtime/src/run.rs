@@ -382,25 +382,25 @@ impl Session {
         // Sent ahead of the create, which the agent serves after them (one
         // connection's requests in order): their round trips overlap it.
         // The container is started only once both are answered.
-        let mut ahead = Vec::new();
+        let mut requests = Vec::new();
         if sandbox.restored() {
             // Siblings restored from one template share their RNG state;
             // the guest's clock went on from the template's time.
             let realtime_ns = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            let refresh = husk_proto::Refresh {
+            requests.push(husk_proto::Request::Refresh(husk_proto::Refresh {
                 entropy: host_random(64)?,
                 realtime_ns,
-            };
-            ahead.push(control.send_ahead(husk_proto::Request::Refresh(refresh)));
+            }));
         }
         if !c.network.links.is_empty() {
-            let net = husk_proto::Request::ConfigureNetwork(c.network.guest());
-            ahead.push(control.send_ahead(net));
+            requests.push(husk_proto::Request::ConfigureNetwork(c.network.guest()));
         }
-        let ahead = ahead
+        // (collect stops at the first failure: nothing is sent after it)
+        let ahead = requests
             .into_iter()
+            .map(|r| control.send_ahead(r))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| sandbox.explain(e.into()))?;
         let tty = tty_of(c);

@@ -53,10 +53,6 @@ pub fn eligible(cfg: &SandboxConfig) -> bool {
     cfg.rootfs_image.is_some() && cfg.network.links.is_empty() && cfg.shares.is_empty()
 }
 
-/// The guest command-line word of a template's VM (the agent's
-/// `husk.template`).
-pub const TEMPLATE_WORD: &str = "husk.template";
-
 /// The template key for `cfg`'s kernel, agent and VM shape.
 pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
     let kernel = cfg
@@ -180,7 +176,7 @@ fn build_in(
     // (see the agent's `CmdlineOptions::template`).
     if let Some(c) = &mut vm_cfg.cmdline {
         c.push(' ');
-        c.push_str(TEMPLATE_WORD);
+        c.push_str(husk_proto::TEMPLATE_CMDLINE_WORD);
     }
     if let Some(jail) = &mut vm_cfg.jail {
         jail.pidns = true;
