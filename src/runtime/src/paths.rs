@@ -100,11 +100,53 @@ pub(crate) fn private_dir(dir: &Path) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::Io(dir.display().to_string(), e))
 }
 
+/// An exclusive lock on `path` (created, mode 0600, if absent), held
+/// while the returned file is open; waits for another holder to let go.
+pub fn lock(path: &Path) -> Result<std::fs::File, RuntimeError> {
+    flock(path, true)?.ok_or_else(|| {
+        RuntimeError::Io(
+            path.display().to_string(),
+            std::io::ErrorKind::WouldBlock.into(),
+        )
+    })
+}
+
+/// [`lock`], or None at once when another process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<std::fs::File>, RuntimeError> {
+    flock(path, false)
+}
+
+fn flock(path: &Path, wait: bool) -> Result<Option<std::fs::File>, RuntimeError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e| RuntimeError::Io(path.display().to_string(), e);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let how = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    // SAFETY: flock(2) on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), how) } == 0 {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) if !wait => Ok(None),
+        _ => Err(io(e)),
+    }
+}
+
 /// The run directory of a named container, with the name's lock held (a
 /// shared name is refused while its holder runs; a dead holder's
 /// directory is reused).
 pub fn claim_name(name: &str) -> Result<(PathBuf, std::fs::File), RuntimeError> {
-    use std::os::fd::AsRawFd;
     let valid = name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
@@ -118,18 +160,11 @@ pub fn claim_name(name: &str) -> Result<(PathBuf, std::fs::File), RuntimeError> 
     let base = root().join("run");
     std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
     let lock_path = base.join(format!("name-{name}.lock"));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| RuntimeError::Io(lock_path.display().to_string(), e))?;
-    // SAFETY: flock on an fd we own; non-blocking.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    let Some(lock) = try_lock(&lock_path)? else {
         return Err(RuntimeError::Invalid(format!(
             "the container name {name:?} is already in use by a running container"
         )));
-    }
+    };
     let dir = base.join(format!("name-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
     private_dir(&dir)?;

@@ -5,10 +5,9 @@
 //! and console, removed by the VMM process when it ends).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -99,21 +98,7 @@ pub struct Container {
 
 fn lock_dir(dir: &Path) -> Result<File, RuntimeError> {
     let p = dir.join("lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&p)
-        .map_err(io(&p))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(RuntimeError::Io(
-            p.display().to_string(),
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(f)
+    crate::paths::lock(&p)
 }
 
 impl Container {
