@@ -135,6 +135,27 @@ fn find_by_mac(sys_class_net: &Path, mac: &str) -> Result<String, String> {
     Err(format!("no interface has MAC address {mac}"))
 }
 
+/// Parses `aa:bb:cc:dd:ee:ff`: a unicast address (the kernel refuses
+/// others for an interface).
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("MAC address {s:?} is not valid");
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() || out[0] & 1 != 0 || out == [0; 6] {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+fn zeroed_sockaddr() -> libc::sockaddr {
+    // SAFETY: sockaddr is plain data; zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
 fn ioctl_name(
     sock: &OwnedFd,
     name: &str,
@@ -155,8 +176,19 @@ fn configure_interface(sock: &OwnedFd, i: &Interface) -> Result<(), String> {
     if i.addresses.len() > 16 {
         return Err(format!("{}: more than 16 addresses", i.name));
     }
-    let current = find_by_mac(Path::new("/sys/class/net"), &i.mac)?;
+    let device_mac = i.device_mac.as_deref().unwrap_or(&i.mac);
+    let current = find_by_mac(Path::new("/sys/class/net"), device_mac)?;
     set_up(sock, &current, false).map_err(|e| format!("{current}: down: {e}"))?;
+    if !device_mac.eq_ignore_ascii_case(&i.mac) {
+        let mut req = ifreq(&current).map_err(|e| format!("{current}: {e}"))?;
+        let mut hw: libc::sockaddr = zeroed_sockaddr();
+        hw.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in hw.sa_data.iter_mut().zip(parse_mac(&i.mac)?) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = hw;
+        ioctl_name(sock, &current, libc::SIOCSIFHWADDR, "set MAC address", &req)?;
+    }
     if current != i.name {
         let mut req = ifreq(&current).map_err(|e| format!("{current}: {e}"))?;
         // SAFETY: writing the union's newname field of a zeroed ifreq.
@@ -256,6 +288,25 @@ mod tests {
         assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
         assert_eq!(mem::size_of::<RtEntry>(), 120);
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("02:42:AC:11:00:02").unwrap(),
+            [2, 0x42, 0xac, 0x11, 0, 2]
+        );
+        for bad in [
+            "",
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:02:03",
+            "02:42:ac:11:0:02",
+            "02:42:ac:11:00:zz",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -359,6 +359,8 @@ fn vm_build(args: &VmArgs, cfg: Option<VmConfig>) -> Result<(husk_vmm::Vm, Conso
         api_sock: args.api_sock.clone(),
         vsock_uds: args.vsock.as_ref().map(|v| v.uds_path.clone()),
         disks: Vec::new(),
+        nics: Vec::new(),
+        shares: Vec::new(),
         clock: match args.clock {
             RestoreClock::Step => husk_vmm::snapshot::ClockMode::Step,
             RestoreClock::Continue => husk_vmm::snapshot::ClockMode::Continue,

@@ -122,8 +122,9 @@ pub enum TemplateCommand {
     Ls,
     /// Remove templates by key, or all of them.
     Rm(TemplateRmArgs),
-    /// Remove every template but the one the default kernel, agent and VM
-    /// shape would use now, and what builds whose process died left.
+    /// Remove every stale template (made for another husk, kernel or agent
+    /// than the default ones now; any VM shape is kept), and what builds
+    /// whose process died left.
     Prune,
 }
 
@@ -141,15 +142,26 @@ pub fn cmd_template(cmd: TemplateCommand) -> Result<i32, String> {
     let list = template::list().map_err(|e| e.to_string())?;
     match cmd {
         TemplateCommand::Ls => {
-            println!("{:<34} {:>8} {:>10}  CREATED", "KEY", "MEMORY", "ON DISK");
+            let current = current_key_text().ok();
+            println!(
+                "{:<34} {:>8} {:>10}  {:<12} {:<8} SHAPE",
+                "KEY", "MEMORY", "ON DISK", "CREATED", "STATE"
+            );
             for t in list {
                 let age = t.created.elapsed().map_or(0, |d| d.as_secs());
+                let state = match &current {
+                    Some(c) if t.is_current(c) => "current",
+                    Some(_) => "stale",
+                    None => "-",
+                };
                 println!(
-                    "{:<34} {:>5} MiB {:>6} MiB  {} ago",
+                    "{:<34} {:>5} MiB {:>6} MiB  {:<12} {:<8} {}",
                     t.key,
                     t.mem_mib,
                     t.disk_bytes >> 20,
-                    human_age(age)
+                    format!("{} ago", human_age(age)),
+                    state,
+                    t.made_for.as_ref().map_or("?", |m| m.shape.as_str())
                 );
             }
         }
@@ -168,8 +180,8 @@ pub fn cmd_template(cmd: TemplateCommand) -> Result<i32, String> {
             }
         }
         TemplateCommand::Prune => {
-            let current = current_key().map_err(|e| e.to_string())?;
-            for t in list.into_iter().filter(|t| t.key != current) {
+            let current = current_key_text().map_err(|e| e.to_string())?;
+            for t in list.into_iter().filter(|t| !t.is_current(&current)) {
                 template::remove(&t.key).map_err(|e| e.to_string())?;
                 println!("{}", t.key);
             }
@@ -181,11 +193,12 @@ pub fn cmd_template(cmd: TemplateCommand) -> Result<i32, String> {
     Ok(0)
 }
 
-/// The key `husk run` would use with its defaults.
-fn current_key() -> Result<String, husk_runtime::RuntimeError> {
+/// What `husk run`'s template is keyed by with its defaults (its build
+/// part is every current template's).
+fn current_key_text() -> Result<husk_runtime::template::KeyText, husk_runtime::RuntimeError> {
     use husk_runtime::{paths, run, sandbox::SandboxConfig};
     let agent = paths::agent_binary(None)?;
-    husk_runtime::template::key(&SandboxConfig {
+    husk_runtime::template::key_text(&SandboxConfig {
         kernel: None,
         agent_disk: paths::agent_disk(&agent)?,
         rootfs_image: None,

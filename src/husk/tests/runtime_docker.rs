@@ -259,6 +259,22 @@ fn docker_runs_containers_in_micro_vms() {
         vm_time,
     );
     ok(ping);
+    // The VM came from a warm template (a NIC and two shares, filled with
+    // this container's at restore: the template VM's command line says
+    // so), and its NIC has Docker's MAC, not the template's.
+    let guest = ok(bounded(
+        d.docker().args([
+            "exec",
+            "web",
+            "sh",
+            "-c",
+            "cat /sys/class/net/eth0/address; grep -o husk.template /proc/cmdline",
+        ]),
+        vm_time,
+    ));
+    let mac = inspect(&d, "web", "{{.NetworkSettings.MacAddress}}");
+    assert!(mac.len() == 17, "{mac:?}");
+    assert_eq!(guest, format!("{mac}\nhusk.template\n"));
     let body = d.http_get(
         "172.17.0.1:8080",
         "served by husk from a host volume",

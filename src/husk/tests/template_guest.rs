@@ -1,8 +1,9 @@
 //! Warm templates with a real guest: the first `husk run` boots and
 //! snapshots the template, later ones restore it. Two restores running at
-//! the same time each see their own root disk, their own random numbers
-//! and the current time; a broken template costs a cold boot, not the run,
-//! and is removed.
+//! the same time each see their own root disk, their own host directory
+//! (a virtio-fs share, served by a virtiofsd of its own), their own random
+//! numbers and the current time; a broken template costs a cold boot, not
+//! the run, and is removed.
 
 mod support;
 
@@ -31,13 +32,24 @@ fn tree(dir: &Path, name: &str) -> PathBuf {
     root
 }
 
-const SCRIPT: &str =
-    "cat /marker; echo; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+/// A host directory for `name`'s run, with a file saying `name`.
+fn volume(dir: &Path, name: &str) -> PathBuf {
+    let v = dir.join(format!("{name}-volume"));
+    std::fs::create_dir_all(&v).unwrap();
+    std::fs::write(v.join("host.txt"), format!("host {name}")).unwrap();
+    v
+}
 
-fn spawn(root: &Path, agent: &Path, rootfs: &Path) -> Child {
+const SCRIPT: &str = "cat /marker; echo; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; \
+     echo; date +%s; cat /vol/host.txt; echo; cat /marker > /vol/guest.txt";
+
+/// `husk run` of SCRIPT on `rootfs`, with `vol` at /vol.
+fn spawn(root: &Path, agent: &Path, rootfs: &Path, vol: &Path) -> Child {
     husk_in(root, agent)
         .args(["run", "--timing", "--rootfs"])
         .arg(rootfs)
+        .arg("-v")
+        .arg(format!("{}:/vol", vol.display()))
         .args(["--", "sh", "-c", SCRIPT])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -147,15 +159,37 @@ fn restores_of_one_template_run_containers_apart() {
     std::fs::create_dir_all(&root).unwrap();
     let agent = husk_runtime::paths::agent_binary(None).expect("the agent (tools/build-agent)");
     let (a, b) = (tree(&dir, "A"), tree(&dir, "B"));
+    let (va, vb) = (volume(&dir, "A"), volume(&dir, "B"));
 
     // The first run boots the guest and leaves the template behind. The
     // template's VM runs in a jailed process of its own: not root, in its
     // own PID and mount namespaces; it is gone once the run ends.
-    let mut first = spawn(&root, &agent, &a);
+    let mut first = spawn(&root, &agent, &a, &va);
     let seen = watch_template_build(&mut first);
     let (lines, err) = finish(first);
     assert_eq!(lines[0], "A", "{err}");
     assert_eq!(templates(&root, &agent).len(), 1, "{err}");
+    // Listed with its shape (a root disk, a share) as current, and so
+    // kept by prune.
+    let ls = husk_in(&root, &agent)
+        .args(["template", "ls"])
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        ls.contains(" current ") && ls.contains("root disk yes, 0 NIC, 1 share"),
+        "{ls}"
+    );
+    let pruned = husk_in(&root, &agent)
+        .args(["template", "prune"])
+        .output()
+        .unwrap();
+    assert!(pruned.status.success(), "{pruned:?}");
+    assert_eq!(
+        templates(&root, &agent).len(),
+        1,
+        "prune removed a current one"
+    );
     let ns = |n: &str| {
         std::fs::read_link(format!("/proc/self/ns/{n}"))
             .unwrap()
@@ -171,13 +205,21 @@ fn restores_of_one_template_run_containers_apart() {
 
     // Two restores at once.
     let before = now_s();
-    let (ca, cb) = (spawn(&root, &agent, &a), spawn(&root, &agent, &b));
+    std::fs::remove_file(va.join("guest.txt")).unwrap();
+    let (ca, cb) = (spawn(&root, &agent, &a, &va), spawn(&root, &agent, &b, &vb));
     let ((la, ea), (lb, eb)) = (finish(ca), finish(cb));
-    for (lines, err, marker) in [(&la, &ea, "A"), (&lb, &eb, "B")] {
+    for (lines, err, marker, vol) in [(&la, &ea, "A", &va), (&lb, &eb, "B", &vb)] {
         assert!(err.contains("template=restored"), "{err}");
-        assert_eq!(lines.len(), 3, "{lines:?} {err}");
+        assert_eq!(lines.len(), 4, "{lines:?} {err}");
         // Its own root disk, in the slot the template booted with a placeholder.
         assert_eq!(lines[0], marker);
+        // Its own host directory, in the share slot the template booted
+        // with an empty one: read and written.
+        assert_eq!(lines[3], format!("host {marker}"));
+        assert_eq!(
+            std::fs::read_to_string(vol.join("guest.txt")).unwrap(),
+            marker
+        );
         // The guest's clock moved on to now (not the template's time).
         let t: u64 = lines[2].parse().unwrap();
         assert!(
@@ -198,7 +240,7 @@ fn restores_of_one_template_run_containers_apart() {
         .open(&memory)
         .unwrap();
     f.set_len(f.metadata().unwrap().len() / 2).unwrap();
-    let (lines, err) = finish(spawn(&root, &agent, &b));
+    let (lines, err) = finish(spawn(&root, &agent, &b, &vb));
     assert_eq!(lines[0], "B", "{err}");
     assert!(err.contains("cannot restore template"), "{err}");
     assert!(!err.contains("template=restored"), "{err}");

@@ -228,8 +228,13 @@ pub struct Network {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interface {
-    /// MAC address (`aa:bb:cc:dd:ee:ff`) of the virtio-net device.
+    /// MAC address (`aa:bb:cc:dd:ee:ff`) the interface gets.
     pub mac: String,
+    /// The address the device has now, when it is not `mac`: a VM restored
+    /// from a template has the template's NICs, whose addresses the agent
+    /// changes to the container's. None: the device already has `mac`.
+    #[serde(default)]
+    pub device_mac: Option<String>,
     /// The name the interface gets (at most 15 bytes).
     pub name: String,
     /// MTU; the device's default when absent.

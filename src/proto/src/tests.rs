@@ -87,6 +87,7 @@ fn all_requests() -> Vec<Request> {
         Request::ConfigureNetwork(Network {
             interfaces: vec![Interface {
                 mac: "02:42:ac:11:00:02".into(),
+                device_mac: Some("02:68:75:73:6b:00".into()),
                 name: "eth0".into(),
                 mtu: Some(1500),
                 addresses: vec!["172.17.0.2/16".into()],

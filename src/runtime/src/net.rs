@@ -222,14 +222,17 @@ impl HostNetwork {
             .collect()
     }
 
-    /// What the agent configures in the guest.
-    pub fn guest(&self) -> Network {
+    /// What the agent configures in the guest; `restored`: the VM came
+    /// from a template, whose NICs have the template's MACs.
+    pub fn guest(&self, restored: bool) -> Network {
         Network {
             interfaces: self
                 .links
                 .iter()
-                .map(|l| Interface {
+                .enumerate()
+                .map(|(i, l)| Interface {
                     mac: l.mac.clone(),
+                    device_mac: restored.then(|| crate::template::nic_mac(i)),
                     name: l.veth.clone(),
                     mtu: Some(l.mtu),
                     addresses: l.addresses.clone(),
@@ -333,8 +336,14 @@ mod tests {
         };
         let nics = net.nics().unwrap();
         assert_eq!(nics[0].tap, "husktap0");
-        let g = net.guest();
+        let g = net.guest(false);
         assert_eq!(g.interfaces[0].name, "eth0");
+        assert_eq!(g.interfaces[0].device_mac, None);
+        let g = net.guest(true);
+        assert_eq!(
+            g.interfaces[0].device_mac.as_deref(),
+            Some("02:68:75:73:6b:00")
+        );
         assert_eq!(g.routes.len(), 1);
     }
 }

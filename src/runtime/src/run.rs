@@ -395,7 +395,9 @@ impl Session {
             }));
         }
         if !c.network.links.is_empty() {
-            requests.push(husk_proto::Request::ConfigureNetwork(c.network.guest()));
+            requests.push(husk_proto::Request::ConfigureNetwork(
+                c.network.guest(sandbox.restored()),
+            ));
         }
         // (collect stops at the first failure: nothing is sent after it)
         let ahead = requests

@@ -47,7 +47,7 @@ pub struct SandboxConfig {
     pub shares: Vec<FsConfig>,
     /// Seccomp filters on the VMM's threads.
     pub seccomp: SeccompMode,
-    /// Restore a warm template instead of booting (when `template::eligible`).
+    /// Restore a warm template instead of booting.
     pub template: bool,
     /// How long a template's first boot may take.
     pub boot_timeout: Duration,
@@ -178,7 +178,7 @@ impl Sandbox {
                 None
             }
         });
-        let warm = if cfg.template && crate::template::eligible(cfg) {
+        let warm = if cfg.template {
             crate::template::try_restore(cfg)?
         } else {
             None

@@ -10,11 +10,25 @@
 //! new kernel or agent therefore gets a new template; `husk template
 //! prune` removes the old ones.
 //!
-//! The template boots with a 1 MiB placeholder as its root disk
-//! (`/dev/vdb`), which the guest never mounts; a restore puts the
-//! container's image in that slot and raises a configuration-change
-//! interrupt, and the agent waits for the new size and drops the
-//! placeholder's cached blocks before it mounts the disk.
+//! The template has the sandbox's devices, each in a slot the container
+//! fills at restore:
+//! - a root disk: a 1 MiB placeholder (`/dev/vdb`), which the guest never
+//!   mounts; a restore puts the container's image in that slot and raises
+//!   a configuration-change interrupt, and the agent waits for the new
+//!   size and drops the placeholder's cached blocks before it mounts it;
+//! - NICs: taps in a network namespace of the template VM's own (gone
+//!   with it), and MACs of the template's ([`nic_mac`]); a restore puts
+//!   each NIC on the container's tap, and the agent gives the guest's
+//!   interface the container's MAC when it configures it;
+//! - shares: an empty read-only directory served by virtiofsd, tagged as
+//!   the container's shares are (`husk0`, ...); the guest never mounts
+//!   them, so the snapshot holds no FUSE state, and a restore gives each
+//!   slot a virtiofsd of the container's directory. Guest memory is then
+//!   a copy in a memfd (virtiofsd maps it) rather than a copy-on-write
+//!   mapping of the template's.
+//!
+//! So the key holds the shape too: whether there is a root disk, and how
+//! many NICs and shares.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -46,15 +60,62 @@ pub fn enabled_by_env() -> bool {
     !crate::env_off("HUSK_TEMPLATE")
 }
 
-/// Whether a sandbox can come from a template: its root is a disk, and it
-/// has no NIC (its taps are per container) and no share (virtio-fs state
-/// lives in virtiofsd, which a snapshot does not hold).
-pub fn eligible(cfg: &SandboxConfig) -> bool {
-    cfg.rootfs_image.is_some() && cfg.network.links.is_empty() && cfg.shares.is_empty()
+/// The MAC of a template's NIC `index` (locally administered; the agent
+/// replaces it with the container's).
+pub fn nic_mac(index: usize) -> String {
+    format!("02:68:75:73:6b:{:02x}", index & 0xff)
 }
 
-/// The template key for `cfg`'s kernel, agent and VM shape.
-pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
+/// Where a template's shares point: an empty directory.
+fn placeholder_share() -> Result<PathBuf, RuntimeError> {
+    let p = dir().join("placeholder-share");
+    std::fs::create_dir_all(&p).map_err(|e| RuntimeError::Io(p.display().to_string(), e))?;
+    Ok(p)
+}
+
+/// What a template is keyed by, as text: the husk, kernel and agent it
+/// runs (`build`), and the VM shape (`shape`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyText {
+    /// husk's version and snapshot format, the kernel, the agent's disk,
+    /// the command line: a template of another build is stale.
+    pub build: String,
+    /// Memory, vCPUs, whether there is a root disk, NICs and shares: one
+    /// template per shape.
+    pub shape: String,
+}
+
+impl KeyText {
+    /// The key: a digest of both.
+    pub fn key(&self) -> String {
+        Sha256::digest(self.text().as_bytes())
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Both, as stored next to the template (`KEY_FILE`).
+    pub fn text(&self) -> String {
+        format!("{}shape {}\n", self.build, self.shape)
+    }
+
+    /// Parses [`KeyText::text`].
+    pub fn parse(text: &str) -> Option<Self> {
+        let (build, shape) = text.rsplit_once("shape ")?;
+        let shape = shape.strip_suffix('\n')?;
+        (build.ends_with('\n') && !shape.contains('\n')).then(|| KeyText {
+            build: build.to_string(),
+            shape: shape.to_string(),
+        })
+    }
+}
+
+/// The file in a template's directory that holds its [`KeyText`].
+pub const KEY_FILE: &str = "key.txt";
+
+/// What `cfg`'s template is keyed by.
+pub fn key_text(cfg: &SandboxConfig) -> Result<KeyText, RuntimeError> {
     let kernel = cfg
         .kernel
         .clone()
@@ -72,8 +133,8 @@ pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
         cmdline: Some(crate::sandbox::sandbox_cmdline()),
         ..Default::default()
     };
-    let text = format!(
-        "husk {} snapshot {}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\nmem {}\nvcpus {}\n",
+    let build = format!(
+        "husk {} snapshot {}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\n",
         env!("CARGO_PKG_VERSION"),
         snapshot::VERSION,
         kernel.display(),
@@ -86,33 +147,58 @@ pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
         agent.display(),
         husk_vmm::config::guest_cmdline(&vm, pvm),
         pvm,
+    );
+    let shape = format!(
+        "mem {} MiB, {} vCPU, root disk {}, {} NIC, {} share",
         cfg.mem_mib,
         cfg.vcpus,
+        if cfg.rootfs_image.is_some() {
+            "yes"
+        } else {
+            "no"
+        },
+        cfg.network.links.len(),
+        cfg.shares.len(),
     );
-    Ok(Sha256::digest(text.as_bytes())
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(KeyText { build, shape })
+}
+
+/// The template key for `cfg`'s kernel, agent and VM shape.
+pub fn key(cfg: &SandboxConfig) -> Result<String, RuntimeError> {
+    Ok(key_text(cfg)?.key())
 }
 
 /// The template `key` for `cfg`, built first (one cold boot) if there is
 /// none.
 pub fn ensure(
     cfg: &SandboxConfig,
-    key: &str,
+    text: &KeyText,
     boot_timeout: Duration,
 ) -> Result<PathBuf, RuntimeError> {
+    let key = &text.key();
     let out = dir().join(key);
-    if out.join(snapshot::STATE_FILE).is_file() && out.join(snapshot::MEMORY_FILE).is_file() {
+    let made =
+        || out.join(snapshot::STATE_FILE).is_file() && out.join(snapshot::MEMORY_FILE).is_file();
+    if made() {
         return Ok(out);
     }
     let base = dir();
     std::fs::create_dir_all(&base).map_err(|e| RuntimeError::Io(base.display().to_string(), e))?;
+    // One build per key at a time: containers started together wait for
+    // the first one's template rather than each booting one.
+    let _building = wait_for_build(&base.join(format!(".{key}.lock")), key, boot_timeout)?;
+    if made() {
+        return Ok(out);
+    }
     let work = base.join(format!(".build-{key}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     paths::private_dir(&work)?;
-    let built = build(cfg, &work, boot_timeout);
+    let built = build(cfg, &work, boot_timeout).and_then(|snap| {
+        let p = snap.join(KEY_FILE);
+        std::fs::write(&p, text.text())
+            .map(|()| snap)
+            .map_err(|e| RuntimeError::Io(p.display().to_string(), e))
+    });
     let result = built.and_then(|snap| {
         // Another husk may have built the same template meanwhile: either
         // one will do, and a rename never exposes a half-written one.
@@ -124,6 +210,29 @@ pub fn ensure(
     });
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Takes the build lock `lock` of template `key`, waiting up to a build's
+/// time (a boot and a snapshot) for another process's build to end.
+fn wait_for_build(
+    lock: &Path,
+    key: &str,
+    boot_timeout: Duration,
+) -> Result<std::fs::File, RuntimeError> {
+    let limit = boot_timeout * 2 + Duration::from_secs(60);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(f) = paths::try_lock(lock)? {
+            return Ok(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Invalid(format!(
+                "another process has been building template {key} for over {} s",
+                limit.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A 1 MiB disk of zeroes the template boots with in the root's slot.
@@ -167,11 +276,23 @@ fn build_in(
     let api_sock = run_dir.join("api.sock");
     let console = run_dir.join("console.log");
     let mut tcfg = cfg.clone();
-    tcfg.rootfs_image = Some(placeholder()?);
+    if cfg.rootfs_image.is_some() {
+        tcfg.rootfs_image = Some(placeholder()?);
+    }
     tcfg.run_dir = run_dir.to_path_buf();
     tcfg.jail_id = cfg.jail_id.map(|_| crate::runc::store::jail_id(run_dir));
     let mut vm_cfg = vm_config(&tcfg, &run_dir.join("vsock.sock"))?;
     vm_cfg.api_sock = Some(api_sock.clone());
+    for (i, nic) in vm_cfg.net.iter_mut().enumerate() {
+        nic.mac = Some(nic_mac(i).parse().map_err(RuntimeError::Invalid)?);
+    }
+    if !vm_cfg.fs.is_empty() {
+        let empty = placeholder_share()?;
+        for share in &mut vm_cfg.fs {
+            share.dir = empty.clone();
+            share.read_only = true;
+        }
+    }
     // The agent then prepares what every restore would otherwise do first
     // (see the agent's `CmdlineOptions::template`).
     if let Some(c) = &mut vm_cfg.cmdline {
@@ -183,7 +304,7 @@ fn build_in(
         std::os::unix::fs::chown(run_dir, Some(jail.uid), Some(jail.gid))
             .map_err(|e| RuntimeError::Io(run_dir.display().to_string(), e))?;
     }
-    let mut vmm = TemplateVmm::start(&vm_cfg, work)?;
+    let mut vmm = TemplateVmm::start(&vm_cfg, work, !vm_cfg.net.is_empty())?;
     let snap = work.join("snapshot");
     let result = (|| {
         wait_ready(&console, &mut || vmm.ended(), boot_timeout)?;
@@ -227,8 +348,14 @@ struct TemplateVmm {
 
 impl TemplateVmm {
     /// Starts `husk vm --config WORK/vm.json`, its stderr in
-    /// `WORK/vmm.log`; it dies with the thread that started it.
-    fn start(vm_cfg: &husk_vmm::VmConfig, work: &Path) -> Result<Self, RuntimeError> {
+    /// `WORK/vmm.log`; it dies with the thread that started it. With
+    /// `own_netns` it runs in a new network namespace, where its taps are
+    /// made and which goes with it.
+    fn start(
+        vm_cfg: &husk_vmm::VmConfig,
+        work: &Path,
+        own_netns: bool,
+    ) -> Result<Self, RuntimeError> {
         use std::os::unix::process::CommandExt;
         let io = |p: &Path| {
             let shown = p.display().to_string();
@@ -247,11 +374,14 @@ impl TemplateVmm {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(stderr);
-        // SAFETY: between fork and exec only prctl(2) with integer
-        // arguments.
+        // SAFETY: between fork and exec only prctl(2) and unshare(2) with
+        // integer arguments.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if own_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -336,12 +466,13 @@ fn wait_ready(
 /// restored costs a cold boot, not the container: a warning says why, and
 /// one that cannot be restored is removed so that the next run makes a
 /// new one. A kernel or agent that cannot be read is left to the cold
-/// boot to report.
+/// boot to report; a device of the sandbox's own that cannot be opened (a
+/// tap, a share's directory) fails the sandbox, as it would fail a boot.
 pub fn try_restore(cfg: &SandboxConfig) -> Result<Option<husk_vmm::Vm>, RuntimeError> {
-    let Ok(key) = key(cfg).inspect_err(|e| tracing::debug!("no template: {e}")) else {
+    let Ok(text) = key_text(cfg).inspect_err(|e| tracing::debug!("no template: {e}")) else {
         return Ok(None);
     };
-    let Ok(dir) = ensure(cfg, &key, cfg.boot_timeout)
+    let Ok(dir) = ensure(cfg, &text, cfg.boot_timeout)
         .inspect_err(|e| tracing::warn!("booting without a template: {e}"))
     else {
         return Ok(None);
@@ -352,6 +483,13 @@ pub fn try_restore(cfg: &SandboxConfig) -> Result<Option<husk_vmm::Vm>, RuntimeE
         // The taps are connected, the jail perhaps entered: no going back
         // to a cold boot in this process.
         Err(e) if connected => Err(e),
+        // The sandbox's own devices (its disk, taps, shares) or config: a
+        // cold boot would fail the same way, and the template is fine.
+        Err(
+            e @ RuntimeError::Vm(
+                husk_vmm::builder::BuildError::Virtio(_) | husk_vmm::builder::BuildError::Config(_),
+            ),
+        ) => Err(e),
         Err(e) => {
             tracing::warn!(
                 "cannot restore template {}, removed; booting: {e}",
@@ -371,16 +509,18 @@ pub fn restore(
     dir: &Path,
     connected: &mut bool,
 ) -> Result<husk_vmm::Vm, RuntimeError> {
-    let rootfs = cfg
-        .rootfs_image
-        .clone()
-        .ok_or_else(|| RuntimeError::Invalid("a template needs a root disk".into()))?;
     let opts = RestoreOptions {
         console: Console::File(cfg.run_dir.join("console.log")),
         api_sock: None,
         vsock_uds: Some(cfg.run_dir.join("vsock.sock")),
         seccomp: cfg.seccomp,
-        disks: vec![(ROOTFS_DISK, rootfs)],
+        disks: cfg
+            .rootfs_image
+            .iter()
+            .map(|p| (ROOTFS_DISK, p.clone()))
+            .collect(),
+        nics: cfg.network.nics()?.into_iter().enumerate().collect(),
+        shares: cfg.shares.iter().cloned().enumerate().collect(),
         // The agent sets the wall clock (`Request::Refresh`).
         clock: snapshot::ClockMode::Continue,
         jail: crate::sandbox::jail(cfg),
@@ -404,6 +544,18 @@ pub struct Template {
     pub mem_mib: u64,
     /// When it was made.
     pub created: std::time::SystemTime,
+    /// What it was made for (None: unreadable, or made before husk kept it).
+    pub made_for: Option<KeyText>,
+}
+
+impl Template {
+    /// Whether it runs the husk, kernel and agent of `current` (the build
+    /// part of a [`key_text`]): else it is stale.
+    pub fn is_current(&self, current: &KeyText) -> bool {
+        self.made_for
+            .as_ref()
+            .is_some_and(|t| t.build == current.build)
+    }
 }
 
 /// Every template, oldest first.
@@ -430,12 +582,16 @@ pub fn list() -> Result<Vec<Template>, RuntimeError> {
             }
         }
         let mem_mib = std::fs::metadata(d.join(snapshot::MEMORY_FILE)).map_or(0, |m| m.len() >> 20);
+        let made_for = std::fs::read_to_string(d.join(KEY_FILE))
+            .ok()
+            .and_then(|t| KeyText::parse(&t));
         out.push(Template {
             key,
             dir: d,
             disk_bytes,
             mem_mib,
             created,
+            made_for,
         });
     }
     out.sort_by_key(|t| t.created);
@@ -490,7 +646,9 @@ pub fn remove(key: &str) -> Result<(), RuntimeError> {
     if !d.join(snapshot::STATE_FILE).is_file() {
         return Err(RuntimeError::Invalid(format!("no template {key}")));
     }
-    std::fs::remove_dir_all(&d).map_err(|e| RuntimeError::Io(d.display().to_string(), e))
+    std::fs::remove_dir_all(&d).map_err(|e| RuntimeError::Io(d.display().to_string(), e))?;
+    let _ = std::fs::remove_file(dir().join(format!(".{key}.lock")));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -542,6 +700,40 @@ mod tests {
             .unwrap(),
             k
         );
+        // The devices the container fills at restore: how many matter,
+        // not which.
+        let with_share = SandboxConfig {
+            shares: vec!["tag=husk0,dir=/tmp".parse().unwrap()],
+            ..c.clone()
+        };
+        assert_ne!(key(&with_share).unwrap(), k);
+        let other_share = SandboxConfig {
+            shares: vec!["tag=husk0,dir=/var,ro".parse().unwrap()],
+            ..c.clone()
+        };
+        assert_eq!(key(&other_share).unwrap(), key(&with_share).unwrap());
+        let shared_root = SandboxConfig {
+            rootfs_image: None,
+            ..with_share.clone()
+        };
+        assert_ne!(key(&shared_root).unwrap(), key(&with_share).unwrap());
+        let link = |veth: &str, mac: &str| crate::net::Link {
+            veth: veth.into(),
+            tap: "husktap0".into(),
+            mac: mac.into(),
+            mtu: 1500,
+            addresses: vec!["10.0.0.2/24".into()],
+        };
+        let nic = |l| SandboxConfig {
+            network: crate::net::HostNetwork {
+                links: vec![l],
+                routes: Vec::new(),
+            },
+            ..c.clone()
+        };
+        let one = key(&nic(link("eth0", "02:42:ac:11:00:02"))).unwrap();
+        assert_ne!(one, k);
+        assert_eq!(key(&nic(link("net1", "02:42:ac:11:00:09"))).unwrap(), one);
         // The container's own disk and run dir do not matter.
         let other = SandboxConfig {
             rootfs_image: Some(dir.join("other.ext4")),
@@ -567,19 +759,56 @@ mod tests {
     }
 
     #[test]
-    fn only_disk_roots_without_nics_or_shares_are_templated() {
-        let dir = Path::new("/nonexistent");
-        assert!(eligible(&cfg(dir)));
-        let share = SandboxConfig {
-            rootfs_image: None,
-            ..cfg(dir)
+    fn key_texts_round_trip_and_tell_build_from_shape() {
+        let dir = std::env::temp_dir().join(format!("husk-tkt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(dir.join("agent.ext4"), b"agent").unwrap();
+        let t = key_text(&cfg(&dir)).unwrap();
+        assert_eq!(KeyText::parse(&t.text()), Some(t.clone()));
+        assert_eq!(
+            t.shape,
+            "mem 256 MiB, 1 vCPU, root disk yes, 0 NIC, 0 share"
+        );
+        assert_eq!(t.key(), key(&cfg(&dir)).unwrap());
+        for bad in ["", "shape x", "build\nshape a\nb\n", "build\nshape x"] {
+            assert_eq!(KeyText::parse(bad), None, "{bad:?}");
+        }
+        // Another shape of the same build is current; another agent is not.
+        let template = |made_for| Template {
+            key: String::new(),
+            dir: PathBuf::new(),
+            disk_bytes: 0,
+            mem_mib: 0,
+            created: std::time::SystemTime::UNIX_EPOCH,
+            made_for,
         };
-        assert!(!eligible(&share));
-        let fs = SandboxConfig {
-            shares: vec!["tag=t,dir=/tmp".parse().unwrap()],
-            ..cfg(dir)
-        };
-        assert!(!eligible(&fs));
+        let other_shape = key_text(&SandboxConfig {
+            vcpus: 2,
+            ..cfg(&dir)
+        })
+        .unwrap();
+        assert!(template(Some(other_shape)).is_current(&t));
+        std::fs::write(dir.join("agent2.ext4"), b"agent").unwrap();
+        let other_agent = key_text(&SandboxConfig {
+            agent_disk: dir.join("agent2.ext4"),
+            ..cfg(&dir)
+        })
+        .unwrap();
+        assert!(!template(Some(other_agent)).is_current(&t));
+        assert!(!template(None).is_current(&t));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn template_nics_have_local_unicast_macs_of_their_own() {
+        let macs: Vec<husk_vmm::devices::virtio::net::MacAddr> =
+            (0..4).map(|i| nic_mac(i).parse().unwrap()).collect();
+        for (i, m) in macs.iter().enumerate() {
+            assert_eq!(m.0[0] & 0x03, 0x02, "local unicast: {m}");
+            assert!(!macs[..i].contains(m));
+        }
     }
 
     #[test]

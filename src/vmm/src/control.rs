@@ -6,7 +6,12 @@ use std::fs::File;
 use std::sync::atomic::Ordering;
 
 use crate::api::{self, Request, Response, VCPU_TIMEOUT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
 use crate::builder::Vm;
+use crate::config::FsConfig;
+use crate::devices::virtio::device_type;
+use crate::devices::virtio::mmio::TransportState;
 use crate::exit::VmExit;
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vstate::vcpu::VcpuCommand;
@@ -94,18 +99,14 @@ impl Vm {
         if !self.paused.load(Ordering::SeqCst) {
             return Err("the VM is running: pause it first".into());
         }
-        if !self.config.fs.is_empty() {
-            return Err(SnapshotError::Unsupported(
-                "it shares a host directory (virtio-fs state lives in virtiofsd)".into(),
-            )
-            .to_string());
-        }
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let transports: Vec<_> = self
             .transports
             .iter()
             .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()))
             .collect();
+        let devices: Vec<_> = transports.iter().map(|t| t.save()).collect();
+        check_shares_unused(&self.mem, &self.config.fs, &devices)?;
         let vm = VmState::save(&self.vm_fd).map_err(|e| e.to_string())?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
@@ -121,10 +122,39 @@ impl Vm {
             vm,
             vcpus,
             serial: serial.state(),
-            devices: transports.iter().map(|t| t.save()).collect(),
+            devices,
         };
         let written = snapshot::write_memory(&self.mem, memory).map_err(|e| e.to_string())?;
         snap.write_to(state).map_err(|e| e.to_string())?;
         Ok(written)
     }
+}
+
+/// A share can be snapshotted only while the guest has never used it:
+/// its FUSE session (open files, inode numbers) lives in virtiofsd, which
+/// a snapshot does not hold. Unused (no request ever made available, as
+/// in a template before any mount), a new virtiofsd can take the device
+/// over at restore. `devices` are every transport's state, in slot order.
+pub(crate) fn check_shares_unused(
+    mem: &GuestMemoryMmap,
+    shares: &[FsConfig],
+    devices: &[TransportState],
+) -> Result<(), String> {
+    let fs = devices.iter().filter(|d| d.device_type == device_type::FS);
+    for (share, d) in shares.iter().zip(fs) {
+        for q in d.queues.iter().filter(|q| q.ready) {
+            // avail.idx: how many requests the driver ever made available.
+            let idx: u16 = mem
+                .read_obj(GuestAddress(q.avail.wrapping_add(2)))
+                .map_err(|e| format!("share {}: its ring: {e}", share.tag))?;
+            if u16::from_le(idx) != 0 {
+                return Err(SnapshotError::Unsupported(format!(
+                    "the guest has used share {} (its FUSE session lives in virtiofsd)",
+                    share.tag
+                ))
+                .to_string());
+            }
+        }
+    }
+    Ok(())
 }

@@ -192,9 +192,6 @@ impl Snapshot {
                 self.config.virtio_device_count()
             ));
         }
-        if !self.config.fs.is_empty() {
-            return bad("a shared directory (not snapshotted)".into());
-        }
         if !self.vm.well_formed() {
             return bad("irqchip state".into());
         }
@@ -314,6 +311,71 @@ pub fn map_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(),
         offset += region.len();
     }
     Ok(())
+}
+
+/// Copies the memory file into `mem` (fresh memory of the snapshot's
+/// size, e.g. a memfd a vhost-user backend maps), region after region;
+/// the file's holes (all-zero pages) are skipped, so only the pages the
+/// snapshot holds are backed.
+pub fn load_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(), SnapshotError> {
+    let name = path.display().to_string();
+    let io = |e| SnapshotError::Io(name.clone(), e);
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let got = file.metadata().map_err(io)?.len();
+    if got != total {
+        return Err(SnapshotError::MemorySize {
+            path: name,
+            got,
+            want: total,
+        });
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    for region in mem.iter() {
+        let (start, len) = (region.start_addr().0, region.len());
+        let mut at = offset;
+        while let Some((data, hole)) = data_extent(file, at, offset + len).map_err(io)? {
+            let mut pos = data;
+            while pos < hole {
+                let n = (hole - pos).min(CHUNK as u64) as usize;
+                file.read_exact_at(&mut buf[..n], pos).map_err(io)?;
+                mem.write_slice(&buf[..n], GuestAddress(start + (pos - offset)))
+                    .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+                pos += n as u64;
+            }
+            at = hole;
+        }
+        offset += len;
+    }
+    Ok(())
+}
+
+/// The first stretch of data in `file` at or after `from` and before
+/// `end`: (its start, its end), or None when only holes are left.
+fn data_extent(file: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    if from >= end {
+        return Ok(None);
+    }
+    let seek = |whence, at: u64| -> std::io::Result<Option<u64>> {
+        let at = libc::off_t::try_from(at).map_err(std::io::Error::other)?;
+        // SAFETY: lseek(2) on an fd `file` owns; no memory is involved.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `at`.
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let Some(data) = seek(libc::SEEK_DATA, from)?.filter(|&d| d < end) else {
+        return Ok(None);
+    };
+    let hole = seek(libc::SEEK_HOLE, data)?.unwrap_or(end).min(end);
+    Ok(Some((data, hole)))
 }
 
 /// Opens (creating) the two files of a snapshot in `dir`, which must not

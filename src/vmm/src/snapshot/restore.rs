@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use super::{map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
+use super::{load_memory, map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::layout;
 use crate::builder::{
     bind_api, check, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
     supported_cpuid, vcpu_shared, BeforeThreads, BuildError, Vm,
 };
-use crate::config::Console;
+use crate::config::{Console, FsConfig, NetConfig};
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::attach as virtio;
 use crate::seccomp::SeccompMode;
@@ -36,6 +36,15 @@ pub struct RestoreOptions {
     /// guest hears of each through a configuration-change interrupt; what
     /// it cached of the old image is its own to drop.
     pub disks: Vec<(usize, PathBuf)>,
+    /// NICs on another tap: (index among the NICs, its tap and MAC). The
+    /// driver read the saved MAC at boot and keeps using it until the
+    /// guest sets the new one (husk's agent does, `Interface::device_mac`).
+    pub nics: Vec<(usize, NetConfig)>,
+    /// Shares of another directory: (index among the shares, the new
+    /// share). The tag must be the saved one (the guest read it at boot),
+    /// and the guest must not have used the share before the snapshot
+    /// (which `snapshot` makes sure of): a new virtiofsd serves it.
+    pub shares: Vec<(usize, FsConfig)>,
     /// What the guest's clock does.
     pub clock: ClockMode,
     /// The jail the VMM enters (see `jail`).
@@ -92,6 +101,31 @@ pub fn build_restored_then(
         })?;
         disk.path = path.clone();
     }
+    for (index, nic) in &opts.nics {
+        let slot = cfg.net.get_mut(*index).ok_or_else(|| {
+            SnapshotError::Inconsistent(format!(
+                "no NIC {index} to attach (the snapshot has {})",
+                snap.config.net.len()
+            ))
+        })?;
+        *slot = nic.clone();
+    }
+    for (index, share) in &opts.shares {
+        let slot = cfg.fs.get_mut(*index).ok_or_else(|| {
+            SnapshotError::Inconsistent(format!(
+                "no share {index} to replace (the snapshot has {})",
+                snap.config.fs.len()
+            ))
+        })?;
+        if slot.tag != share.tag {
+            return Err(SnapshotError::Inconsistent(format!(
+                "share {index} is tagged {:?} in the snapshot, not {:?} (the guest knows it by its tag)",
+                slot.tag, share.tag
+            ))
+            .into());
+        }
+        *slot = share.clone();
+    }
     check(&cfg)?;
     let seccomp = cfg.seccomp.or_env()?;
     let kvm = kvm::open()?;
@@ -101,8 +135,18 @@ pub fn build_restored_then(
     let api = bind_api(&cfg)?;
     let virtio_devices = virtio::open_devices(&cfg)?;
     let console = open_console(&cfg)?;
-    let mem = memory::create(cfg.mem_mib)?;
-    map_memory(&mem, &mem_file, &mem_path)?;
+    // A vhost-user backend maps guest memory from a file of its own: a
+    // VM with shares gets a copy of the snapshot's memory in a memfd, not
+    // a copy-on-write mapping (whose private pages no backend would see).
+    let mem = if cfg.fs.is_empty() {
+        let mem = memory::create(cfg.mem_mib)?;
+        map_memory(&mem, &mem_file, &mem_path)?;
+        mem
+    } else {
+        let mem = memory::create_shared(cfg.mem_mib)?;
+        load_memory(&mem, &mem_file, &mem_path)?;
+        mem
+    };
     drop(mem_file);
     let vm_fd = vm::create(&kvm, &mem)?;
 

@@ -227,3 +227,108 @@ fn create_files_refuses_an_existing_directory_and_leaves_it_alone() {
     assert!(out.join(STATE_FILE).exists() && out.join(MEMORY_FILE).exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn memory_loads_into_a_memfd_without_its_holes() {
+    let dir = tempdir("load");
+    let mem = crate::vstate::memory::create(64).unwrap();
+    mem.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x700))
+        .unwrap();
+    mem.write_slice(&[0xab; 3 * 4096], GuestAddress(40 << 20))
+        .unwrap();
+    let last = (64 << 20) - 8;
+    mem.write_obj(0x99u64, GuestAddress(last)).unwrap();
+    let path = dir.join(MEMORY_FILE);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    assert_eq!(write_memory(&mem, &f).unwrap(), 5 * 4096);
+    let back = crate::vstate::memory::create_shared(64).unwrap();
+    load_memory(&back, &f, &path).unwrap();
+    assert_eq!(
+        back.read_obj::<u64>(GuestAddress(0x700)).unwrap(),
+        0x1122_3344_5566_7788
+    );
+    let mut run = vec![0u8; 3 * 4096];
+    back.read_slice(&mut run, GuestAddress(40 << 20)).unwrap();
+    assert!(run.iter().all(|&b| b == 0xab));
+    assert_eq!(back.read_obj::<u64>(GuestAddress(last)).unwrap(), 0x99);
+    assert_eq!(back.read_obj::<u64>(GuestAddress(20 << 20)).unwrap(), 0);
+    // Only what the file holds was copied (the rest of the memfd is
+    // unbacked): at most the data pages, rounded to the file's extents.
+    let memfd_bytes = {
+        use vm_memory::GuestMemoryRegion;
+        let r = back.iter().next().unwrap();
+        let fd = r.file_offset().unwrap().file();
+        std::os::unix::fs::MetadataExt::blocks(&fd.metadata().unwrap()) * 512
+    };
+    assert!(memfd_bytes <= 1 << 20, "{memfd_bytes} bytes backed");
+    // A memory file of another size is refused.
+    let small = crate::vstate::memory::create_shared(32).unwrap();
+    let e = load_memory(&small, &f, &path).unwrap_err();
+    assert!(e.to_string().contains("holds 67108864 bytes"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_share_the_guest_has_used_is_not_snapshotted() {
+    use crate::devices::virtio::device_type;
+    use crate::devices::virtio::mmio::QueueSnapshot;
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let queue = |avail: u64| QueueSnapshot {
+        size: 16,
+        ready: true,
+        desc: 0x1000,
+        avail,
+        used: 0x3000,
+        next_avail: 0,
+        next_used: 0,
+    };
+    let state = |device_type, queues| TransportState {
+        device_type,
+        status: 0xf,
+        needs_reset: false,
+        device_features_sel: 0,
+        driver_features_sel: 0,
+        acked_features: 0,
+        acked_beyond_64: false,
+        queue_sel: 0,
+        config_generation: 0,
+        interrupt_status: 0,
+        activated: true,
+        queues,
+        device: None,
+    };
+    let shares: Vec<crate::config::FsConfig> = vec![
+        "tag=husk0,dir=/tmp".parse().unwrap(),
+        "tag=husk1,dir=/tmp".parse().unwrap(),
+    ];
+    // A disk that has served requests, then two shares (two queues each,
+    // their avail rings at 0x2000.. and 0x4000..).
+    mem.write_obj(5u16, GuestAddress(0x8002)).unwrap();
+    let devices = vec![
+        state(device_type::BLOCK, vec![queue(0x8000)]),
+        state(device_type::FS, vec![queue(0x2000), queue(0x2100)]),
+        state(device_type::FS, vec![queue(0x4000), queue(0x4100)]),
+    ];
+    let check =
+        |devices: &[TransportState]| crate::control::check_shares_unused(&mem, &shares, devices);
+    check(&devices).unwrap();
+    // The second share's request queue has had a request (FUSE_INIT).
+    mem.write_obj(1u16, GuestAddress(0x4102)).unwrap();
+    let e = check(&devices).unwrap_err();
+    assert!(e.contains("used share husk1"), "{e}");
+    assert!(!e.contains('\n'));
+    // A queue the driver never set up is not read.
+    let mut unset = devices.clone();
+    unset[2].queues[1].ready = false;
+    check(&unset).unwrap();
+    // A ring outside guest memory is an error, not a crash.
+    let mut outside = devices.clone();
+    outside[1].queues[0].avail = 0xffff_ffff_0000;
+    assert!(check(&outside).is_err());
+}
