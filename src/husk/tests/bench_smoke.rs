@@ -68,7 +68,8 @@ fn bench_all_writes_json_and_charts() {
         .arg(boot_timeout().as_secs().to_string())
         .arg("--out")
         .arg(&out);
-    // Startup: 3 husk VMs + QEMU; density: 2 x 2 husk VMs + 2 QEMU VMs.
+    // Startup: 4 husk runs + QEMU (and 2 template builds); density: 2 x 4
+    // husk containers + 2 QEMU VMs.
     let o = run_with_timeout(c, None, boot_timeout() * 12 + Duration::from_secs(120));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -86,6 +87,7 @@ fn bench_all_writes_json_and_charts() {
             "husk",
             "husk-warm",
             "husk-share",
+            "husk-share-warm",
             "husk-console",
             "runc",
             "crun",
@@ -101,9 +103,11 @@ fn bench_all_writes_json_and_charts() {
         assert_eq!(samples[0].as_array().unwrap().len(), stages, "{x}");
         assert!(x["totals_s"][0].as_f64().unwrap() > 0.0, "{x}");
     }
-    // The warm run was restored: it has no guest-kernel stage.
-    let warm = series.iter().find(|x| x["name"] == "husk-warm").unwrap();
-    assert_eq!(warm["samples_ms"][0][1].as_f64(), Some(0.0), "{warm}");
+    // The warm runs were restored: they have no guest-kernel stage.
+    for name in ["husk-warm", "husk-share-warm"] {
+        let warm = series.iter().find(|x| x["name"] == name).unwrap();
+        assert_eq!(warm["samples_ms"][0][1].as_f64(), Some(0.0), "{warm}");
+    }
     let husk = series.iter().find(|x| x["name"] == "husk").unwrap();
     // The stages add up to the total (each stage is measured, none missing).
     let sum: f64 = husk["samples_ms"][0]
@@ -126,6 +130,7 @@ fn bench_all_writes_json_and_charts() {
             "husk",
             "husk-template",
             "husk-share",
+            "husk-share-template",
             "runc",
             "crun",
             "qemu",

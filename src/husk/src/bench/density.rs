@@ -141,7 +141,15 @@ pub fn measure(c: &Common, count: usize, tmp: &Path) -> Result<Density, String> 
                 template: false,
             },
             "husk-share",
-            "husk create/start; root: virtio-fs (one virtiofsd per container, husk's default)",
+            "husk create/start, booted cold; root: virtio-fs (one virtiofsd per container, husk's default)",
+        ),
+        (
+            Kind::Husk {
+                image: false,
+                template: true,
+            },
+            "husk-share-template",
+            "husk create/start, restored from the warm template with a share slot (guest memory a private copy in a memfd, which virtiofsd maps); root: virtio-fs",
         ),
     ];
     let mut skipped = Vec::new();

@@ -101,7 +101,19 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
             },
             Series::new(
                 "husk-share",
-                "husk run --rootfs TREE --rootfs-share -- true (root: virtio-fs)",
+                "husk run --no-template --rootfs TREE --rootfs-share -- true (cold boot; root: virtio-fs)",
+                &HUSK_STAGES,
+            ),
+        ),
+        (
+            Peer::Husk {
+                share: true,
+                agent: agent.clone(),
+                warm: true,
+            },
+            Series::new(
+                "husk-share-warm",
+                "husk run --rootfs TREE --rootfs-share -- true (restored from the warm template with a share slot; root: virtio-fs)",
                 &HUSK_STAGES,
             ),
         ),
@@ -116,22 +128,28 @@ pub fn measure(c: &Common, runs: usize, tmp: &Path) -> Result<Startup, String> {
     let root_disk = husk_image::ext4::image_for_dir(&rootfs, &husk_runtime::paths::image_cache())
         .map_err(|e| e.to_string())?;
     prepared_s.push(("root image".to_string(), t.elapsed().as_secs_f64()));
-    // The first templated run boots and snapshots the template (unless an
-    // earlier run of this kernel + agent + shape left it).
-    let had_template = !husk_runtime::template::list()
-        .map_err(|e| e.to_string())?
-        .is_empty();
-    let t = Instant::now();
-    husk_run(c, &kernel, &agent, &rootfs, false, true)?;
-    prepared_s.push((
-        if had_template {
-            "warm template (found; one warm run)"
-        } else {
-            "warm template (first run: boot + snapshot + restore)"
-        }
-        .to_string(),
-        t.elapsed().as_secs_f64(),
-    ));
+    // The first templated run of each shape boots and snapshots its
+    // template (unless an earlier run of this kernel + agent + shape left
+    // it: then no template is added).
+    let count = || {
+        husk_runtime::template::list()
+            .map(|l| l.len())
+            .map_err(|e| e.to_string())
+    };
+    for (share, what) in [(false, ""), (true, " with a share")] {
+        let before = count()?;
+        let t = Instant::now();
+        husk_run(c, &kernel, &agent, &rootfs, share, true)?;
+        let secs = t.elapsed().as_secs_f64();
+        prepared_s.push((
+            if count()? > before {
+                format!("warm template{what} (first run: boot + snapshot + restore)")
+            } else {
+                format!("warm template{what} (found; one warm run)")
+            },
+            secs,
+        ));
+    }
     for (name, bin) in [("runc", &c.runc), ("crun", &c.crun)] {
         match peers::which(bin) {
             Some(bin) => peers_list.push((
@@ -455,6 +473,15 @@ pub fn print(s: &Startup, runs: usize) {
             "start to agent ready (ms), husk warm vs cold".into(),
             format!("{a:.1}"),
             format!("{b:.1}"),
+            ratio(a, b),
+        ]);
+    }
+    if let (Some(h), Some(w)) = (get("husk-share"), get("husk-share-warm")) {
+        let (a, b) = (w.total().median, h.total().median);
+        cmp.push(vec![
+            "start to exit (s), root shared: warm vs cold".into(),
+            format!("{a:.3}"),
+            format!("{b:.3}"),
             ratio(a, b),
         ]);
     }
