@@ -2,8 +2,8 @@
 //! snapshots the template, later ones restore it. Two restores running at
 //! the same time each see their own root disk, their own host directory
 //! (a virtio-fs share, served by a virtiofsd of its own), their own random
-//! numbers and the current time; a broken template costs a cold boot, not
-//! the run, and is removed.
+//! numbers and boot ID, and the current time; a broken template costs a
+//! cold boot, not the run, and is removed.
 
 mod support;
 
@@ -41,7 +41,8 @@ fn volume(dir: &Path, name: &str) -> PathBuf {
 }
 
 const SCRIPT: &str = "cat /marker; echo; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; \
-     echo; date +%s; cat /vol/host.txt; echo; cat /marker > /vol/guest.txt";
+     echo; date +%s; cat /vol/host.txt; echo; cat /marker > /vol/guest.txt; \
+     cat /proc/sys/kernel/random/boot_id";
 
 /// `husk run` of SCRIPT on `rootfs`, with `vol` at /vol.
 fn spawn(root: &Path, agent: &Path, rootfs: &Path, vol: &Path) -> Child {
@@ -210,7 +211,7 @@ fn restores_of_one_template_run_containers_apart() {
     let ((la, ea), (lb, eb)) = (finish(ca), finish(cb));
     for (lines, err, marker, vol) in [(&la, &ea, "A", &va), (&lb, &eb, "B", &vb)] {
         assert!(err.contains("template=restored"), "{err}");
-        assert_eq!(lines.len(), 4, "{lines:?} {err}");
+        assert_eq!(lines.len(), 5, "{lines:?} {err}");
         // Its own root disk, in the slot the template booted with a placeholder.
         assert_eq!(lines[0], marker);
         // Its own host directory, in the share slot the template booted
@@ -231,6 +232,9 @@ fn restores_of_one_template_run_containers_apart() {
     // The RNG was reseeded in each: the same template, different numbers.
     assert_eq!(la[1].len(), 32);
     assert_ne!(la[1], lb[1], "both restores read the same random bytes");
+    // And the kernel's boot ID, made at its first read (after the reseed).
+    assert_eq!(la[4].len(), 36, "{la:?}");
+    assert_ne!(la[4], lb[4], "both restores have the same boot_id");
 
     // A broken template: the run boots instead, and the template is gone.
     let key = &templates(&root, &agent)[0];
