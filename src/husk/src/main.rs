@@ -147,9 +147,11 @@ struct VmArgs {
     jail: Option<husk_vmm::jail::JailConfig>,
     /// Resume the VM saved in DIR by `husk snapshot create` instead of
     /// booting one. Only --console, --api-sock, --vsock (its socket path;
-    /// the CID stays), --clock, --no-seccomp, --jail and --boot-timing apply.
+    /// the CID stays), --net and --fs (the saved NICs and shares, in order:
+    /// another tap and MAC, another directory with the saved tag), --clock,
+    /// --no-seccomp, --jail and --boot-timing apply.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "config", "kernel", "initrd", "cmdline", "mem", "vcpus", "disks", "nets", "fs",
+        "config", "kernel", "initrd", "cmdline", "mem", "vcpus", "disks",
         "no_pvm_workarounds", "profile",
     ])]
     restore: Option<PathBuf>,
@@ -359,8 +361,8 @@ fn vm_build(args: &VmArgs, cfg: Option<VmConfig>) -> Result<(husk_vmm::Vm, Conso
         api_sock: args.api_sock.clone(),
         vsock_uds: args.vsock.as_ref().map(|v| v.uds_path.clone()),
         disks: Vec::new(),
-        nics: Vec::new(),
-        shares: Vec::new(),
+        nics: args.nets.iter().cloned().enumerate().collect(),
+        shares: args.fs.iter().cloned().enumerate().collect(),
         clock: match args.clock {
             RestoreClock::Step => husk_vmm::snapshot::ClockMode::Step,
             RestoreClock::Continue => husk_vmm::snapshot::ClockMode::Continue,

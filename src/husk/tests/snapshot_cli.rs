@@ -251,17 +251,26 @@ fn broken_snapshots_are_refused_in_one_line_and_leave_nothing() {
     assert!(good.join("state.json").exists());
     assert_eq!(vm.stop(), Some(0));
 
-    let restore = |snap: &Path, needle: &str| {
+    let restore_with = |snap: &Path, extra: &[&str], needle: &str| {
         let api = dir.join("api-restore");
         let mut c = husk();
         c.args(["vm", "--console", "none", "--restore"])
             .arg(snap)
+            .args(extra)
             .arg("--api-sock")
             .arg(&api);
         let out = run_with_timeout(c, None, T);
         assert_one_line_error(&out, needle);
         assert!(!api.exists(), "no socket left behind");
     };
+    let restore = |snap: &Path, needle: &str| restore_with(snap, &[], needle);
+    // Devices to put elsewhere that the snapshot does not have.
+    restore_with(&good, &["--net", "tap=husk-snap0"], "no NIC 0 to attach");
+    restore_with(
+        &good,
+        &["--fs", &format!("tag=t,dir={}", dir.display())],
+        "no share 0 to replace",
+    );
     let copy = |name: &str| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
