@@ -216,12 +216,7 @@ fn build_inner(
     let console = open_console(&cfg)?;
 
     let kvm = kvm::open()?;
-    // A vhost-user backend maps guest memory: it must live in a shareable file.
-    let mem = if cfg.fs.is_empty() {
-        memory::create(cfg.mem_mib)?
-    } else {
-        memory::create_shared(cfg.mem_mib)?
-    };
+    let (mem, _) = memory::create_for(&cfg)?;
     let vm_fd = vm::create(&kvm, &mem)?;
 
     let loaded = boot::load_kernel(&mem, &kernel)?;

@@ -284,19 +284,8 @@ pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<u64, SnapshotEr
 /// Maps the memory file over every region of `mem` (fresh, untouched
 /// anonymous memory of the snapshot's size), copy-on-write.
 pub fn map_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(), SnapshotError> {
+    check_memory_size(mem, file, path)?;
     let name = path.display().to_string();
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    let got = file
-        .metadata()
-        .map_err(|e| SnapshotError::Io(name.clone(), e))?
-        .len();
-    if got != total {
-        return Err(SnapshotError::MemorySize {
-            path: name,
-            got,
-            want: total,
-        });
-    }
     let mut offset = 0u64;
     for region in mem.iter() {
         let start = region.start_addr().0;
@@ -313,15 +302,14 @@ pub fn map_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(),
     Ok(())
 }
 
-/// Copies the memory file into `mem` (fresh memory of the snapshot's
-/// size, e.g. a memfd a vhost-user backend maps), region after region;
-/// the file's holes (all-zero pages) are skipped, so only the pages the
-/// snapshot holds are backed.
-pub fn load_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(), SnapshotError> {
+/// The memory file `file` (at `path`) is as large as `mem`.
+fn check_memory_size(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(), SnapshotError> {
     let name = path.display().to_string();
-    let io = |e| SnapshotError::Io(name.clone(), e);
     let total: u64 = mem.iter().map(|r| r.len()).sum();
-    let got = file.metadata().map_err(io)?.len();
+    let got = file
+        .metadata()
+        .map_err(|e| SnapshotError::Io(name.clone(), e))?
+        .len();
     if got != total {
         return Err(SnapshotError::MemorySize {
             path: name,
@@ -329,6 +317,17 @@ pub fn load_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<()
             want: total,
         });
     }
+    Ok(())
+}
+
+/// Copies the memory file into `mem` (fresh memory of the snapshot's
+/// size, e.g. a memfd a vhost-user backend maps), region after region;
+/// the file's holes (all-zero pages) are skipped, so only the pages the
+/// snapshot holds are backed.
+pub fn load_memory(mem: &GuestMemoryMmap, file: &File, path: &Path) -> Result<(), SnapshotError> {
+    check_memory_size(mem, file, path)?;
+    let name = path.display().to_string();
+    let io = |e| SnapshotError::Io(name.clone(), e);
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
     for region in mem.iter() {

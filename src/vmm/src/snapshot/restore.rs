@@ -135,18 +135,14 @@ pub fn build_restored_then(
     let api = bind_api(&cfg)?;
     let virtio_devices = virtio::open_devices(&cfg)?;
     let console = open_console(&cfg)?;
-    // A vhost-user backend maps guest memory from a file of its own: a
-    // VM with shares gets a copy of the snapshot's memory in a memfd, not
-    // a copy-on-write mapping (whose private pages no backend would see).
-    let mem = if cfg.fs.is_empty() {
-        let mem = memory::create(cfg.mem_mib)?;
-        map_memory(&mem, &mem_file, &mem_path)?;
-        mem
-    } else {
-        let mem = memory::create_shared(cfg.mem_mib)?;
+    // Memory a vhost-user backend maps gets a copy of the snapshot's: a
+    // copy-on-write mapping's private pages would be the VMM's alone.
+    let (mem, shared) = memory::create_for(&cfg)?;
+    if shared {
         load_memory(&mem, &mem_file, &mem_path)?;
-        mem
-    };
+    } else {
+        map_memory(&mem, &mem_file, &mem_path)?;
+    }
     drop(mem_file);
     let vm_fd = vm::create(&kvm, &mem)?;
 

@@ -23,6 +23,19 @@ pub enum MemoryError {
     Mmap(u64, String),
 }
 
+/// The guest RAM of a VM: in a memfd ([`create_shared`]) when it has a
+/// virtio-fs share (a vhost-user backend maps guest memory from a file),
+/// else anonymous ([`create`]). Whether it is shared is the answer.
+pub fn create_for(cfg: &crate::config::VmConfig) -> Result<(GuestMemoryMmap, bool), MemoryError> {
+    let shared = !cfg.fs.is_empty();
+    let mem = if shared {
+        create_shared(cfg.mem_mib)?
+    } else {
+        create(cfg.mem_mib)?
+    };
+    Ok((mem, shared))
+}
+
 /// Maps `mem_mib` MiB of guest RAM, split around the 32-bit MMIO gap.
 /// Pages are only backed when the guest touches them (MAP_NORESERVE).
 pub fn create(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
