@@ -257,4 +257,6 @@ fn ctr_runs_tasks_in_micro_vms() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(state.is_empty(), "runc state left: {state:?}");
+    drop(ctd);
+    let _ = std::fs::remove_dir_all(&dir);
 }
