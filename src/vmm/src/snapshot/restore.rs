@@ -93,30 +93,13 @@ pub fn build_restored_then(
         v.uds_path = uds.clone();
     }
     for (index, path) in &opts.disks {
-        let disk = cfg.disks.get_mut(*index).ok_or_else(|| {
-            SnapshotError::Inconsistent(format!(
-                "no disk {index} to replace (the snapshot has {})",
-                snap.config.disks.len()
-            ))
-        })?;
-        disk.path = path.clone();
+        slot(&mut cfg.disks, *index, "disk", "replace")?.path = path.clone();
     }
     for (index, nic) in &opts.nics {
-        let slot = cfg.net.get_mut(*index).ok_or_else(|| {
-            SnapshotError::Inconsistent(format!(
-                "no NIC {index} to attach (the snapshot has {})",
-                snap.config.net.len()
-            ))
-        })?;
-        *slot = nic.clone();
+        *slot(&mut cfg.net, *index, "NIC", "attach")? = nic.clone();
     }
     for (index, share) in &opts.shares {
-        let slot = cfg.fs.get_mut(*index).ok_or_else(|| {
-            SnapshotError::Inconsistent(format!(
-                "no share {index} to replace (the snapshot has {})",
-                snap.config.fs.len()
-            ))
-        })?;
+        let slot = slot(&mut cfg.fs, *index, "share", "replace")?;
         if slot.tag != share.tag {
             return Err(SnapshotError::Inconsistent(format!(
                 "share {index} is tagged {:?} in the snapshot, not {:?} (the guest knows it by its tag)",
@@ -208,5 +191,21 @@ pub fn build_restored_then(
         config: cfg,
         api,
         paused: AtomicBool::new(false),
+    })
+}
+
+/// Device `index` of the saved `devices` (`what`: "disk", "NIC", ...), to
+/// `verb` at restore; an index the snapshot does not have is refused.
+fn slot<'a, T>(
+    devices: &'a mut [T],
+    index: usize,
+    what: &str,
+    verb: &str,
+) -> Result<&'a mut T, SnapshotError> {
+    let count = devices.len();
+    devices.get_mut(index).ok_or_else(|| {
+        SnapshotError::Inconsistent(format!(
+            "no {what} {index} to {verb} (the snapshot has {count})"
+        ))
     })
 }

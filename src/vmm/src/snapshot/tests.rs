@@ -22,6 +22,17 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     d
 }
 
+/// `path` created (or emptied), open for reading and writing.
+fn empty_file(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap()
+}
+
 fn w(t: &mut MmioTransport, reg: u64, v: u32) {
     t.write(reg, &v.to_le_bytes());
 }
@@ -144,13 +155,7 @@ fn memory_is_written_with_holes_and_maps_back() {
     mem.write_slice(&[0xab; 4096], GuestAddress(40 << 20))
         .unwrap();
     let path = dir.join(MEMORY_FILE);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = empty_file(&path);
     let written = write_memory(&mem, &f).unwrap();
     assert_eq!(written, 2 * 4096, "only the two non-zero pages");
     assert_eq!(f.metadata().unwrap().len(), 64 << 20);
@@ -239,13 +244,7 @@ fn memory_loads_into_a_memfd_without_its_holes() {
     let last = (64 << 20) - 8;
     mem.write_obj(0x99u64, GuestAddress(last)).unwrap();
     let path = dir.join(MEMORY_FILE);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = empty_file(&path);
     assert_eq!(write_memory(&mem, &f).unwrap(), 5 * 4096);
     let back = crate::vstate::memory::create_shared(64).unwrap();
     load_memory(&back, &f, &path).unwrap();
