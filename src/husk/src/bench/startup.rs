@@ -462,76 +462,81 @@ pub fn print(s: &Startup, runs: usize) {
     ]];
     if let (Some(h), Some(w)) = (get("husk"), get("husk-warm")) {
         let (a, b) = (w.total().median, h.total().median);
-        cmp.push(vec![
-            "start to exit (s), husk warm (template) vs husk cold".into(),
-            format!("{a:.3}"),
-            format!("{b:.3}"),
-            ratio(a, b),
-        ]);
+        cmp.push(comparison(
+            "start to exit (s), husk warm (template) vs husk cold",
+            a,
+            b,
+            3,
+        ));
         let (a, b) = (w.stages_sum(0..3).median, h.stages_sum(0..3).median);
-        cmp.push(vec![
-            "start to agent ready (ms), husk warm vs cold".into(),
-            format!("{a:.1}"),
-            format!("{b:.1}"),
-            ratio(a, b),
-        ]);
+        cmp.push(comparison(
+            "start to agent ready (ms), husk warm vs cold",
+            a,
+            b,
+            1,
+        ));
     }
     if let (Some(h), Some(w)) = (get("husk-share"), get("husk-share-warm")) {
         let (a, b) = (w.total().median, h.total().median);
-        cmp.push(vec![
-            "start to exit (s), root shared: warm vs cold".into(),
-            format!("{a:.3}"),
-            format!("{b:.3}"),
-            ratio(a, b),
-        ]);
+        cmp.push(comparison(
+            "start to exit (s), root shared: warm vs cold",
+            a,
+            b,
+            3,
+        ));
     }
     if let Some(h) = get("husk") {
         for peer in ["runc", "crun"] {
             if let Some(p) = get(peer) {
                 let (a, b) = (h.total().median, p.total().median);
-                cmp.push(vec![
-                    format!("start to exit (s), vs {peer}"),
-                    format!("{a:.3}"),
-                    format!("{b:.3}"),
-                    ratio(a, b),
-                ]);
+                cmp.push(comparison(format!("start to exit (s), vs {peer}"), a, b, 3));
             }
         }
         if let Some(q) = get("qemu") {
             let b = q.stage(0).median;
             if let Some(hc) = get("husk-console") {
                 let a = hc.stage(0).median;
-                cmp.push(vec![
-                    "start to agent start (ms), husk vm vs qemu microvm (both to the console line)"
-                        .into(),
-                    format!("{a:.1}"),
-                    format!("{b:.1}"),
-                    ratio(a, b),
-                ]);
+                cmp.push(comparison(
+                    "start to agent start (ms), husk vm vs qemu microvm (both to the console line)",
+                    a,
+                    b,
+                    1,
+                ));
             }
             let a = h.stages_sum(0..2).median;
-            cmp.push(vec![
-                "start to agent start (ms), husk run vs qemu microvm".into(),
-                format!("{a:.1}"),
-                format!("{b:.1}"),
-                ratio(a, b),
-            ]);
+            cmp.push(comparison(
+                "start to agent start (ms), husk run vs qemu microvm",
+                a,
+                b,
+                1,
+            ));
         }
         if let Some(n) = get("agent-native") {
             for (hi, ni) in [(2, 0), (3, 1), (4, 2), (5, 3)] {
                 let a = h.stage(hi).median;
                 let b = n.stage(ni).median;
-                cmp.push(vec![
+                cmp.push(comparison(
                     format!("{} (ms), in the VM vs native", HUSK_STAGES[hi]),
-                    format!("{a:.1}"),
-                    format!("{b:.1}"),
-                    ratio(a, b),
-                ]);
+                    a,
+                    b,
+                    1,
+                ));
             }
         }
     }
     print_table(&cmp);
     println!("agent-native is the agent on the host: the estimate of the guest stages on a VT-x host. On kvm_pvm hosts (no VT-x) the guest kernel is emulated: compare ratios, not absolute times.");
+}
+
+/// A row of the comparison table: what, husk's figure `a`, the peer's `b`
+/// (both with `decimals` digits), and a / b.
+fn comparison(what: impl Into<String>, a: f64, b: f64, decimals: usize) -> Vec<String> {
+    vec![
+        what.into(),
+        format!("{a:.decimals$}"),
+        format!("{b:.decimals$}"),
+        ratio(a, b),
+    ]
 }
 
 pub fn json(s: &Startup, runs: usize) -> serde_json::Value {

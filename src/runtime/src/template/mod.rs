@@ -436,13 +436,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_key_follows_the_kernel_the_agent_and_the_vm_shape() {
-        let dir = std::env::temp_dir().join(format!("husk-tkey-{}", std::process::id()));
+    /// A fresh directory with what [`cfg`] names: a kernel holding
+    /// `kernel` and an agent disk.
+    fn key_inputs(tag: &str, kernel: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("husk-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("vmlinux"), b"kernel one").unwrap();
+        std::fs::write(dir.join("vmlinux"), kernel).unwrap();
         std::fs::write(dir.join("agent.ext4"), b"agent").unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_key_follows_the_kernel_the_agent_and_the_vm_shape() {
+        let dir = key_inputs("tkey", b"kernel one");
         let c = cfg(&dir);
         let k = key(&c).unwrap();
         assert_eq!(k.len(), 32);
@@ -524,11 +531,7 @@ mod tests {
 
     #[test]
     fn key_texts_round_trip_and_tell_build_from_shape() {
-        let dir = std::env::temp_dir().join(format!("husk-tkt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
-        std::fs::write(dir.join("agent.ext4"), b"agent").unwrap();
+        let dir = key_inputs("tkt", b"kernel");
         let t = key_text(&cfg(&dir)).unwrap();
         assert_eq!(KeyText::parse(&t.text()), Some(t.clone()));
         assert_eq!(
