@@ -120,6 +120,7 @@ fn profile_in(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let start = Instant::now();
+    let start_ns = husk_vmm::vstate::vcpu::monotonic_ns();
     let mut child = c
         .spawn()
         .map_err(|e| format!("cannot start husk vm: {e}"))?;
@@ -202,6 +203,7 @@ fn profile_in(
             "samples": samples.len(),
             "top": report.top.iter().take(a.top).map(|(f, n)| serde_json::json!({"function": f, "samples": n})).collect::<Vec<_>>(),
             "console": console.iter().map(|(t, l)| serde_json::json!({"t": t.as_secs_f64(), "line": l})).collect::<Vec<_>>(),
+            "trace": trace(&samples, symbols, start_ns),
         });
         std::fs::write(
             path,
@@ -210,6 +212,18 @@ fn profile_in(
         .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(0)
+}
+
+/// Every sample as `[seconds since spawn, function]` (the console lines'
+/// time base), for lining samples up with boot-log lines.
+fn trace(samples: &[(u64, u64)], symbols: &Symbols, start_ns: u64) -> serde_json::Value {
+    samples
+        .iter()
+        .map(|&(ns, rip)| {
+            let t = ns.saturating_sub(start_ns) as f64 / 1e9;
+            serde_json::json!([t, symbols.name(rip)])
+        })
+        .collect()
 }
 
 /// (nanoseconds, rip) pairs from a `husk vm --profile` file.
