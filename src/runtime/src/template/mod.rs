@@ -67,8 +67,8 @@ pub fn nic_mac(index: usize) -> String {
 /// runs (`build`), and the VM shape (`shape`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyText {
-    /// husk's version and snapshot format, the kernel, the agent's disk,
-    /// the command line: a template of another build is stale.
+    /// husk's version, snapshot format and binary, the kernel, the agent's
+    /// disk, the command line: a template of another build is stale.
     pub build: String,
     /// Memory, vCPUs, whether there is a root disk, NICs and shares: one
     /// template per shape.
@@ -117,6 +117,10 @@ pub fn key_text(cfg: &SandboxConfig) -> Result<KeyText, RuntimeError> {
     let kernel = kernel.canonicalize().map_err(io(&kernel))?;
     let m = std::fs::metadata(&kernel).map_err(io(&kernel))?;
     let agent = cfg.agent_disk.canonicalize().map_err(io(&cfg.agent_disk))?;
+    // The binary too: a rebuilt husk may model a device differently
+    // without a new version (its saved queues would not fit).
+    let exe = std::env::current_exe().map_err(|e| RuntimeError::Io("current exe".into(), e))?;
+    let x = std::fs::metadata(&exe).map_err(io(&exe))?;
     let pvm = husk_vmm::vstate::kvm::is_pvm_host();
     // The command line the guest gets, the host's workarounds included.
     let vm = husk_vmm::VmConfig {
@@ -124,9 +128,13 @@ pub fn key_text(cfg: &SandboxConfig) -> Result<KeyText, RuntimeError> {
         ..Default::default()
     };
     let build = format!(
-        "husk {} snapshot {}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\n",
+        "husk {} snapshot {} binary {} {} {}.{}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\n",
         env!("CARGO_PKG_VERSION"),
         snapshot::VERSION,
+        x.len(),
+        x.ino(),
+        x.mtime(),
+        x.mtime_nsec(),
         kernel.display(),
         m.len(),
         m.ino(),

@@ -33,8 +33,9 @@ pub use restore::{build_restored, build_restored_then, ClockMode, RestoreOptions
 pub const FORMAT: &str = "husk-snapshot";
 /// The state format this husk writes and reads. 2: virtio-blk offers
 /// `size_max` and enforces it (a guest saved under 1 never acked it, and
-/// may send longer segments).
-pub const VERSION: u32 = 2;
+/// may send longer segments). 3: the vsock receive queue is at most 64
+/// entries (a guest saved under 2 set up 256).
+pub const VERSION: u32 = 3;
 /// The state file in a snapshot directory.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file in a snapshot directory.

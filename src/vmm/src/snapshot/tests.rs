@@ -186,7 +186,7 @@ fn memory_is_written_with_holes_and_maps_back() {
 fn state_files_that_are_not_this_version_are_refused_in_one_line() {
     let dir = tempdir("state");
     let p = dir.join(STATE_FILE);
-    let cases: [(&[u8], &str); 5] = [
+    let cases: [(&[u8], &str); 6] = [
         (b"", "is not a husk snapshot state file"),
         (
             br#"{"format":"husk-snapshot","version":99}"#,
@@ -197,13 +197,18 @@ fn state_files_that_are_not_this_version_are_refused_in_one_line() {
             "is not a husk snapshot",
         ),
         (
-            br#"{"format":"husk-snapshot","version":2,"config":{}}"#,
+            br#"{"format":"husk-snapshot","version":3,"config":{}}"#,
             "is not a husk snapshot state file",
         ),
         // Before virtio-blk offered size_max.
         (
             br#"{"format":"husk-snapshot","version":1}"#,
             "format version 1",
+        ),
+        // Before the vsock receive queue shrank to 64 entries.
+        (
+            br#"{"format":"husk-snapshot","version":2}"#,
+            "format version 2",
         ),
     ];
     for (bytes, want) in cases {

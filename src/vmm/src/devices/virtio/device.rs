@@ -162,6 +162,12 @@ impl<const N: usize> DeviceCore<N> {
         })
     }
 
+    /// The same core with queue `i` offering at most `sizes[i]` entries.
+    pub fn with_queue_sizes(mut self, sizes: [u16; N]) -> Self {
+        self.queue_sizes = sizes;
+        self
+    }
+
     /// The device's name in logs.
     pub fn name(&self) -> &'static str {
         self.name

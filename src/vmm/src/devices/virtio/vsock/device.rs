@@ -20,7 +20,7 @@ use super::muxer::Muxer;
 use super::packet;
 use super::{
     VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX,
-    TX_INDEX,
+    RX_QUEUE_SIZE, TX_INDEX,
 };
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
@@ -65,7 +65,12 @@ impl Vsock {
                     | feature(VIRTIO_RING_F_INDIRECT_DESC),
                 QUEUE_SIZE,
             )
-            .map_err(|e| VsockError::Host("eventfd", e))?,
+            .map_err(|e| VsockError::Host("eventfd", e))?
+            .with_queue_sizes({
+                let mut sizes = [QUEUE_SIZE; 3];
+                sizes[RX_INDEX] = RX_QUEUE_SIZE;
+                sizes
+            }),
             state_changed: false,
             tx_paused: false,
             rx_buf: vec![0u8; MAX_PAYLOAD],
