@@ -121,18 +121,12 @@ impl Write for QueuedConsole {
     /// (the guest must not notice).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut st = self.shared.lock();
-        // The writer waits only while nothing is queued and it holds
-        // nothing; otherwise it comes back for these bytes by itself. The
-        // guest's UART sends a byte at a time: no wake-up call per byte.
-        let idle = st.queue.is_empty() && st.dropped == 0 && !st.writing;
         let room = self.shared.cap.saturating_sub(st.queue.len());
         let take = room.min(buf.len());
         st.queue.extend(&buf[..take]);
         st.dropped += (buf.len() - take) as u64;
         drop(st);
-        if idle {
-            self.shared.changed.notify_all();
-        }
+        self.shared.changed.notify_all();
         Ok(buf.len())
     }
 

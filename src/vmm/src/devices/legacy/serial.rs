@@ -37,25 +37,7 @@ impl SerialEvents for SerialInputEvents {
     }
 }
 
-/// The console sink as the UART sees it. vm-superio flushes its writer
-/// after every byte the guest sends; passed on, that made each byte wait
-/// for the console thread to write it out (`QueuedConsole::flush`), a
-/// round trip per byte that cost a console-heavy boot ~10% on kvm_pvm.
-/// So the UART's flushes do nothing, and [`SerialDevice::flush`] flushes
-/// the sink for real.
-pub struct UartSink(Box<dyn Write + Send>);
-
-impl Write for UartSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-type Uart = Serial<EventFdTrigger, SerialInputEvents, UartSink>;
+type Uart = Serial<EventFdTrigger, SerialInputEvents, Box<dyn Write + Send>>;
 
 /// The UART's registers and receive FIFO, for a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,11 +71,7 @@ impl SerialDevice {
     /// A UART that interrupts through `irq` and writes guest output to `out`.
     pub fn new(irq: EventFd, fifo_drained: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
-            uart: Serial::with_events(
-                EventFdTrigger(irq),
-                SerialInputEvents { fifo_drained },
-                UartSink(out),
-            ),
+            uart: Serial::with_events(EventFdTrigger(irq), SerialInputEvents { fifo_drained }, out),
         }
     }
 
@@ -121,7 +99,7 @@ impl SerialDevice {
             &s,
             EventFdTrigger(irq),
             SerialInputEvents { fifo_drained },
-            UartSink(out),
+            out,
         )
         .map_err(|e| format!("serial port: {e:?}"))?;
         Ok(Self { uart })
@@ -160,9 +138,9 @@ impl SerialDevice {
         }
     }
 
-    /// Flushes the console sink (what the guest wrote reaches it).
+    /// Flushes the console sink.
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().0.flush();
+        let _ = self.uart.writer_mut().flush();
     }
 }
 
