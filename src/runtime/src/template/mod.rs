@@ -128,20 +128,12 @@ pub fn key_text(cfg: &SandboxConfig) -> Result<KeyText, RuntimeError> {
         ..Default::default()
     };
     let build = format!(
-        "husk {} snapshot {} binary {} {} {}.{}\nkernel {} {} {} {}.{} {}.{}\nagent-disk {}\ncmdline {}\npvm {}\n",
+        "husk {} snapshot {} binary {}\nkernel {} {}\nagent-disk {}\ncmdline {}\npvm {}\n",
         env!("CARGO_PKG_VERSION"),
         snapshot::VERSION,
-        x.len(),
-        x.ino(),
-        x.mtime(),
-        x.mtime_nsec(),
+        file_identity(&x),
         kernel.display(),
-        m.len(),
-        m.ino(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
+        file_identity(&m),
         agent.display(),
         husk_vmm::config::guest_cmdline(&vm, pvm),
         pvm,
@@ -159,6 +151,20 @@ pub fn key_text(cfg: &SandboxConfig) -> Result<KeyText, RuntimeError> {
         cfg.shares.len(),
     );
     Ok(KeyText { build, shape })
+}
+
+/// Which file this is, and which version of it: size, inode, and the
+/// modification and change times.
+fn file_identity(m: &std::fs::Metadata) -> String {
+    format!(
+        "{} {} {}.{} {}.{}",
+        m.len(),
+        m.ino(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
 }
 
 /// The template key for `cfg`'s kernel, agent and VM shape.

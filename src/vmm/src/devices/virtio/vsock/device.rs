@@ -19,8 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet;
 use super::{
-    VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, RX_INDEX,
-    RX_QUEUE_SIZE, TX_INDEX,
+    VsockCounters, VsockError, EVENT_INDEX, MAX_DESCRIPTORS, MAX_PAYLOAD, QUEUE_SIZE, QUEUE_SIZES,
+    RX_INDEX, TX_INDEX,
 };
 use crate::devices::virtio::device::{
     read_config_bytes, ActivateContext, ActivateError, DeviceCore, VirtioDevice,
@@ -66,11 +66,7 @@ impl Vsock {
                 QUEUE_SIZE,
             )
             .map_err(|e| VsockError::Host("eventfd", e))?
-            .with_queue_sizes({
-                let mut sizes = [QUEUE_SIZE; 3];
-                sizes[RX_INDEX] = RX_QUEUE_SIZE;
-                sizes
-            }),
+            .with_queue_sizes(QUEUE_SIZES),
             state_changed: false,
             tx_paused: false,
             rx_buf: vec![0u8; MAX_PAYLOAD],

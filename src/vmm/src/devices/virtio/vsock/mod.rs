@@ -38,6 +38,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// host-to-guest streams at the same rate, which the guest's per-packet
 /// cost bounds, not the ring.
 pub const RX_QUEUE_SIZE: u16 = 64;
+/// The size offered for each queue, by index (receive, transmit, event).
+pub const QUEUE_SIZES: [u16; 3] = [RX_QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE];
 /// Index of the receive (host to guest) queue.
 pub const RX_INDEX: usize = 0;
 /// Index of the transmit (guest to host) queue.
