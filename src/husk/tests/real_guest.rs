@@ -1,6 +1,8 @@
 //! Real Linux guest: the project's guest kernel with a busybox initramfs.
 //! One boot serves all checks (each boot costs tens of seconds on kvm_pvm
-//! hosts).
+//! hosts). On kvm_pvm the guest has the VMM's fill device fill its memmap
+//! and copy the initramfs's files: the busybox it runs must be the host's,
+//! byte for byte.
 
 mod support;
 
@@ -14,7 +16,8 @@ read up idle < /proc/uptime
 cpus=$(/bin/busybox grep -c ^processor /proc/cpuinfo)
 # Many system calls and a few forks: the guest's syscall path must hold.
 files=$(/bin/busybox ls /proc | /bin/busybox wc -l)
-echo "HUSK-TEST-MARKER uptime=$up cpus=$cpus procfiles=$files"
+sum=$(/bin/busybox md5sum /bin/busybox)
+echo "HUSK-TEST-MARKER uptime=$up cpus=$cpus md5=${sum%% *} procfiles=$files"
 /bin/busybox reboot -f
 "#;
 
@@ -48,6 +51,7 @@ fn linux_boots_to_init_sees_two_cpus_and_reboots_cleanly() {
     .unwrap();
 
     let mut c = husk();
+    c.env("HUSK_LOG", "debug");
     c.args(["vm", "--vcpus", "2", "--mem", "128", "--kernel"])
         .arg(kernel())
         .arg("--initrd")
@@ -61,6 +65,24 @@ fn linux_boots_to_init_sees_two_cpus_and_reboots_cleanly() {
         .unwrap_or_else(|| panic!("no init marker.\nconsole:\n{stdout}\nstderr:\n{stderr}"));
     eprintln!("{marker}");
     assert!(marker.contains(" cpus=2 "), "{marker}");
+    let md5 = std::process::Command::new("md5sum")
+        .arg("/bin/busybox")
+        .output()
+        .unwrap();
+    let host_md5 = String::from_utf8_lossy(&md5.stdout);
+    let host_md5 = host_md5.split_whitespace().next().unwrap();
+    assert!(
+        marker.contains(&format!(" md5={host_md5} ")),
+        "the guest's /bin/busybox differs from the host's: {marker}"
+    );
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        for op in ["op 1 done", "op 2 done"] {
+            assert!(
+                stderr.contains(&format!("fill device: {op}")),
+                "kvm_pvm host, but the guest did not use the fill device ({op}); stderr:\n{stderr}"
+            );
+        }
+    }
     let procfiles: u32 = marker
         .split("procfiles=")
         .nth(1)

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::ApiSocket;
 use crate::arch::x86_64::{boot, layout, mptable, regs};
 use crate::config::{self, Console, VmConfig};
+use crate::devices::fill::FillDevice;
 use crate::devices::legacy::console_log::{ConsoleLog, CONSOLE_LOG_CAP};
 use crate::devices::legacy::console_queue::{QueuedConsole, CONSOLE_QUEUE_CAP};
 use crate::devices::legacy::{SerialDevice, I8042};
@@ -199,6 +200,12 @@ fn build_inner(
     let pvm = kvm::is_pvm_host();
     let mut cmdline = config::guest_cmdline(&cfg, pvm);
     cmdline.push_str(&virtio::cmdline_entries(cfg.virtio_device_count()));
+    // The boot memmap is the guest's largest run of emulated stores on
+    // kvm_pvm; only a booting guest uses the fill device.
+    let fill = pvm && cfg.pvm_workarounds;
+    if fill {
+        cmdline.push_str(&format!(" husk_fill={:#x}", layout::ports::FILL));
+    }
     // Validate before any expensive work.
     if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
         return Err(boot::BootError::Cmdline(format!(
@@ -238,7 +245,14 @@ fn build_inner(
         clone_fd(&fifo_drained)?,
         console.start(seccomp)?,
     );
-    let (serial, pio) = legacy_bus(serial, &latch)?;
+    let (serial, mut pio) = legacy_bus(serial, &latch)?;
+    if fill {
+        pio.insert(
+            Arc::new(Mutex::new(FillDevice::new(mem.clone()))),
+            u64::from(layout::ports::FILL),
+            u64::from(layout::ports::FILL_LEN),
+        )?;
+    }
     let mut mmio = Bus::new();
     for (dev, base, len) in mmio_devices {
         mmio.insert(dev, base, len)?;

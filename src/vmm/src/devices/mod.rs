@@ -1,4 +1,5 @@
 //! Emulated devices.
 
+pub mod fill;
 pub mod legacy;
 pub mod virtio;

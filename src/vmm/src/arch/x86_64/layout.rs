@@ -89,6 +89,10 @@ pub mod ports {
     pub const I8042_DATA: u16 = 0x60;
     /// i8042 range length: 0x60..=0x64.
     pub const I8042_LEN: u16 = 5;
+    /// The fill device's doorbell (devices::fill): unassigned on a PC.
+    pub const FILL: u16 = 0x880;
+    /// Its length: one 32-bit port.
+    pub const FILL_LEN: u16 = 4;
 }
 
 /// Legacy interrupt lines.
