@@ -46,6 +46,12 @@ impl Vm {
         } else {
             None
         };
+        // The guest runs first: nothing below is needed before its first
+        // KVM_RUN (what it signals meanwhile waits in eventfds, which the
+        // loop reads once it runs).
+        for v in &self.vcpus {
+            v.send(VcpuCommand::Resume);
+        }
         // The loop runs on a thread of its own, which filters its syscalls;
         // the teardown below (vCPU joins, devices dropped: virtiofsd
         // reaped, the vsock socket unlinked) stays on the caller's.
@@ -140,9 +146,6 @@ impl Vm {
         // Everything the loop needs is open: from here it only serves.
         if let Err(e) = seccomp::install(ThreadKind::EventLoop, self.seccomp) {
             return VmExit::VmmError(e.to_string());
-        }
-        for v in &self.vcpus {
-            v.send(VcpuCommand::Resume);
         }
         while !done.load(Ordering::SeqCst) {
             if let Err(e) = em.run() {

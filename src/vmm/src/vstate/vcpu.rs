@@ -334,7 +334,8 @@ impl Vcpu {
     }
 
     /// Starts the thread, paused until `VcpuCommand::Resume`; it filters
-    /// its syscalls (`seccomp`) before the guest first runs.
+    /// its syscalls (`seccomp`) at once, while the caller finishes the VM,
+    /// so that a resume goes straight to `KVM_RUN`.
     pub fn start(self, seccomp: SeccompMode) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let (tx, rx) = channel();
@@ -356,18 +357,19 @@ impl Vcpu {
         let ptr = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|c| c.set(ptr));
         let mut running = false;
-        let mut filtered = false;
+        // Unfiltered, the guest never runs: the VM stops with the reason and
+        // this thread only waits for its exit.
+        let filtered = match seccomp::install(ThreadKind::Vcpu, seccomp) {
+            Ok(()) => true,
+            Err(e) => {
+                self.latch.stop(VmExit::VmmError(e.to_string()));
+                false
+            }
+        };
         loop {
             if !running {
                 match rx.recv() {
-                    Ok(VcpuCommand::Resume) if !filtered => {
-                        filtered = true;
-                        match seccomp::install(ThreadKind::Vcpu, seccomp) {
-                            Ok(()) => running = true,
-                            Err(e) => self.latch.stop(VmExit::VmmError(e.to_string())),
-                        }
-                    }
-                    Ok(VcpuCommand::Resume) => running = true,
+                    Ok(VcpuCommand::Resume) => running = filtered,
                     Ok(VcpuCommand::Pause) => {
                         let _ = resp.send(VcpuResponse::Paused);
                     }
