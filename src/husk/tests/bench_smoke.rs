@@ -1,6 +1,7 @@
-//! `husk bench all --runs 1 --count 2`, as a user runs it: it completes
-//! against the real peers, writes JSON holding every sample and two PNG
-//! charts that decode. Nothing about speed is asserted.
+//! `husk bench all --runs 1 --count 2` and `husk bench boot
+//! --baseline-kernel`, as a user runs them: they complete against the real
+//! peers, write JSON holding every sample (and two PNG charts that
+//! decode). Nothing about speed is asserted.
 
 mod support;
 
@@ -152,4 +153,62 @@ fn bench_all_writes_json_and_charts() {
     for needle in ["husk-density-", "/husk-bench-"] {
         assert_eq!(support::pids_naming(needle), Vec::<i32>::new(), "{needle}");
     }
+}
+
+/// `husk bench boot --baseline-kernel`: husk on both kernels and QEMU in
+/// one run, the extra words on every guest's command line, and every
+/// sample in the JSON. The same kernel serves as both, so nothing about
+/// speed is (or could be) asserted.
+#[test]
+fn bench_boot_against_a_baseline_kernel() {
+    let dir = Scratch(std::env::temp_dir().join(format!("husk-bench-boot-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let out = dir.0.join("boot.json");
+    let mut c = husk();
+    c.args([
+        "bench", "boot", "--runs", "1", "--extra", "quiet", "--kernel",
+    ])
+    .arg(kernel())
+    .arg("--baseline-kernel")
+    .arg(kernel())
+    .arg("--timeout")
+    .arg(boot_timeout().as_secs().to_string())
+    .arg("--json")
+    .arg(&out);
+    let o = run_with_timeout(c, None, boot_timeout() * 3 + Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}\n{stdout}", o.status);
+    assert!(stdout.contains("new/baseline"), "{stdout}");
+    assert!(stdout.contains(" quiet"), "{stdout}");
+    let doc = json(&out);
+    assert!(
+        doc["cmdline"].as_str().unwrap().ends_with(" quiet"),
+        "{doc}"
+    );
+    for series in ["husk", "qemu_microvm", "husk_baseline"] {
+        let s = doc[series].as_array().unwrap();
+        assert_eq!(s.len(), 1, "{series}: {doc}");
+        assert!(s[0]["wall_to_marker_s"].as_f64().unwrap() > 0.0, "{doc}");
+        assert!(s[0]["guest_uptime_s"].as_f64().unwrap() > 0.0, "{doc}");
+    }
+    for series in ["husk", "husk_baseline"] {
+        let first = doc[series][0]["start_to_first_kvm_run_us"].as_u64();
+        assert!(first.is_some_and(|us| us > 0), "{series}: {doc}");
+    }
+
+    // A baseline that is not there: one line, before anything boots.
+    let mut c = husk();
+    c.args([
+        "bench",
+        "boot",
+        "--baseline-kernel",
+        "/nonexistent/vmlinux",
+        "--kernel",
+    ])
+    .arg(kernel());
+    let o = run_with_timeout(c, None, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
 }

@@ -1,5 +1,7 @@
 //! `husk bench boot`: boots the same kernel and initrd with husk and with
-//! QEMU's microvm machine, alternating, and prints the figures side by side.
+//! QEMU's microvm machine, alternating, and prints the figures side by side;
+//! with `--baseline-kernel`, also husk on an older kernel, so a guest
+//! kernel change is judged before and after in one run.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -40,6 +42,13 @@ pub struct BootArgs {
     /// QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: String,
+    /// Also boot this kernel under husk, in the same rounds, and print
+    /// the default kernel's figures against it (new/baseline).
+    #[arg(long)]
+    baseline_kernel: Option<PathBuf>,
+    /// Words appended to every boot's guest command line (e.g. `quiet`).
+    #[arg(long, default_value = "")]
+    extra: String,
     /// Give up on one boot after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -75,6 +84,9 @@ echo "HUSK-BENCH-MARKER uptime=$up"
 /// Runs the boot benchmark.
 pub fn boot(a: BootArgs) -> Result<i32, String> {
     let kernel = super::kernel_or_error(&a.kernel)?;
+    if let Some(k) = a.baseline_kernel.as_ref().filter(|k| !k.is_file()) {
+        return Err(format!("--baseline-kernel {}: no such file", k.display()));
+    }
     let tmp = std::env::temp_dir().join(format!("husk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let result = boot_in(&a, &kernel, &tmp);
@@ -94,51 +106,80 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
             write_busybox_initrd(tmp, BENCH_INIT, &a.busybox)?
         }
     };
+    let baseline = a.baseline_kernel.clone();
     // Both VMMs get exactly the command line husk would use on this host.
-    let cfg = VmConfig::default();
-    let cmdline = config::guest_cmdline(&cfg, husk_vmm::vstate::kvm::is_pvm_host());
+    let husk_line = join_words(config::DEFAULT_CMDLINE, &a.extra);
+    let cfg = VmConfig {
+        cmdline: Some(husk_line.clone()),
+        ..VmConfig::default()
+    };
+    let qemu_line = config::guest_cmdline(&cfg, husk_vmm::vstate::kvm::is_pvm_host());
     let husk = std::env::current_exe().map_err(|e| e.to_string())?;
     let timeout = Duration::from_secs(a.timeout);
+    let husk_vm = |k: &Path| {
+        let mut c = Command::new(&husk);
+        c.args(["vm", "--boot-timing", "--console", "stdout"])
+            .arg("--kernel")
+            .arg(k)
+            .arg("--initrd")
+            .arg(&initrd)
+            .arg("--cmdline")
+            .arg(&husk_line)
+            .args(["--mem", &a.mem.to_string(), "--vcpus", &a.vcpus.to_string()]);
+        c
+    };
 
-    let mut husk_samples = Vec::new();
-    let mut qemu_samples = Vec::new();
+    let peers = if baseline.is_some() { 3 } else { 2 };
+    let mut samples: [Vec<Sample>; 3] = Default::default();
     for i in 0..a.runs {
-        for peer in super::stats::round_order(i, 2) {
-            if peer == 0 {
-                eprintln!("run {}/{}: husk", i + 1, a.runs);
-                let mut c = Command::new(&husk);
-                c.args(["vm", "--boot-timing", "--console", "stdout"])
-                    .arg("--kernel")
-                    .arg(kernel)
-                    .arg("--initrd")
-                    .arg(&initrd)
-                    .arg("--cmdline")
-                    .arg(config::DEFAULT_CMDLINE)
-                    .args(["--mem", &a.mem.to_string(), "--vcpus", &a.vcpus.to_string()]);
-                husk_samples.push(measure(c, &a.marker, a.mem, timeout)?);
-            } else {
-                eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
-                let mut q = Command::new(&a.qemu);
-                q.args(super::QEMU_MICROVM)
-                    .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
-                    .arg("-kernel")
-                    .arg(kernel)
-                    .arg("-initrd")
-                    .arg(&initrd)
-                    .arg("-append")
-                    .arg(&cmdline);
-                qemu_samples.push(measure(q, &a.marker, a.mem, timeout)?);
-            }
+        for peer in super::stats::round_order(i, peers) {
+            let cmd = match peer {
+                0 => {
+                    eprintln!("run {}/{}: husk", i + 1, a.runs);
+                    husk_vm(kernel)
+                }
+                1 => {
+                    eprintln!("run {}/{}: qemu microvm", i + 1, a.runs);
+                    let mut q = Command::new(&a.qemu);
+                    q.args(super::QEMU_MICROVM)
+                        .args(["-m", &a.mem.to_string(), "-smp", &a.vcpus.to_string()])
+                        .arg("-kernel")
+                        .arg(kernel)
+                        .arg("-initrd")
+                        .arg(&initrd)
+                        .arg("-append")
+                        .arg(&qemu_line);
+                    q
+                }
+                _ => {
+                    eprintln!("run {}/{}: husk, baseline kernel", i + 1, a.runs);
+                    husk_vm(baseline.as_deref().unwrap_or(kernel))
+                }
+            };
+            samples[peer].push(measure(cmd, &a.marker, a.mem, timeout)?);
         }
     }
-    print_table(a, kernel, &husk_samples, &qemu_samples);
+    let [h, q, b] = &samples;
+    print_table(
+        a,
+        kernel,
+        &husk_line,
+        h,
+        q,
+        baseline.as_deref().map(|k| (k, &b[..])),
+    );
     if let Some(path) = &a.json {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "kernel": kernel.display().to_string(),
+            "cmdline": husk_line,
             "mem_mib": a.mem, "vcpus": a.vcpus, "runs": a.runs,
-            "husk": samples_json(&husk_samples),
-            "qemu_microvm": samples_json(&qemu_samples),
+            "husk": samples_json(h),
+            "qemu_microvm": samples_json(q),
         });
+        if let Some(k) = &baseline {
+            json["baseline_kernel"] = k.display().to_string().into();
+            json["husk_baseline"] = samples_json(b);
+        }
         std::fs::write(
             path,
             serde_json::to_string_pretty(&json).unwrap_or_default(),
@@ -163,7 +204,22 @@ fn samples_json(s: &[Sample]) -> serde_json::Value {
     )
 }
 
-fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
+/// `base` followed by `extra`'s words, if any.
+fn join_words(base: &str, extra: &str) -> String {
+    std::iter::once(base)
+        .chain(extra.split_whitespace())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_table(
+    a: &BootArgs,
+    kernel: &Path,
+    cmdline: &str,
+    h: &[Sample],
+    q: &[Sample],
+    baseline: Option<(&Path, &[Sample])>,
+) {
     println!(
         "boot to init marker: kernel {}, {} MiB, {} vCPU, {} runs each (alternating), medians",
         kernel.display(),
@@ -171,12 +227,17 @@ fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
         a.vcpus,
         a.runs
     );
-    println!(
-        "{:<38} {:>12} {:>14} {:>10}",
-        "metric", "husk", "qemu microvm", "husk/qemu"
-    );
+    if let Some((k, _)) = baseline {
+        println!("baseline kernel (husk): {}", k.display());
+    }
+    println!("guest command line: {cmdline}");
+    let mut header = vec!["metric", "husk", "qemu microvm", "husk/qemu"];
+    if baseline.is_some() {
+        header.extend(["husk, baseline kernel", "new/baseline"]);
+    }
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     type Metric = fn(&Sample) -> f64;
-    let rows: [(&str, Metric); 4] = [
+    let metrics: [(&str, Metric); 4] = [
         ("wall, start to marker (s)", |s| s.wall_to_marker),
         ("guest uptime at marker (s)", |s| {
             s.guest_uptime.unwrap_or(f64::NAN)
@@ -184,22 +245,41 @@ fn print_table(a: &BootArgs, kernel: &Path, h: &[Sample], q: &[Sample]) {
         ("VMM CPU time to marker (s)", |s| s.cpu_s),
         ("peak RSS - guest RAM at marker (MiB)", |s| s.overhead_mib()),
     ];
-    for (name, f) in rows {
+    for (name, f) in metrics {
         let hm = median(h.iter().map(f).collect());
         let qm = median(q.iter().map(f).collect());
-        println!("{name:<38} {hm:>12.3} {qm:>14.3} {:>10.3}", hm / qm);
+        let mut row = vec![
+            name.to_string(),
+            format!("{hm:.3}"),
+            format!("{qm:.3}"),
+            format!("{:.3}", hm / qm),
+        ];
+        if let Some((_, b)) = baseline {
+            let bm = median(b.iter().map(f).collect());
+            row.extend([format!("{bm:.3}"), format!("{:.3}", hm / bm)]);
+        }
+        rows.push(row);
     }
-    let first: Vec<f64> = h
-        .iter()
-        .filter_map(|s| s.start_to_first_run_us.map(|u| u as f64 / 1000.0))
-        .collect();
-    println!(
-        "{:<38} {:>12.3} {:>14} {:>10}",
-        "husk start to first KVM_RUN (ms)",
-        median(first),
-        "-",
-        "-"
-    );
+    let first_run = |s: &[Sample]| {
+        median(
+            s.iter()
+                .filter_map(|s| s.start_to_first_run_us.map(|u| u as f64 / 1000.0))
+                .collect(),
+        )
+    };
+    let hf = first_run(h);
+    let mut row = vec![
+        "husk start to first KVM_RUN (ms)".to_string(),
+        format!("{hf:.3}"),
+        "-".into(),
+        "-".into(),
+    ];
+    if let Some((_, b)) = baseline {
+        let bf = first_run(b);
+        row.extend([format!("{bf:.3}"), format!("{:.3}", hf / bf)]);
+    }
+    rows.push(row);
+    super::stats::print_table(&rows);
 }
 
 /// Runs one VMM until its guest prints the marker. Every figure is taken
