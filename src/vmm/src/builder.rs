@@ -200,10 +200,10 @@ fn build_inner(
     let pvm = kvm::is_pvm_host();
     let mut cmdline = config::guest_cmdline(&cfg, pvm);
     cmdline.push_str(&virtio::cmdline_entries(cfg.virtio_device_count()));
+    let workarounds = pvm && cfg.pvm_workarounds;
     // The boot memmap is the guest's largest run of emulated stores on
     // kvm_pvm; only a booting guest uses the fill device.
-    let fill = pvm && cfg.pvm_workarounds;
-    if fill {
+    if workarounds {
         cmdline.push_str(&format!(" husk_fill={:#x}", layout::ports::FILL));
     }
     // Validate before any expensive work.
@@ -250,7 +250,7 @@ fn build_inner(
         console.start(seccomp)?,
     );
     let (serial, mut pio) = legacy_bus(serial, &latch)?;
-    if fill {
+    if workarounds {
         pio.insert(
             Arc::new(Mutex::new(FillDevice::new(mem.clone()))),
             u64::from(layout::ports::FILL),
@@ -272,13 +272,13 @@ fn build_inner(
             index,
             cfg.vcpus,
             &base_cpuid,
-            pvm && cfg.pvm_workarounds,
+            workarounds,
             (index == 0).then_some(loaded.entry),
             shared.clone(),
         )?;
         vcpus.push(vcpu);
     }
-    if pvm && cfg.pvm_workarounds {
+    if workarounds {
         // A log line, not a print: a library must not write to stderr,
         // which is a container's own in the runtime's VMM process.
         tracing::info!(
@@ -409,7 +409,6 @@ pub(crate) fn legacy_bus(
     Ok((serial, pio))
 }
 
-/// The CPUID KVM supports on this host.
 /// Guest memory, the VM on it, and the kernel, initrd, command line and
 /// boot tables written there.
 fn boot_guest(
@@ -433,6 +432,7 @@ fn boot_guest(
     Ok((mem, vm_fd, loaded))
 }
 
+/// The CPUID KVM supports on this host.
 pub(crate) fn supported_cpuid(kvm: &kvm_ioctls::Kvm) -> Result<kvm_bindings::CpuId, BuildError> {
     Ok(kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -106,9 +106,9 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
             write_busybox_initrd(tmp, BENCH_INIT, &a.busybox)?
         }
     };
-    let baseline = a.baseline_kernel.clone();
+    let baseline = a.baseline_kernel.as_deref();
     // Both VMMs get exactly the command line husk would use on this host.
-    let husk_line = join_words(config::DEFAULT_CMDLINE, &a.extra);
+    let husk_line = super::with_extra(config::DEFAULT_CMDLINE, &a.extra);
     let cfg = VmConfig {
         cmdline: Some(husk_line.clone()),
         ..VmConfig::default()
@@ -153,21 +153,14 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
                 }
                 _ => {
                     eprintln!("run {}/{}: husk, baseline kernel", i + 1, a.runs);
-                    husk_vm(baseline.as_deref().unwrap_or(kernel))
+                    husk_vm(baseline.unwrap_or(kernel))
                 }
             };
             samples[peer].push(measure(cmd, &a.marker, a.mem, timeout)?);
         }
     }
     let [h, q, b] = &samples;
-    print_table(
-        a,
-        kernel,
-        &husk_line,
-        h,
-        q,
-        baseline.as_deref().map(|k| (k, &b[..])),
-    );
+    print_table(a, kernel, &husk_line, h, q, baseline.map(|k| (k, &b[..])));
     if let Some(path) = &a.json {
         let mut json = serde_json::json!({
             "kernel": kernel.display().to_string(),
@@ -176,7 +169,7 @@ fn boot_in(a: &BootArgs, kernel: &Path, tmp: &Path) -> Result<i32, String> {
             "husk": samples_json(h),
             "qemu_microvm": samples_json(q),
         });
-        if let Some(k) = &baseline {
+        if let Some(k) = baseline {
             json["baseline_kernel"] = k.display().to_string().into();
             json["husk_baseline"] = samples_json(b);
         }
@@ -202,14 +195,6 @@ fn samples_json(s: &[Sample]) -> serde_json::Value {
             })
             .collect(),
     )
-}
-
-/// `base` followed by `extra`'s words, if any.
-fn join_words(base: &str, extra: &str) -> String {
-    std::iter::once(base)
-        .chain(extra.split_whitespace())
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn print_table(

@@ -136,6 +136,14 @@ fn kernel_or_error(k: &Option<PathBuf>) -> Result<PathBuf, String> {
     }
 }
 
+/// A guest command line with `extra`'s words (a bench's `--extra`) after it.
+fn with_extra(cmdline: &str, extra: &str) -> String {
+    std::iter::once(cmdline)
+        .chain(extra.split_whitespace())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 use peers::QEMU_MICROVM;
 use stats::median;
 
@@ -271,4 +279,19 @@ fn compare_in(
         eprintln!("wrote {}", f.display());
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn extra_words_follow_the_command_line() {
+        assert_eq!(
+            super::with_extra("console=ttyS0 quiet", ""),
+            "console=ttyS0 quiet"
+        );
+        assert_eq!(
+            super::with_extra("console=ttyS0", " initcall_debug  ignore_loglevel "),
+            "console=ttyS0 initcall_debug ignore_loglevel"
+        );
+    }
 }

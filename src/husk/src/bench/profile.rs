@@ -97,9 +97,7 @@ fn profile_in(
     if a.boot_log {
         cmdline = cmdline.replace(" quiet", "");
     }
-    if !a.extra.is_empty() {
-        cmdline = format!("{cmdline} {}", a.extra);
-    }
+    let cmdline = super::with_extra(&cmdline, &a.extra);
     let samples_file = tmp.join("samples");
     let husk = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut c = Command::new(husk);
