@@ -12,7 +12,7 @@ use husk_image::oci::{auth, ImageRef, OciError, Store};
 /// Exit status of a failed image command (as docker's).
 pub const IMAGE_FAILURE: i32 = 125;
 
-/// How to reach registries (shared by pull and run).
+// How to reach registries (shared by pull and run).
 #[derive(Args, Clone, Debug)]
 pub struct RegistryArgs {
     /// Verify TLS certificates and require HTTPS (false: also try plain
@@ -25,7 +25,7 @@ pub struct RegistryArgs {
     pub authfile: Option<PathBuf>,
 }
 
-/// `husk pull`.
+// `husk pull`.
 #[derive(Args)]
 pub struct PullArgs {
     /// Image: NAME[:TAG|@DIGEST], oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE.
@@ -37,7 +37,7 @@ pub struct PullArgs {
     registry: RegistryArgs,
 }
 
-/// `husk images`.
+// `husk images`.
 #[derive(Args)]
 pub struct ImagesArgs {
     /// Output: table or json.
@@ -48,7 +48,7 @@ pub struct ImagesArgs {
     quiet: bool,
 }
 
-/// `husk rmi`.
+// `husk rmi`.
 #[derive(Args)]
 pub struct RmiArgs {
     /// Images (references or manifest digests).
@@ -61,6 +61,7 @@ pub struct RmiArgs {
 
 /// `husk image ...`.
 #[derive(Subcommand)]
+#[command(defer = true)]
 pub enum ImageCommand {
     /// Pull an image (as `husk pull`).
     Pull(PullArgs),
@@ -83,7 +84,7 @@ pub enum ImageCommand {
     },
 }
 
-/// `husk login`.
+// `husk login`.
 #[derive(Args)]
 pub struct LoginArgs {
     /// Registry host, e.g. localhost:5000 or docker.io.
@@ -101,7 +102,7 @@ pub struct LoginArgs {
     registry_args: RegistryArgs,
 }
 
-/// `husk logout`.
+// `husk logout`.
 #[derive(Args)]
 pub struct LogoutArgs {
     /// Registry host.

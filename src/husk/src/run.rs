@@ -18,7 +18,7 @@ use crate::image::RegistryArgs;
 /// docker's exit code for the runtime's own failures.
 pub const RUN_FAILURE: i32 = 125;
 
-/// `husk run` arguments.
+// `husk run` arguments.
 #[derive(Args)]
 pub struct RunArgs {
     /// Use this directory as the container's root instead of an image (converted to a

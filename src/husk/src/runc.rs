@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use husk_runtime::runc::{create, events, exec, lifecycle, query, update, vmm, DEFAULT_STATE_ROOT};
 use husk_runtime::RuntimeError;
 
-/// runc's global flags.
+// runc's global flags.
 #[derive(Args, Clone, Debug)]
 pub struct RuncGlobals {
     /// Log file for runtime commands (runc's --log).
@@ -38,6 +38,7 @@ pub struct RuncGlobals {
 
 /// runc's commands.
 #[derive(Subcommand)]
+#[command(defer = true)]
 pub enum RuncCommand {
     /// Create a container from an OCI bundle (runc create): its VM boots and the container
     /// is created, not started.
@@ -88,7 +89,7 @@ pub enum RuncCommand {
     },
 }
 
-/// `create` flags.
+// `create` flags.
 #[derive(Args)]
 pub struct CreateArgs {
     /// Bundle directory.
@@ -117,7 +118,7 @@ pub struct CreateArgs {
     id: String,
 }
 
-/// `exec` flags.
+// `exec` flags.
 #[derive(Args)]
 pub struct ExecArgs {
     /// An OCI process JSON file instead of inline arguments.
@@ -154,7 +155,7 @@ pub struct ExecArgs {
     args: Vec<String>,
 }
 
-/// `ps` flags.
+// `ps` flags.
 #[derive(Args)]
 pub struct PsArgs {
     /// table or json (json: the pids).
@@ -167,14 +168,14 @@ pub struct PsArgs {
     ps_args: Vec<String>,
 }
 
-/// A container id.
+// A container id.
 #[derive(Args)]
 pub struct IdArg {
     /// Container id.
     id: String,
 }
 
-/// `kill` flags.
+// `kill` flags.
 #[derive(Args)]
 pub struct KillArgs {
     /// Signal every process of the container.
@@ -187,7 +188,7 @@ pub struct KillArgs {
     signal: String,
 }
 
-/// `events` flags.
+// `events` flags.
 #[derive(Args)]
 pub struct EventsArgs {
     /// Print the stats once and exit.
@@ -200,7 +201,7 @@ pub struct EventsArgs {
     id: String,
 }
 
-/// `update` flags (runc's; they override --resources).
+// `update` flags (runc's; they override --resources).
 #[derive(Args)]
 pub struct UpdateArgs {
     /// linux.resources JSON: a file, or - for stdin.
@@ -247,7 +248,7 @@ pub struct UpdateArgs {
     id: String,
 }
 
-/// `delete` flags.
+// `delete` flags.
 #[derive(Args)]
 pub struct DeleteArgs {
     /// Delete a running container too (its VM is killed).
@@ -257,7 +258,7 @@ pub struct DeleteArgs {
     id: String,
 }
 
-/// `list` flags.
+// `list` flags.
 #[derive(Args)]
 pub struct ListArgs {
     /// table or json.
@@ -268,7 +269,7 @@ pub struct ListArgs {
     quiet: bool,
 }
 
-/// `spec` flags.
+// `spec` flags.
 #[derive(Args)]
 pub struct SpecArgs {
     /// Where to write config.json.

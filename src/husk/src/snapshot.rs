@@ -14,6 +14,7 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Subcommand)]
+#[command(defer = true)]
 pub enum SnapshotCommand {
     /// Write a snapshot of a VM into a new directory (state.json + memory).
     /// A running VM is paused for it and then resumed; a paused one stays paused.
@@ -117,6 +118,7 @@ fn create(args: &CreateArgs) -> Result<u64, String> {
 }
 
 #[derive(Subcommand)]
+#[command(defer = true)]
 pub enum TemplateCommand {
     /// List the warm templates (`husk run` restores them instead of booting).
     Ls,

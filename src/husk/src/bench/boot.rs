@@ -14,7 +14,7 @@ use husk_vmm::config::{self, VmConfig};
 
 use super::{median, write_busybox_initrd};
 
-/// `husk bench boot` arguments.
+// `husk bench boot` arguments.
 #[derive(Args)]
 pub struct BootArgs {
     /// Guest kernel (default: the one tools/build-guest-kernel built).

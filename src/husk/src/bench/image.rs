@@ -15,7 +15,7 @@ use husk_image::oci::{disk, ImageRecord, ImageRef, Store};
 use super::median;
 use super::peers::timed;
 
-/// `husk bench image` arguments.
+// `husk bench image` arguments.
 #[derive(Args)]
 pub struct ImageBenchArgs {
     /// The image (a registry reference, or oci:/oci-archive:/docker-archive:).

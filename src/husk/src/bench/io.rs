@@ -14,7 +14,7 @@ use clap::Args;
 
 use super::{console_lines, kernel_or_error, median, stop_vm, write_busybox_initrd, QEMU_MICROVM};
 
-/// `husk bench io` arguments.
+// `husk bench io` arguments.
 #[derive(Args)]
 pub struct IoArgs {
     /// Guest kernel (default: the one tools/build-guest-kernel built).

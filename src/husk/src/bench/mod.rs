@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
-/// `husk bench` arguments.
+// `husk bench` arguments.
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -31,6 +31,7 @@ pub struct BenchArgs {
 }
 
 #[derive(Subcommand)]
+#[command(defer = true)]
 enum BenchWhat {
     /// `true` in a container, stage by stage: husk vs runc, crun, QEMU microvm, the agent natively.
     Startup(StartupArgs),
@@ -147,7 +148,7 @@ fn with_extra(cmdline: &str, extra: &str) -> String {
 use peers::QEMU_MICROVM;
 use stats::median;
 
-/// What the peer comparisons (startup, density, all) share.
+// What the peer comparisons (startup, density, all) share.
 #[derive(Args, Clone)]
 pub struct Common {
     /// Guest kernel (default: the one tools/build-guest-kernel built).

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-/// `husk bench profile` arguments.
+// `husk bench profile` arguments.
 #[derive(Args)]
 pub struct ProfileArgs {
     /// Guest kernel (default: the one tools/build-guest-kernel built); its
