@@ -26,7 +26,7 @@ use crate::event_loop::{self};
 use crate::seccomp::{self, SeccompMode};
 use crate::vstate::bus::Bus;
 use crate::vstate::profile::Profiler;
-use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuCommand, VcpuHandle, VcpuIo, VcpuShared};
+use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuHandle, VcpuIo, VcpuShared, VcpuThreads};
 use crate::vstate::{kvm, memory, vm};
 
 mod run;
@@ -244,6 +244,11 @@ fn build_inner(
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
     enter_jail(&cfg, before_threads)?;
+    // First once in the jail: each vCPU thread compiles its seccomp filter
+    // while this one builds the devices and the vCPUs. They inherit a mask
+    // without the stop signals (enter_jail blocked them), which the event
+    // loop reads from a signalfd instead.
+    let threads = VcpuThreads::spawn(cfg.vcpus, seccomp)?;
     let serial = SerialDevice::new(
         vm::irqfd(&vm_fd, layout::irq::COM1)?,
         clone_fd(&fifo_drained)?,
@@ -285,7 +290,7 @@ fn build_inner(
             "/dev/kvm is kvm_pvm: added guest command-line workarounds (husk_pvm, clearcpuid, ...); --no-pvm-workarounds turns this off"
         );
     }
-    let vcpus = start_vcpus(vcpus, seccomp)?;
+    let vcpus = threads.attach(vcpus);
     let (devices, transports) = attached
         .into_iter()
         .map(|a| (a.subscriber, a.transport))
@@ -456,30 +461,6 @@ pub(crate) fn vcpu_shared(
         profiler: Arc::new(Profiler::default()),
         msr_indices: Arc::new(msr_list.as_slice().to_vec()),
     })
-}
-
-/// Starts the vCPU threads (paused), only once nothing else can fail, so
-/// an error leaves no thread behind. They inherit a mask without the stop
-/// signals ([`enter_jail`] blocked them), which the event loop reads from a
-/// signalfd instead.
-pub(crate) fn start_vcpus(
-    vcpus: Vec<Vcpu>,
-    seccomp: SeccompMode,
-) -> Result<Vec<VcpuHandle>, BuildError> {
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        match v.start(seccomp) {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                for h in handles {
-                    h.send(VcpuCommand::Exit);
-                    h.join();
-                }
-                return Err(e.into());
-            }
-        }
-    }
-    Ok(handles)
 }
 
 impl Vm {

@@ -9,15 +9,15 @@ use std::sync::Arc;
 use super::{load_memory, map_memory, Snapshot, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::layout;
 use crate::builder::{
-    bind_api, check, clone_fd, enter_jail, eventfd, legacy_bus, open_console, start_vcpus,
-    supported_cpuid, vcpu_shared, BeforeThreads, BuildError, Vm,
+    bind_api, check, clone_fd, enter_jail, eventfd, legacy_bus, open_console, supported_cpuid,
+    vcpu_shared, BeforeThreads, BuildError, Vm,
 };
 use crate::config::{Console, FsConfig, NetConfig};
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::attach as virtio;
 use crate::seccomp::SeccompMode;
 use crate::vstate::bus::Bus;
-use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuIo};
+use crate::vstate::vcpu::{ExitLatch, Vcpu, VcpuIo, VcpuThreads};
 use crate::vstate::vm;
 use crate::vstate::{kvm, memory};
 
@@ -132,6 +132,10 @@ pub fn build_restored_then(
     let latch = Arc::new(ExitLatch::new().map_err(|e| BuildError::Host("eventfd", e))?);
     let fifo_drained = eventfd()?;
     enter_jail(&cfg, before_threads)?;
+    let count = u8::try_from(snap.vcpus.len())
+        .map_err(|_| SnapshotError::Inconsistent("too many vCPUs".into()))?;
+    // As when booting: filtered while the vCPUs are restored.
+    let threads = VcpuThreads::spawn(count, seccomp)?;
     let serial = SerialDevice::from_state(
         &snap.serial,
         vm::irqfd(&vm_fd, layout::irq::COM1)?,
@@ -146,9 +150,7 @@ pub fn build_restored_then(
 
     let shared = vcpu_shared(&kvm, &io, &mem, &latch)?;
     let mut vcpus = Vec::with_capacity(snap.vcpus.len());
-    for (index, state) in snap.vcpus.iter().enumerate() {
-        let index = u8::try_from(index)
-            .map_err(|_| SnapshotError::Inconsistent("too many vCPUs".into()))?;
+    for (index, state) in (0..count).zip(&snap.vcpus) {
         vcpus.push(Vcpu::restore(&vm_fd, index, state, shared.clone())?);
     }
     snap.vm.restore(&vm_fd, opts.clock == ClockMode::Step)?;
@@ -170,7 +172,7 @@ pub fn build_restored_then(
             .config_changed()
             .map_err(|e| BuildError::Host("config interrupt", e))?;
     }
-    let vcpus = start_vcpus(vcpus, seccomp)?;
+    let vcpus = threads.attach(vcpus);
     let (devices, transports) = attached
         .into_iter()
         .map(|a| (a.subscriber, a.transport))

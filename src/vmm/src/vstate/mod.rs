@@ -6,4 +6,5 @@ pub mod memory;
 pub mod profile;
 pub mod vcpu;
 pub mod vcpu_state;
+pub mod vcpu_thread;
 pub mod vm;

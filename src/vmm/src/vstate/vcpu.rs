@@ -1,25 +1,25 @@
-//! vCPUs: one thread each, driven as a state machine (paused → running →
-//! exited) over a channel and kicked out of KVM_RUN by a signal.
+//! vCPUs: creation, the run loop and its exits, and the kick signal that
+//! takes a thread out of KVM_RUN (the threads: [`super::vcpu_thread`]).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_lapic_state, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::bus::Bus;
 use super::profile::Profiler;
 use super::vcpu_state::{VcpuState, VcpuStateError};
 use crate::arch::x86_64::{cpuid, msrs, regs};
 use crate::exit::VmExit;
-use crate::seccomp::{self, SeccompMode, ThreadKind};
+use crate::seccomp::SeccompError;
+
+pub use super::vcpu_thread::{VcpuCommand, VcpuHandle, VcpuResponse, VcpuThreads};
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -36,28 +36,6 @@ pub enum VcpuError {
     /// The snapshot's state could not be written into the vCPU.
     #[error("vCPU {0}: restoring its state: {1}")]
     State(u8, #[source] VcpuStateError),
-}
-
-/// Commands to a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuCommand {
-    /// Leave KVM_RUN, finish any half-done I/O, wait; answered `Paused`.
-    Pause,
-    /// Run the guest.
-    Resume,
-    /// Read the vCPU's state (paused only); answered `Saved`.
-    Save,
-    /// Leave the thread.
-    Exit,
-}
-
-/// A vCPU thread's answers to `Pause` and `Save`.
-#[derive(Debug)]
-pub enum VcpuResponse {
-    /// Out of KVM_RUN, state consistent, waiting.
-    Paused,
-    /// The state, or why it could not be read.
-    Saved(Result<Box<VcpuState>, String>),
 }
 
 /// What the exit handler wants the run loop to do next.
@@ -333,33 +311,19 @@ impl Vcpu {
         })
     }
 
-    /// Starts the thread, paused until `VcpuCommand::Resume`; it filters
-    /// its syscalls (`seccomp`) at once, while the caller finishes the VM,
-    /// so that a resume goes straight to `KVM_RUN`.
-    pub fn start(self, seccomp: SeccompMode) -> Result<VcpuHandle, VcpuError> {
-        install_kick_handler()?;
-        let (tx, rx) = channel();
-        let (resp_tx, resp_rx) = channel();
-        let index = self.index;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run(rx, resp_tx, seccomp))
-            .map_err(VcpuError::Spawn)?;
-        Ok(VcpuHandle {
-            index,
-            thread,
-            tx,
-            rx: Mutex::new(resp_rx),
-        })
-    }
-
-    fn run(mut self, rx: Receiver<VcpuCommand>, resp: Sender<VcpuResponse>, seccomp: SeccompMode) {
+    /// The thread's loop: paused until `VcpuCommand::Resume`. Unfiltered
+    /// (`filtered` is the error), the guest never runs: the VM stops with
+    /// the reason and this thread only waits for its exit.
+    pub(super) fn run(
+        mut self,
+        rx: Receiver<VcpuCommand>,
+        resp: Sender<VcpuResponse>,
+        filtered: Result<(), SeccompError>,
+    ) {
         let ptr = &mut self.fd.get_kvm_run().immediate_exit as *mut u8;
         IMMEDIATE_EXIT.with(|c| c.set(ptr));
         let mut running = false;
-        // Unfiltered, the guest never runs: the VM stops with the reason and
-        // this thread only waits for its exit.
-        let filtered = match seccomp::install(ThreadKind::Vcpu, seccomp) {
+        let filtered = match filtered {
             Ok(()) => true,
             Err(e) => {
                 self.latch.stop(VmExit::VmmError(e.to_string()));
@@ -509,64 +473,6 @@ fn lapic_reg(l: &kvm_lapic_state, reg: usize) -> u32 {
 fn set_lapic_reg(l: &mut kvm_lapic_state, reg: usize, v: u32) {
     for (i, byte) in v.to_le_bytes().iter().enumerate() {
         l.regs[reg + i] = *byte as _;
-    }
-}
-
-/// The controller's side of a vCPU thread.
-pub struct VcpuHandle {
-    index: u8,
-    pub(crate) thread: JoinHandle<()>,
-    tx: Sender<VcpuCommand>,
-    rx: Mutex<Receiver<VcpuResponse>>,
-}
-
-impl VcpuHandle {
-    /// Sends `cmd` and waits up to `timeout` for its answer; answers left
-    /// over from an earlier command that timed out are dropped first.
-    fn ask(&self, cmd: VcpuCommand, timeout: Duration) -> Result<VcpuResponse, String> {
-        let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
-        while rx.try_recv().is_ok() {}
-        self.send(cmd);
-        let deadline = Instant::now() + timeout;
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout) => Err(format!(
-                "vCPU {} did not answer {cmd:?} within {} ms",
-                self.index,
-                timeout.as_millis()
-            )),
-            Err(RecvTimeoutError::Disconnected) => Err(format!("vCPU {} has stopped", self.index)),
-        }
-    }
-
-    /// Pauses the vCPU and waits until it is out of the guest.
-    pub fn pause(&self, timeout: Duration) -> Result<(), String> {
-        match self.ask(VcpuCommand::Pause, timeout)? {
-            VcpuResponse::Paused => Ok(()),
-            other => Err(format!("vCPU {}: unexpected answer {other:?}", self.index)),
-        }
-    }
-
-    /// Reads the state of the paused vCPU.
-    pub fn save(&self, timeout: Duration) -> Result<Box<VcpuState>, String> {
-        match self.ask(VcpuCommand::Save, timeout)? {
-            VcpuResponse::Saved(r) => r,
-            other => Err(format!("vCPU {}: unexpected answer {other:?}", self.index)),
-        }
-    }
-
-    /// Sends a command and kicks the thread out of KVM_RUN.
-    pub fn send(&self, cmd: VcpuCommand) {
-        // A thread that already left has nothing to be told.
-        let _ = self.tx.send(cmd);
-        let _ = self.thread.kill(kick_signal());
-    }
-
-    /// Waits for the thread to end.
-    pub fn join(self) {
-        if self.thread.join().is_err() {
-            tracing::error!("a vCPU thread panicked");
-        }
     }
 }
 
