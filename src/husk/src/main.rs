@@ -404,12 +404,9 @@ fn cmd_vm(args: VmArgs, start_ns: u64) -> Result<i32, String> {
         None => None,
     };
     let (vm, console) = vm_build(&args, cfg)?;
-    // Everything is open: the main thread, which only waits for the VM and
-    // tears it down, keeps no capability either (see husk_vmm::caps), unless
-    // the VM's threads run unfiltered.
-    if vm.seccomp_mode() != husk_vmm::seccomp::SeccompMode::Off {
-        husk_vmm::caps::drop_all().map_err(|e| format!("cannot drop capabilities: {e}"))?;
-    }
+    // The main thread, which only waits for the VM and tears it down, keeps
+    // no capability either: run_confined drops them with its filter, once
+    // the guest runs (it handles nothing of the guest's).
     tracing::info!("guest command line: {}", vm.cmdline());
     let input = match console {
         Console::Stdout => ConsoleInputSource::Fd(libc::STDIN_FILENO),
