@@ -3,7 +3,9 @@
 //! (replacing the previous ones) and the file starts again, so at most two
 //! caps are on disk and the newest output, what a post-mortem needs, is
 //! always kept. Rotation works on the two fds opened up front: the vCPU
-//! threads that write the console may not open or rename files.
+//! threads that write the console may not open or rename files. A path
+//! that is not a regular file (/dev/null, a FIFO, a terminal) holds
+//! nothing to bound: it is written as it is, with no `PATH.1` next to it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -16,13 +18,14 @@ pub const CONSOLE_LOG_CAP: u64 = 4 << 20;
 #[derive(Debug)]
 pub struct ConsoleLog {
     file: File,
-    prev: File,
+    // None: not a regular file, never rotated.
+    prev: Option<File>,
     written: u64,
     cap: u64,
 }
 
 impl ConsoleLog {
-    /// Creates (truncates) `path` and `PATH.1`.
+    /// Creates (truncates) `path` and, if it is a regular file, `PATH.1`.
     pub fn create(path: &Path, cap: u64) -> io::Result<Self> {
         let open = |p: &Path| {
             OpenOptions::new()
@@ -32,17 +35,26 @@ impl ConsoleLog {
                 .truncate(true)
                 .open(p)
         };
+        let file = open(path)?;
+        let prev = match file.metadata()?.is_file() {
+            true => Some(open(&previous(path))?),
+            false => None,
+        };
         Ok(Self {
-            file: open(path)?,
-            prev: open(&previous(path))?,
+            file,
+            prev,
             written: 0,
             cap: cap.max(1),
         })
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.prev.set_len(0)?;
-        self.prev.seek(SeekFrom::Start(0))?;
+        let Some(prev) = &mut self.prev else {
+            self.written = 0;
+            return Ok(());
+        };
+        prev.set_len(0)?;
+        prev.seek(SeekFrom::Start(0))?;
         self.file.seek(SeekFrom::Start(0))?;
         // Not io::copy: it would use copy_file_range, which the vCPU
         // threads' seccomp filter does not allow.
@@ -52,7 +64,7 @@ impl ConsoleLog {
             if n == 0 {
                 break;
             }
-            self.prev.write_all(&buf[..n])?;
+            prev.write_all(&buf[..n])?;
         }
         self.file.set_len(0)?;
         self.file.seek(SeekFrom::Start(0))?;
@@ -144,6 +156,26 @@ mod tests {
         assert!(cur <= 1000 && prev == 1000, "{cur} {prev}");
         assert_eq!(last_line(&path).as_deref(), Some("the last words"));
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_device_is_written_through_with_no_previous_part() {
+        let d = dir("device");
+        // A FIFO stands for /dev/null here: not a regular file, and the
+        // test must not create /dev/null.1.
+        let fifo = d.join("console.fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut log = ConsoleLog::create(&fifo, 10).unwrap();
+        let mut reader = File::open(&fifo).unwrap();
+        // Past the cap: a regular file would rotate here.
+        log.write_all(b"0123456789abcdef").unwrap();
+        let mut got = [0u8; 16];
+        reader.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"0123456789abcdef");
+        assert!(!previous(&fifo).exists());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
