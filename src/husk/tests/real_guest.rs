@@ -1,8 +1,8 @@
 //! Real Linux guest: the project's guest kernel with a busybox initramfs.
 //! One boot serves all checks (each boot costs tens of seconds on kvm_pvm
-//! hosts). On kvm_pvm the guest has the VMM's fill device fill its memmap
-//! and copy the initramfs's files: the busybox it runs must be the host's,
-//! byte for byte.
+//! hosts). On kvm_pvm the guest has the VMM's fill device fill its memmap,
+//! copy the initramfs's files (the busybox it runs must be the host's, byte
+//! for byte) and carry its console text.
 
 mod support;
 
@@ -76,13 +76,24 @@ fn linux_boots_to_init_sees_two_cpus_and_reboots_cleanly() {
         "the guest's /bin/busybox differs from the host's: {marker}"
     );
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        for op in ["op 1 done", "op 2 done"] {
+        for op in ["op 1 done", "op 2 done", "op 3 done"] {
             assert!(
                 stderr.contains(&format!("fill device: {op}")),
                 "kvm_pvm host, but the guest did not use the fill device ({op}); stderr:\n{stderr}"
             );
         }
     }
+    // The boot log, through the fill device on kvm_pvm (op 3) or the UART:
+    // each message once, lines ended as a UART console ends them.
+    assert_eq!(
+        stdout.matches("Linux version ").count(),
+        1,
+        "console:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("Kernel command line: ") && stdout.contains("\r\n"),
+        "console:\n{stdout}"
+    );
     let procfiles: u32 = marker
         .split("procfiles=")
         .nth(1)

@@ -257,7 +257,10 @@ fn build_inner(
     let (serial, mut pio) = legacy_bus(serial, &latch)?;
     if workarounds {
         pio.insert(
-            Arc::new(Mutex::new(FillDevice::new(mem.clone()))),
+            Arc::new(Mutex::new(FillDevice::new(
+                mem.clone(),
+                Some(serial.clone()),
+            ))),
             u64::from(layout::ports::FILL),
             u64::from(layout::ports::FILL_LEN),
         )?;

@@ -1,23 +1,25 @@
 //! The fill device: the guest asks the VMM to fill a range of its RAM with
 //! a repeated pattern, or to copy one, done natively instead of by guest
-//! stores.
+//! stores; and to write console text, one request instead of two UART
+//! register exits a byte.
 //!
 //! Where /dev/kvm is kvm_pvm, guest kernel code is interpreted by KVM's
 //! instruction emulator: every store costs ~0.5 µs. The husk guest kernel
 //! fills its boot memmap (64 bytes per 4 KiB page of guest RAM, all alike)
 //! and copies an initramfs's files into their pages through this device
 //! when the command line names its port (`husk_fill=PORT`, added by husk on
-//! kvm_pvm hosts; resources/guest/README.md).
+//! kvm_pvm hosts; resources/guest/README.md); its 8250 console sends its
+//! text here too, which goes out on COM1's sink as the UART's would.
 //!
 //! Protocol: the guest writes, with one 32-bit `out` to the device's port,
 //! the guest physical address (below 4 GiB) of a request in its RAM:
 //!
 //! | offset | size | field                                        |
 //! |--------|------|----------------------------------------------|
-//! | 0      | 4    | op: 1 = fill, 2 = copy                       |
+//! | 0      | 4    | op: 1 = fill, 2 = copy, 3 = console text     |
 //! | 4      | 4    | status, written by the VMM: 0 done, 1 refused |
-//! | 8      | 8    | dst: guest physical address                  |
-//! | 16     | 8    | len: bytes to fill or copy                   |
+//! | 8      | 8    | dst: guest physical address (console: the text) |
+//! | 16     | 8    | len: bytes to fill, copy or write (console: at most 4096) |
 //! | 24     | 8    | fill: pattern length, 1..=64; copy: source address |
 //! | 32     | 64   | fill: the pattern                            |
 //!
@@ -31,8 +33,11 @@
 //! request is the guest's to choose: the VMM only ever writes inside guest
 //! RAM, and a request it cannot read is dropped with a log line.
 
+use std::sync::{Arc, Mutex};
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::devices::legacy::SerialDevice;
 use crate::vstate::bus::BusDevice;
 
 /// Size of a request in guest memory.
@@ -41,6 +46,10 @@ pub const REQUEST_LEN: usize = 96;
 pub const OP_FILL: u32 = 1;
 /// Copy `len` bytes from the source address to `dst`.
 pub const OP_COPY: u32 = 2;
+/// Write the `len` bytes at `dst` to the console (COM1's sink).
+pub const OP_CONSOLE: u32 = 3;
+/// Most console text in one request.
+pub const MAX_CONSOLE: u64 = 4096;
 /// Status: the range was filled.
 pub const STATUS_DONE: u32 = 0;
 /// Status: the request was refused (unknown op, bad pattern, range not RAM).
@@ -53,9 +62,12 @@ const CHUNK: usize = 64 << 10;
 /// Why a request was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum FillError {
-    /// Neither `OP_FILL` nor `OP_COPY`.
+    /// Not one of the ops.
     #[error("unknown op {0}")]
     Op(u32),
+    /// Console text longer than `MAX_CONSOLE`, or no console.
+    #[error("console text of {0} bytes (at most {MAX_CONSOLE}, and only with a console)")]
+    Console(u64),
     /// A copy whose source and destination overlap.
     #[error("copy {src:#x} -> {dst:#x} ({len:#x} bytes) overlaps")]
     Overlap {
@@ -108,13 +120,40 @@ impl FillRequest {
         }
     }
 
-    /// Carries the request out on `mem`.
-    pub fn execute(&self, mem: &GuestMemoryMmap) -> Result<(), FillError> {
+    /// Carries the request out on `mem` (console text goes to `console`).
+    pub fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        console: Option<&Mutex<SerialDevice>>,
+    ) -> Result<(), FillError> {
         match self.op {
             OP_FILL => self.fill(mem),
             OP_COPY => self.copy(mem),
+            OP_CONSOLE => self.console(mem, console),
             op => Err(FillError::Op(op)),
         }
+    }
+
+    fn console(
+        &self,
+        mem: &GuestMemoryMmap,
+        console: Option<&Mutex<SerialDevice>>,
+    ) -> Result<(), FillError> {
+        let Some(console) = console.filter(|_| self.len <= MAX_CONSOLE) else {
+            return Err(FillError::Console(self.len));
+        };
+        let len = Self::ram_len(mem, self.dst, self.len)?;
+        let mut text = vec![0u8; len];
+        mem.read_slice(&mut text, GuestAddress(self.dst))
+            .map_err(|_| FillError::Range {
+                dst: self.dst,
+                len: self.len,
+            })?;
+        console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_text(&text);
+        Ok(())
     }
 
     /// `dst..dst + len` as a checked length, if it is all guest RAM.
@@ -191,12 +230,14 @@ impl FillRequest {
 /// The device on the port bus.
 pub struct FillDevice {
     mem: GuestMemoryMmap,
+    console: Option<Arc<Mutex<SerialDevice>>>,
 }
 
 impl FillDevice {
-    /// A device that fills inside `mem`.
-    pub fn new(mem: GuestMemoryMmap) -> Self {
-        Self { mem }
+    /// A device that fills inside `mem`, and writes console text to
+    /// `console`'s sink (refused without one).
+    pub fn new(mem: GuestMemoryMmap, console: Option<Arc<Mutex<SerialDevice>>>) -> Self {
+        Self { mem, console }
     }
 
     fn handle(&self, request_gpa: u64) {
@@ -210,7 +251,7 @@ impl FillDevice {
             return;
         }
         let req = FillRequest::parse(&raw);
-        let status = match req.execute(&self.mem) {
+        let status = match req.execute(&self.mem, self.console.as_deref()) {
             Ok(()) => {
                 tracing::debug!(
                     "fill device: op {} done at {:#x}+{:#x}",
@@ -266,7 +307,7 @@ mod tests {
     /// Posts `req` at 0x1000 through the bus interface; returns the status.
     fn post(m: &GuestMemoryMmap, req: &[u8; REQUEST_LEN]) -> u32 {
         m.write_slice(req, GuestAddress(0x1000)).unwrap();
-        FillDevice::new(m.clone()).write(0, &0x1000u32.to_le_bytes());
+        FillDevice::new(m.clone(), None).write(0, &0x1000u32.to_le_bytes());
         let mut s = [0u8; 4];
         m.read_slice(&mut s, GuestAddress(0x1004)).unwrap();
         u32::from_le_bytes(s)
@@ -294,7 +335,7 @@ mod tests {
     fn refuses_bad_requests_and_writes_nothing() {
         let m = mem();
         let cases = [
-            request(3, 0x2000, 64, &[7; 8]),
+            request(9, 0x2000, 64, &[7; 8]),
             request(OP_FILL, 0x2000, 64, &[]),
             request(OP_FILL, (1 << 20) - 8, 64, &[7; 8]),
             request(OP_FILL, u64::MAX - 4, 64, &[7; 8]),
@@ -314,10 +355,63 @@ mod tests {
         assert_eq!(head, [0; 64]);
     }
 
+    /// A COM1 whose sink collects what it is given.
+    fn console() -> (Arc<Mutex<SerialDevice>>, Arc<Mutex<Vec<u8>>>) {
+        #[derive(Clone)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let evt = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let serial = SerialDevice::new(evt(), evt(), Box::new(Sink(out.clone())));
+        (Arc::new(Mutex::new(serial)), out)
+    }
+
+    #[test]
+    fn console_text_goes_to_the_serial_sink() {
+        let m = mem();
+        let (serial, out) = console();
+        let mut d = FillDevice::new(m.clone(), Some(serial));
+        let status = |m: &GuestMemoryMmap| {
+            let mut s = [0u8; 4];
+            m.read_slice(&mut s, GuestAddress(0x1004)).unwrap();
+            u32::from_le_bytes(s)
+        };
+        let text = b"[    0.000000] Linux version 6.1\r\n";
+        m.write_slice(text, GuestAddress(0x3000)).unwrap();
+        let send = |d: &mut FillDevice, req: [u8; REQUEST_LEN]| {
+            m.write_slice(&req, GuestAddress(0x1000)).unwrap();
+            d.write(0, &0x1000u32.to_le_bytes());
+        };
+        send(&mut d, request(OP_CONSOLE, 0x3000, text.len() as u64, &[]));
+        assert_eq!(status(&m), STATUS_DONE);
+        assert_eq!(out.lock().unwrap().as_slice(), text);
+        // Too long, outside RAM, or no console: refused, nothing written.
+        for (dst, len) in [
+            (0x3000, MAX_CONSOLE + 1),
+            ((1 << 20) - 8, 64),
+            (u64::MAX - 4, 64),
+        ] {
+            send(&mut d, request(OP_CONSOLE, dst, len, &[]));
+            assert_eq!(status(&m), STATUS_REFUSED, "{dst:#x}+{len}");
+        }
+        // `post` uses a device without a console.
+        let req = request(OP_CONSOLE, 0x3000, text.len() as u64, &[]);
+        assert_eq!(post(&m, &req), STATUS_REFUSED);
+        assert_eq!(out.lock().unwrap().as_slice(), text);
+    }
+
     #[test]
     fn ignores_unreadable_requests_and_other_stores() {
         let m = mem();
-        let mut d = FillDevice::new(m.clone());
+        let mut d = FillDevice::new(m.clone(), None);
         d.write(0, &(2u32 << 20).to_le_bytes()); // request outside RAM
         d.write(0, &[0x10, 0]); // not a 32-bit write
         d.write(2, &0x1000u32.to_le_bytes()); // not at the doorbell
