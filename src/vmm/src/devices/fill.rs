@@ -357,21 +357,10 @@ mod tests {
 
     /// A COM1 whose sink collects what it is given.
     fn console() -> (Arc<Mutex<SerialDevice>>, Arc<Mutex<Vec<u8>>>) {
-        #[derive(Clone)]
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Sink {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = crate::devices::legacy::TestSink::default();
         let evt = || vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let serial = SerialDevice::new(evt(), evt(), Box::new(Sink(out.clone())));
-        (Arc::new(Mutex::new(serial)), out)
+        let serial = SerialDevice::new(evt(), evt(), Box::new(sink.clone()));
+        (Arc::new(Mutex::new(serial)), sink.0)
     }
 
     #[test]

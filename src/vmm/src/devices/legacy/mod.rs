@@ -7,4 +7,6 @@ mod serial;
 
 pub use console_log::ConsoleLog;
 pub use i8042::{ResetTrigger, I8042};
+#[cfg(test)]
+pub(crate) use serial::TestSink;
 pub use serial::{EventFdTrigger, SerialDevice, SerialInputEvents, SerialSnapshot};

@@ -173,25 +173,28 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// A console sink that keeps what it is given (tests of COM1's users).
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct TestSink(pub(crate) std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Write for TestSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn dev() -> (SerialDevice, Sink, EventFd, EventFd) {
-        let sink = Sink::default();
+    fn dev() -> (SerialDevice, TestSink, EventFd, EventFd) {
+        let sink = TestSink::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let d = SerialDevice::new(
@@ -232,7 +235,7 @@ mod tests {
             &back,
             irq.try_clone().unwrap(),
             drained,
-            Box::new(Sink::default()),
+            Box::new(TestSink::default()),
         )
         .unwrap();
         // The pending byte raises the line again and reads back in order.
@@ -249,7 +252,9 @@ mod tests {
         big.in_buffer = vec![0; 4096];
         let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let drained2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        assert!(SerialDevice::from_state(&big, irq2, drained2, Box::new(Sink::default())).is_err());
+        assert!(
+            SerialDevice::from_state(&big, irq2, drained2, Box::new(TestSink::default())).is_err()
+        );
     }
 
     #[test]
